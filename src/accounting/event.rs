@@ -1,0 +1,70 @@
+//! DP events as data (the shape of Google's dp_accounting): what a run did, in a form that can be
+//! stored in checkpoints and reports and re-accounted later.
+
+use serde::{Deserialize, Serialize};
+
+/// One privacy-relevant event. Sensitivity is normalised to 1: a Gaussian event with noise
+/// multiplier σ adds N(0, σ²C²) to a sum whose add/remove-one sensitivity is C.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DpEvent {
+    /// The Gaussian mechanism with noise multiplier `sigma` (σ ≥ 0; σ = 0 is no privacy).
+    Gaussian { sigma: f64 },
+    /// `event` applied to a Poisson sample of the data, each record included with probability `q`.
+    PoissonSampled { q: f64, event: Box<DpEvent> },
+    /// `event` composed with itself `count` times.
+    SelfComposed { event: Box<DpEvent>, count: u64 },
+    /// Sequential composition of several events.
+    Composed { events: Vec<DpEvent> },
+}
+
+impl DpEvent {
+    /// One DP-SGD step: the Gaussian mechanism on a Poisson sample.
+    pub fn dp_sgd_step(q: f64, sigma: f64) -> Self {
+        DpEvent::PoissonSampled { q, event: Box::new(DpEvent::Gaussian { sigma }) }
+    }
+
+    /// `steps` DP-SGD steps.
+    pub fn dp_sgd(q: f64, sigma: f64, steps: u64) -> Self {
+        DpEvent::SelfComposed { event: Box::new(Self::dp_sgd_step(q, sigma)), count: steps }
+    }
+
+    /// Total number of sampled-Gaussian steps in this event.
+    pub fn step_count(&self) -> u64 {
+        match self {
+            DpEvent::Gaussian { .. } | DpEvent::PoissonSampled { .. } => 1,
+            DpEvent::SelfComposed { event, count } => event.step_count() * count,
+            DpEvent::Composed { events } => events.iter().map(|e| e.step_count()).sum(),
+        }
+    }
+}
+
+/// The ordered record of everything a run spent. Consecutive identical steps are merged into one
+/// `SelfComposed` entry, so a run of 10,000 identical steps stores one line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    pub entries: Vec<DpEvent>,
+}
+
+impl Ledger {
+    /// Record one DP-SGD step with sampling rate `q` and noise multiplier `sigma`.
+    pub fn record_step(&mut self, q: f64, sigma: f64) {
+        let step = DpEvent::dp_sgd_step(q, sigma);
+        if let Some(DpEvent::SelfComposed { event, count }) = self.entries.last_mut() {
+            if **event == step {
+                *count += 1;
+                return;
+            }
+        }
+        self.entries.push(DpEvent::SelfComposed { event: Box::new(step), count: 1 });
+    }
+
+    /// The whole ledger as one event.
+    pub fn as_event(&self) -> DpEvent {
+        DpEvent::Composed { events: self.entries.clone() }
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.entries.iter().map(|e| e.step_count()).sum()
+    }
+}

@@ -1,0 +1,183 @@
+//! The validated plan: what a run will do, with defaults resolved.
+
+use super::{ConfigError, RawConfig};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// How the noise multiplier is decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoiseSpec {
+    /// Calibrate σ so the planned steps spend at most ε = target.
+    TargetEpsilon(f64),
+    /// Use this σ; ε is whatever the steps spend.
+    NoiseMultiplier(f64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountantKind {
+    Rdp,
+}
+
+impl AccountantKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountantKind::Rdp => "rdp",
+        }
+    }
+}
+
+/// Module names a BERT layer exposes to LoRA.
+pub const BERT_LORA_MODULES: [&str; 6] =
+    ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config_path: PathBuf,
+    /// sha256 of the config file's bytes.
+    pub config_hash: String,
+    pub config_text: String,
+    pub model_dir: PathBuf,
+    pub max_seq_len: usize,
+    pub train_path: PathBuf,
+    pub test_path: PathBuf,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub target_modules: Vec<String>,
+    pub noise: NoiseSpec,
+    pub delta: f64,
+    pub clip_norm: f64,
+    pub accountant: AccountantKind,
+    pub tuned_on_private_data: bool,
+    pub expected_batch_size: usize,
+    pub max_physical_batch: usize,
+    pub steps: Option<u64>,
+    pub epochs: Option<f64>,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub seed: Option<u64>,
+    pub output_dir: PathBuf,
+}
+
+impl Plan {
+    pub fn from_raw(raw: RawConfig, path: &Path, text: &str) -> Result<Plan, ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
+        let p = &raw.privacy;
+        let noise = match (p.target_epsilon, p.noise_multiplier) {
+            (Some(e), None) if e > 0.0 && e.is_finite() => NoiseSpec::TargetEpsilon(e),
+            (Some(e), None) => return Err(bad("privacy.target-epsilon", format!("must be a positive number, got {e}"))),
+            (None, Some(s)) if s > 0.0 && s.is_finite() => NoiseSpec::NoiseMultiplier(s),
+            (None, Some(s)) => return Err(bad("privacy.noise-multiplier", format!("must be a positive number, got {s}"))),
+            (Some(_), Some(_)) => {
+                return Err(bad("privacy", "give either target-epsilon or noise-multiplier, not both".into()))
+            }
+            (None, None) => return Err(bad("privacy", "give target-epsilon or noise-multiplier".into())),
+        };
+        if !(p.delta > 0.0 && p.delta < 1.0) {
+            return Err(bad("privacy.delta", format!("must be in (0, 1), got {}", p.delta)));
+        }
+        if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
+            return Err(bad("privacy.clip-norm", format!("must be a positive number, got {}", p.clip_norm)));
+        }
+        let accountant = match p.accountant.as_deref().unwrap_or("rdp") {
+            "rdp" => AccountantKind::Rdp,
+            other => return Err(bad("privacy.accountant", format!("unknown accountant `{other}` (supported: rdp)"))),
+        };
+        let t = &raw.training;
+        if t.expected_batch_size == 0 {
+            return Err(bad("training.expected-batch-size", "must be at least 1".into()));
+        }
+        let max_physical_batch = t.max_physical_batch.unwrap_or(32);
+        if max_physical_batch == 0 {
+            return Err(bad("training.max-physical-batch", "must be at least 1".into()));
+        }
+        match (t.steps, t.epochs) {
+            (Some(0), None) => return Err(bad("training.steps", "must be at least 1".into())),
+            (None, Some(e)) if !(e > 0.0 && e.is_finite()) => {
+                return Err(bad("training.epochs", format!("must be a positive number, got {e}")))
+            }
+            (Some(_), Some(_)) => return Err(bad("training", "give either steps or epochs, not both".into())),
+            (None, None) => return Err(bad("training", "give steps or epochs".into())),
+            _ => {}
+        }
+        let learning_rate = t.learning_rate.unwrap_or(1e-3);
+        if !(learning_rate > 0.0 && learning_rate.is_finite()) {
+            return Err(bad("training.learning-rate", format!("must be a positive number, got {learning_rate}")));
+        }
+        let weight_decay = t.weight_decay.unwrap_or(0.0);
+        if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+            return Err(bad("training.weight-decay", format!("must be ≥ 0, got {weight_decay}")));
+        }
+        match t.device.as_deref().unwrap_or("cpu") {
+            "cpu" => {}
+            other => {
+                return Err(bad("training.device", format!("unsupported device `{other}` (this build supports: cpu)")))
+            }
+        }
+        let l = &raw.lora;
+        let lora_rank = l.rank.unwrap_or(8);
+        if lora_rank == 0 {
+            return Err(bad("lora.rank", "must be at least 1".into()));
+        }
+        let lora_alpha = l.alpha.unwrap_or(16.0);
+        if !(lora_alpha > 0.0 && lora_alpha.is_finite()) {
+            return Err(bad("lora.alpha", format!("must be a positive number, got {lora_alpha}")));
+        }
+        let target_modules = l.target_modules.clone().unwrap_or_else(|| vec!["query".into(), "value".into()]);
+        if target_modules.is_empty() {
+            return Err(bad("lora.target-modules", "must name at least one module".into()));
+        }
+        for m in &target_modules {
+            if !BERT_LORA_MODULES.contains(&m.as_str()) {
+                return Err(bad(
+                    "lora.target-modules",
+                    format!("`{m}` matches no BERT linear layer (known: {})", BERT_LORA_MODULES.join(", ")),
+                ));
+            }
+        }
+        let max_seq_len = raw.model.max_seq_len.unwrap_or(128);
+        if max_seq_len < 2 {
+            return Err(bad("model.max-seq-len", "must be at least 2 ([CLS] and [SEP])".into()));
+        }
+        Ok(Plan {
+            config_path: path.into(),
+            config_hash: hex_sha256(text.as_bytes()),
+            config_text: text.into(),
+            model_dir: raw.model.path,
+            max_seq_len,
+            train_path: raw.data.train,
+            test_path: raw.data.test,
+            lora_rank,
+            lora_alpha,
+            target_modules,
+            noise,
+            delta: p.delta,
+            clip_norm: p.clip_norm,
+            accountant,
+            tuned_on_private_data: p.hyperparameters_tuned_on_private_data.unwrap_or(false),
+            expected_batch_size: t.expected_batch_size,
+            max_physical_batch,
+            steps: t.steps,
+            epochs: t.epochs,
+            learning_rate,
+            weight_decay,
+            warmup_steps: t.warmup_steps.unwrap_or(0),
+            seed: t.seed,
+            output_dir: raw.output.dir,
+        })
+    }
+
+    /// Planned logical steps for a training set of `n` records.
+    pub fn planned_steps(&self, n: usize) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => ((e * n as f64 / self.expected_batch_size as f64).round() as u64).max(1),
+            (None, None) => unreachable!("validated in from_raw"),
+        }
+    }
+}
+
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,98 @@
+//! The TOML schema, exactly as a user writes it. Every key's doc comment is its user
+//! documentation (README "Configuration" repeats it). Unknown keys are rejected.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawConfig {
+    pub model: RawModel,
+    pub data: RawData,
+    #[serde(default)]
+    pub lora: RawLora,
+    pub privacy: RawPrivacy,
+    pub training: RawTraining,
+    pub output: RawOutput,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawModel {
+    /// Folder of a Hugging Face BERT-family model: config.json, model.safetensors, tokenizer.json.
+    pub path: PathBuf,
+    /// Inputs are truncated to this many tokens (including [CLS] and [SEP]). Default 128.
+    pub max_seq_len: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawData {
+    /// Training JSONL: one {"text": ..., "label": ...} per line. Each line is one privacy unit.
+    pub train: PathBuf,
+    /// Held-out JSONL in the same format, used for test accuracy only (never trained on).
+    pub test: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawLora {
+    /// LoRA rank r. Default 8.
+    pub rank: Option<usize>,
+    /// LoRA alpha; the adapter output is scaled by alpha / r. Default 16.
+    pub alpha: Option<f64>,
+    /// Linear layers that get adapters, by module name: any of "query", "key", "value",
+    /// "attention.output.dense", "intermediate.dense", "output.dense". Default ["query", "value"].
+    pub target_modules: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawPrivacy {
+    /// Target ε: σ is calibrated so that the planned steps spend at most this, and training stops
+    /// before any step that would exceed it. Give this or `noise-multiplier`, not both.
+    pub target_epsilon: Option<f64>,
+    /// Noise multiplier σ (noise std = σ · clip-norm), when not calibrating from a target.
+    pub noise_multiplier: Option<f64>,
+    /// δ of the (ε, δ) guarantee. Must be well below 1/N (N = training records).
+    pub delta: f64,
+    /// Per-example clipping norm C (flat L2 norm over all trainable tensors).
+    pub clip_norm: f64,
+    /// Accountant used for calibration, the stop rule and the certificate: "rdp".
+    pub accountant: Option<String>,
+    /// Were hyper-parameters chosen by looking at results on this private data? Stated in the
+    /// report (tuning on private data leaks privacy that ε does not cover). Default false.
+    pub hyperparameters_tuned_on_private_data: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawTraining {
+    /// Expected logical batch size L: each record is sampled with probability q = L / N. The
+    /// noisy gradient sum is divided by L (a public constant), never by the realised size.
+    pub expected_batch_size: usize,
+    /// Largest number of examples run through the model at once (memory bound). Default 32.
+    pub max_physical_batch: Option<usize>,
+    /// Number of logical steps. Give this or `epochs`.
+    pub steps: Option<u64>,
+    /// Epochs: steps = round(epochs · N / L).
+    pub epochs: Option<f64>,
+    /// AdamW learning rate. Default 1e-3.
+    pub learning_rate: Option<f64>,
+    /// AdamW decoupled weight decay. Default 0.
+    pub weight_decay: Option<f64>,
+    /// Linear warm-up of the learning rate over this many steps. Default 0.
+    pub warmup_steps: Option<u64>,
+    /// Fixed seed for every random stream (sampling, noise, init). For experiments only: the
+    /// certificate then says "seeded: not for release". Default: fresh OS entropy.
+    pub seed: Option<u64>,
+    /// "cpu" (the only device of this build).
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawOutput {
+    /// Output folder for the adapter, certificate and report.
+    pub dir: PathBuf,
+}

@@ -1,0 +1,15 @@
+//! dptrain: differentially private LoRA fine-tuning (DP-SGD) on candle.
+//!
+//! Data flow (one direction): config → `Plan` → data + model → per logical step: Poisson sample →
+//! micro-batches → forward with a LoRA tape → backward of the summed loss → per-example
+//! gradients → clip → sum → Gaussian noise once → ÷ expected batch size → AdamW → ledger.
+//! See docs/ARCHITECTURE.md.
+
+pub mod accounting;
+pub mod config;
+pub mod data;
+pub mod lora;
+pub mod model;
+pub mod privacy;
+pub mod report;
+pub mod train;

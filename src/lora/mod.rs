@@ -1,0 +1,187 @@
+//! LoRA linear layers: y = x Wᵀ + b + s · (x Aᵀ) Bᵀ with s = alpha / r.
+//!
+//! The frozen W and b are plain tensors (never `Var`s), so no gradient is ever computed for them.
+//! B starts at zero, so a fresh adapter gives exactly the base output. With a `Tape`, the forward
+//! records what per-example gradients need: the input X, U = X Aᵀ, and a zero probe added to the
+//! output whose gradient is G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
+
+use candle_core::{Result, Tensor, Var};
+
+/// The trainable part of one adapted layer.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// [r, in]
+    pub a: Tensor,
+    /// [out, r]
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// A linear layer with an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// Module path in the base model, e.g. `encoder.layer.0.attention.self.query`.
+    pub name: String,
+    /// [out, in], frozen.
+    pub weight: Tensor,
+    /// [out], frozen.
+    pub bias: Option<Tensor>,
+    pub adapter: Option<LoraAdapter>,
+}
+
+/// What the forward of one adapted layer recorded for the per-example gradients.
+pub struct LoraRecord {
+    pub name: String,
+    /// [b, T, in]
+    pub x: Tensor,
+    /// [b, T, r]
+    pub u: Tensor,
+    /// Zero [b, T, out] added to the output: its gradient is dL/dy.
+    pub probe: Var,
+}
+
+/// What the classification head recorded.
+pub struct HeadRecord {
+    /// [b, H] pooled features.
+    pub h: Tensor,
+    /// Zero [b, C] added to the logits.
+    pub probe: Var,
+}
+
+/// Records of one forward pass, in model order.
+#[derive(Default)]
+pub struct Tape {
+    pub lora: Vec<LoraRecord>,
+    pub head: Option<HeadRecord>,
+}
+
+/// x [.., in] · Wᵀ [in, out] as one GEMM over the flattened leading dimensions.
+pub fn linear_nd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = w.dim(0)?;
+    x.reshape((lead, inner))?.matmul(&w.t()?)?.reshape(out_dims)
+}
+
+impl LoraLinear {
+    pub fn forward(&self, x: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
+        let mut y = linear_nd(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let Some(ad) = &self.adapter else { return Ok(y) };
+        match tape {
+            None => {
+                let u = linear_nd(x, &ad.a)?;
+                y + (linear_nd(&u, &ad.b)? * ad.scale)?
+            }
+            Some(tape) => {
+                // A and B are constants here; the probe carries dL/dy out. The branch still uses
+                // the tracked x, so upstream layers get the gradient through both paths.
+                let u = linear_nd(x, &ad.a)?;
+                let branch = (linear_nd(&u, &ad.b)? * ad.scale)?;
+                let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
+                let y = ((y + branch)? + probe.as_tensor())?;
+                tape.lora.push(LoraRecord { name: self.name.clone(), x: x.detach(), u: u.detach(), probe });
+                Ok(y)
+            }
+        }
+    }
+}
+
+/// PEFT tensor names of one adapted module.
+pub fn peft_names(module: &str) -> (String, String) {
+    (format!("base_model.model.{module}.lora_A.weight"), format!("base_model.model.{module}.lora_B.weight"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic pseudo-random values in [-1, 1).
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn layer(b_zero: bool) -> LoraLinear {
+        LoraLinear {
+            name: "m".into(),
+            weight: rand(&[3, 4], 1),
+            bias: Some(rand(&[3], 2)),
+            adapter: Some(LoraAdapter {
+                a: rand(&[2, 4], 3),
+                b: if b_zero { Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap() } else { rand(&[3, 2], 4) },
+                scale: 2.5,
+            }),
+        }
+    }
+
+    #[test]
+    fn lora_b_zero_init_gives_base_output() {
+        let l = layer(true);
+        let x = rand(&[2, 5, 4], 9);
+        let y = l.forward(&x, None).unwrap();
+        let base = LoraLinear { adapter: None, ..l.clone() }.forward(&x, None).unwrap();
+        let d = (y - base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn lora_forward_and_backward_match_hand_computation() {
+        let l = layer(false);
+        let x = rand(&[1, 1, 4], 11);
+        let (w, bias) = (l.weight.to_vec2::<f32>().unwrap(), l.bias.clone().unwrap().to_vec1::<f32>().unwrap());
+        let ad = l.adapter.clone().unwrap();
+        let (a, b) = (ad.a.to_vec2::<f32>().unwrap(), ad.b.to_vec2::<f32>().unwrap());
+        let xv = x.i((0, 0)).unwrap().to_vec1::<f32>().unwrap();
+        // Hand forward: y_o = Σ_k W_ok x_k + bias_o + s Σ_j B_oj Σ_k A_jk x_k (NOT s·(Wx + BAx)).
+        let u: Vec<f64> = (0..2).map(|j| (0..4).map(|k| a[j][k] as f64 * xv[k] as f64).sum()).collect();
+        let y_hand: Vec<f64> = (0..3)
+            .map(|o| {
+                (0..4).map(|k| w[o][k] as f64 * xv[k] as f64).sum::<f64>()
+                    + bias[o] as f64
+                    + 2.5 * (0..2).map(|j| b[o][j] as f64 * u[j]).sum::<f64>()
+            })
+            .collect();
+        // Backward of L = Σ_o c_o y_o with c = (1, -2, 0.5): dB_oj = s c_o u_j, dA_jk = s (Σ_o c_o B_oj) x_k.
+        let c = [1.0f64, -2.0, 0.5];
+        let a_var = Var::from_tensor(&ad.a).unwrap();
+        let b_var = Var::from_tensor(&ad.b).unwrap();
+        let lv = LoraLinear {
+            adapter: Some(LoraAdapter { a: a_var.as_tensor().clone(), b: b_var.as_tensor().clone(), scale: 2.5 }),
+            ..l.clone()
+        };
+        let y = lv.forward(&x, None).unwrap();
+        let yv = y.i((0, 0)).unwrap().to_vec1::<f32>().unwrap();
+        for o in 0..3 {
+            assert!((yv[o] as f64 - y_hand[o]).abs() < 1e-5, "y[{o}]");
+        }
+        let ct = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+        let loss = y.broadcast_mul(&ct).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let gb = g.get(b_var.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let ga = g.get(a_var.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        for o in 0..3 {
+            for j in 0..2 {
+                assert!((gb[o][j] as f64 - 2.5 * c[o] * u[j]).abs() < 1e-5);
+            }
+        }
+        for j in 0..2 {
+            let cb: f64 = (0..3).map(|o| c[o] * b[o][j] as f64).sum();
+            for k in 0..4 {
+                assert!((ga[j][k] as f64 - 2.5 * cb * xv[k] as f64).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! BERT-family encoder (BERT, MiniLM) with LoRA adapters and a mean-pooling classification head.
+//!
+//! Every op in the forward is differentiable (see `ops`), the attention mask sends padded keys
+//! to probability exactly 0 and mean pooling ignores padded positions, so padding contributes
+//! nothing to any example's output or gradient. No op mixes examples of a batch.
+
+use super::ops::{gelu_erf, layer_norm, softmax_last};
+use super::ModelError;
+use crate::lora::{linear_nd, HeadRecord, LoraAdapter, LoraLinear, Tape};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::VarBuilder;
+use rand::Rng;
+use rand_chacha::ChaCha20Rng;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> std::result::Result<BertConfig, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|_| ModelError::MissingFile(path.into()))?;
+        let cfg: BertConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config { path: path.into(), message: format!("not a BERT config: {e}") })?;
+        let bad = |message: String| ModelError::Config { path: path.into(), message };
+        match cfg.model_type.as_deref() {
+            Some("bert") => {}
+            other => return Err(bad(format!("unsupported architecture {other:?}: this model family is `bert`"))),
+        }
+        if cfg.hidden_act != "gelu" {
+            return Err(bad(format!("unsupported hidden_act `{}` (supported: gelu)", cfg.hidden_act)));
+        }
+        if let Some(p) = cfg.position_embedding_type.as_deref() {
+            if p != "absolute" {
+                return Err(bad(format!("unsupported position_embedding_type `{p}` (supported: absolute)")));
+            }
+        }
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(bad("hidden_size is not a multiple of num_attention_heads".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+/// LoRA settings applied when building the model.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Module names (see `config::BERT_LORA_MODULES`).
+    pub targets: Vec<String>,
+}
+
+struct BertLayer {
+    query: LoraLinear,
+    key: LoraLinear,
+    value: LoraLinear,
+    attn_out: LoraLinear,
+    attn_ln: (Tensor, Tensor),
+    intermediate: LoraLinear,
+    output: LoraLinear,
+    out_ln: (Tensor, Tensor),
+}
+
+/// BERT encoder + LoRA + a trainable linear head on the mean-pooled last hidden state.
+pub struct BertClassifier {
+    pub config: BertConfig,
+    word_emb: Tensor,
+    pos_emb: Tensor,
+    type_emb: Tensor,
+    emb_ln: (Tensor, Tensor),
+    layers: Vec<BertLayer>,
+    /// [C, H]
+    pub head_w: Tensor,
+    /// [C]
+    pub head_b: Tensor,
+}
+
+/// Name of the head in adapters (saved as PEFT saves `modules_to_save`).
+pub const HEAD_MODULE: &str = "classifier";
+
+impl BertClassifier {
+    /// Build from a weight source. `lora = None` builds the plain encoder (no adapters).
+    /// LoRA A is drawn from `init_rng` (Kaiming-uniform, as PEFT); B and the head start at zero.
+    pub fn new(
+        vb: VarBuilder,
+        config: BertConfig,
+        lora: Option<&LoraSpec>,
+        num_labels: usize,
+        init_rng: &mut ChaCha20Rng,
+    ) -> Result<Self> {
+        let h = config.hidden_size;
+        let emb = vb.pp("embeddings");
+        let ln = |vb: VarBuilder| -> Result<(Tensor, Tensor)> { Ok((vb.get(h, "weight")?, vb.get(h, "bias")?)) };
+        let mut lin = |vb: &VarBuilder, path: &str, module: &str, out: usize, inp: usize| -> Result<LoraLinear> {
+            let v = vb.pp(path);
+            let name = format!("{}", v.prefix());
+            let adapter = match lora {
+                Some(spec) if spec.targets.iter().any(|t| t == module) => {
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    let a: Vec<f32> =
+                        (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
+                    Some(LoraAdapter {
+                        a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
+                        b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
+                        scale: spec.alpha / spec.rank as f64,
+                    })
+                }
+                _ => None,
+            };
+            Ok(LoraLinear { name, weight: v.get((out, inp), "weight")?, bias: Some(v.get(out, "bias")?), adapter })
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let f = config.intermediate_size;
+            layers.push(BertLayer {
+                query: lin(&l, "attention.self.query", "query", h, h)?,
+                key: lin(&l, "attention.self.key", "key", h, h)?,
+                value: lin(&l, "attention.self.value", "value", h, h)?,
+                attn_out: lin(&l, "attention.output.dense", "attention.output.dense", h, h)?,
+                attn_ln: ln(l.pp("attention.output.LayerNorm"))?,
+                intermediate: lin(&l, "intermediate.dense", "intermediate.dense", f, h)?,
+                output: lin(&l, "output.dense", "output.dense", h, f)?,
+                out_ln: ln(l.pp("output.LayerNorm"))?,
+            });
+        }
+        Ok(BertClassifier {
+            word_emb: emb.get((config.vocab_size, h), "word_embeddings.weight")?,
+            pos_emb: emb.get((config.max_position_embeddings, h), "position_embeddings.weight")?,
+            type_emb: emb.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            emb_ln: ln(emb.pp("LayerNorm"))?,
+            layers,
+            head_w: Tensor::zeros((num_labels, h), DType::F32, vb.device())?,
+            head_b: Tensor::zeros(num_labels, DType::F32, vb.device())?,
+            config,
+        })
+    }
+
+    /// Load from a Hugging Face folder (config.json + model.safetensors), weights in f32.
+    pub fn load(
+        dir: &Path,
+        lora: Option<&LoraSpec>,
+        num_labels: usize,
+        init_rng: &mut ChaCha20Rng,
+    ) -> std::result::Result<Self, ModelError> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let st = dir.join("model.safetensors");
+        if !st.exists() {
+            return Err(ModelError::MissingFile(st));
+        }
+        // SAFETY: the file is memory-mapped read-only; dptrain never writes to a model folder.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, &Device::Cpu)? };
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        Self::new(vb, config, lora, num_labels, init_rng)
+            .map_err(|e| ModelError::Tensor { file: st, name: "(see message)".into(), message: e.to_string() })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.word_emb.device()
+    }
+
+    /// The LoRA-adapted layers in forward order.
+    pub fn adapted_layers(&self) -> Vec<&LoraLinear> {
+        self.all_linears().into_iter().filter(|l| l.adapter.is_some()).collect()
+    }
+
+    fn all_linears(&self) -> Vec<&LoraLinear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output])
+            .collect()
+    }
+
+    fn all_linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output]
+            })
+            .collect()
+    }
+
+    /// Trainable tensors in canonical order, with their PEFT names: for every adapted layer
+    /// lora_A then lora_B, then the head's weight and bias.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for l in self.adapted_layers() {
+            let ad = l.adapter.as_ref().expect("adapted");
+            let (na, nb) = crate::lora::peft_names(&l.name);
+            out.push((na, ad.a.clone()));
+            out.push((nb, ad.b.clone()));
+        }
+        out.push((format!("base_model.model.{HEAD_MODULE}.weight"), self.head_w.clone()));
+        out.push((format!("base_model.model.{HEAD_MODULE}.bias"), self.head_b.clone()));
+        out
+    }
+
+    /// Replace the trainable tensors (same order and shapes as `trainable`).
+    pub fn set_trainable(&mut self, tensors: &[Tensor]) -> Result<()> {
+        let expected = self.trainable();
+        if tensors.len() != expected.len() {
+            candle_core::bail!("set_trainable: {} tensors given, {} expected", tensors.len(), expected.len());
+        }
+        for ((name, old), new) in expected.iter().zip(tensors) {
+            if old.dims() != new.dims() {
+                candle_core::bail!("set_trainable: {name}: shape {:?}, expected {:?}", new.dims(), old.dims());
+            }
+        }
+        let mut it = tensors.iter();
+        for l in self.all_linears_mut() {
+            if let Some(ad) = l.adapter.as_mut() {
+                ad.a = it.next().expect("checked").clone();
+                ad.b = it.next().expect("checked").clone();
+            }
+        }
+        self.head_w = it.next().expect("checked").clone();
+        self.head_b = it.next().expect("checked").clone();
+        Ok(())
+    }
+
+    /// Last hidden state [b, T, H].
+    pub fn encode(&self, input_ids: &Tensor, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let cfg = &self.config;
+        if t > cfg.max_position_embeddings {
+            candle_core::bail!("sequence length {t} exceeds max_position_embeddings {}", cfg.max_position_embeddings);
+        }
+        let h = cfg.hidden_size;
+        let nh = cfg.num_attention_heads;
+        let hd = h / nh;
+        let words = self.word_emb.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, h))?;
+        let pos = self.pos_emb.narrow(0, 0, t)?;
+        let typ = self.type_emb.narrow(0, 0, 1)?;
+        let x = words.broadcast_add(&pos)?.broadcast_add(&typ)?;
+        let mut x = layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, cfg.layer_norm_eps)?;
+        // Additive key mask [b, 1, 1, T]: 0 for real tokens, -1e30 for padding (exp → exactly 0).
+        let bias = ((mask.ones_like()? - mask)? * -1e30)?.reshape((b, 1, 1, t))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() };
+            let q = heads(layer.query.forward(&x, tape.as_deref_mut())?)?;
+            let k = heads(layer.key.forward(&x, tape.as_deref_mut())?)?;
+            let v = heads(layer.value.forward(&x, tape.as_deref_mut())?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = softmax_last(&scores)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let a = layer.attn_out.forward(&ctx, tape.as_deref_mut())?;
+            let a = layer_norm(&(a + &x)?, &layer.attn_ln.0, &layer.attn_ln.1, cfg.layer_norm_eps)?;
+            let f = gelu_erf(&layer.intermediate.forward(&a, tape.as_deref_mut())?)?;
+            let o = layer.output.forward(&f, tape.as_deref_mut())?;
+            x = layer_norm(&(o + &a)?, &layer.out_ln.0, &layer.out_ln.1, cfg.layer_norm_eps)?;
+        }
+        Ok(x)
+    }
+
+    /// Mean of the last hidden state over real tokens: [b, H].
+    pub fn pooled(&self, input_ids: &Tensor, mask: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
+        let hidden = self.encode(input_ids, mask, tape)?;
+        mean_pool(&hidden, mask)
+    }
+
+    /// Class logits [b, C].
+    pub fn logits(&self, input_ids: &Tensor, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
+        let pooled = self.pooled(input_ids, mask, tape.as_deref_mut())?;
+        let logits = linear_nd(&pooled, &self.head_w)?.broadcast_add(&self.head_b)?;
+        match tape {
+            None => Ok(logits),
+            Some(tape) => {
+                let h = pooled.detach();
+                let probe = Var::zeros(logits.shape(), logits.dtype(), logits.device())?;
+                let logits = (logits + probe.as_tensor())?;
+                tape.head = Some(HeadRecord { h, probe });
+                Ok(logits)
+            }
+        }
+    }
+}
+
+/// Σ_t mask_t h_t / Σ_t mask_t.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(D::Minus1)?;
+    hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)
+}
+
+/// Per-example cross-entropy losses [b] (natural log).
+pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let c = logits.dim(D::Minus1)?;
+    let logp = super::ops::log_softmax_last(logits)?;
+    let onehot = labels.unsqueeze(1)?.broadcast_eq(&Tensor::arange(0u32, c as u32, logits.device())?.unsqueeze(0)?)?;
+    (logp * onehot.to_dtype(DType::F32)?)?.sum(1)?.neg()
+}
+
+/// Load `tokenizer.json` from a model folder with padding off (batches pad themselves) and
+/// truncation at `max_len` tokens (the MiniLM file ships with fixed padding to 128).
+pub fn load_tokenizer(dir: &Path, max_len: usize) -> std::result::Result<tokenizers::Tokenizer, ModelError> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(ModelError::MissingFile(path));
+    }
+    let err = |message: String| ModelError::Tokenizer { path: path.clone(), message };
+    let mut tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+    tok.with_padding(None);
+    tok.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(tok)
+}

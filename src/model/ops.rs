@@ -1,0 +1,123 @@
+//! Differentiable building blocks for the training forward.
+//!
+//! candle's fused softmax / layer-norm / RoPE kernels have no backward and silently cut the graph
+//! (PITFALLS 15), so every op here is either composed of differentiable primitives or a custom op
+//! with an explicit backward. The exact-erf GELU is a custom op because candle's own GeluErf
+//! backward is slow on CPU and uses a 6-digit constant.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// Softmax over the last dimension, differentiable. The max is detached: subtracting any
+/// constant leaves softmax (and its gradient) unchanged, so no gradient is lost.
+pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log-softmax over the last dimension, differentiable.
+pub fn log_softmax_last(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let shifted = xs.broadcast_sub(&max)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Layer norm over the last dimension, written out so that it is differentiable.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let centered = xs.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// GELU with the exact erf: x · Φ(x).
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    xs.apply_op1(GeluErf)
+}
+
+fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&v[a..b]),
+            None => candle_core::bail!("{op}: input must be contiguous"),
+        },
+        _ => candle_core::bail!("{op}: only f32 is supported"),
+    }
+}
+
+const INV_SQRT2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "dptrain-gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_input(s, l, "gelu")?;
+        let y = x.iter().map(|&v| {
+            let v = v as f64;
+            (0.5 * v * (1.0 + libm::erf(v * INV_SQRT2))) as f32
+        });
+        Ok((CpuStorage::F32(y.collect()), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2(&grad_res.contiguous()?, GeluErfGrad)?))
+    }
+}
+
+/// d/dx [x Φ(x)] · g = (Φ(x) + x φ(x)) · g, in one pass.
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "dptrain-gelu-erf-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_input(s1, l1, "gelu-grad")?;
+        let g = f32_input(s2, l2, "gelu-grad")?;
+        let out = x.iter().zip(g).map(|(&v, &g)| {
+            let v = v as f64;
+            let d = 0.5 * (1.0 + libm::erf(v * INV_SQRT2)) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
+            (d * g as f64) as f32
+        });
+        Ok((CpuStorage::F32(out.collect()), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn gelu_erf_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let xs: Vec<f64> = vec![-3.0, -1.2, -0.3, 0.0, 0.4, 1.7, 2.5];
+        let x = Var::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), xs.len(), &dev).unwrap();
+        let y = gelu_erf(x.as_tensor()).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap();
+        let got: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        let f = |v: f64| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()));
+        for (i, &v) in xs.iter().enumerate() {
+            let h = 1e-5;
+            let fd = (f(v + h) - f(v - h)) / (2.0 * h);
+            assert!((got[i] as f64 - fd).abs() < 1e-5, "x={v}: {} vs {fd}", got[i]);
+        }
+    }
+
+    #[test]
+    fn softmax_and_layer_norm_pass_gradients_upstream() {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(vec![0.3f32, -1.0, 2.0, 0.5, 0.1, -0.7], (2, 3), &dev).unwrap();
+        let w = Tensor::new(&[1.5f32, -0.5, 2.0], &dev).unwrap();
+        let b = Tensor::new(&[0.1f32, 0.2, 0.3], &dev).unwrap();
+        let y = layer_norm(&softmax_last(x.as_tensor()).unwrap(), &w, &b, 1e-5).unwrap();
+        let loss = y.sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let gx: Vec<Vec<f32>> = g.get(x.as_tensor()).expect("gradient reaches the input").to_vec2().unwrap();
+        assert!(gx.iter().flatten().any(|v| v.abs() > 1e-4));
+    }
+}

@@ -1,0 +1,81 @@
+//! Per-example clipping and summation.
+//!
+//! Flat clipping: example i is scaled by min(1, C / (‖g_i‖ + 1e-6)), ‖·‖ the L2 norm over all
+//! trainable tensors together, so every clipped gradient has norm ≤ C and the sum has
+//! add/remove-one sensitivity C. An example whose gradient is not finite is zeroed (not skipped
+//! silently: it is counted in the stats) before the sum.
+
+use candle_core::{DType, Result, Tensor};
+
+#[derive(Debug, Clone, Default)]
+pub struct ClipStats {
+    /// Per-example L2 norms before clipping (non-finite ones as NaN/inf).
+    pub norms: Vec<f32>,
+    /// Examples whose gradient was scaled down.
+    pub clipped: usize,
+    /// Examples whose gradient had a NaN or inf and was zeroed.
+    pub nonfinite: usize,
+}
+
+/// Clip factor for one example's gradient norm.
+pub fn clip_factor(norm: f64, c: f64) -> f64 {
+    (c / (norm + 1e-6)).min(1.0)
+}
+
+/// Clip each row of `per_example` [b, P] to norm `clip` (no clipping when `None`, for the
+/// non-private baseline) and sum the rows: returns ([P], stats).
+pub fn clip_and_sum(per_example: &Tensor, clip: Option<f64>) -> Result<(Tensor, ClipStats)> {
+    let (b, p) = per_example.dims2()?;
+    if b == 0 {
+        return Ok((Tensor::zeros(p, DType::F32, per_example.device())?, ClipStats::default()));
+    }
+    let sq: Vec<f32> = per_example.sqr()?.sum(1)?.to_vec1()?;
+    let mut stats = ClipStats::default();
+    let mut factors = Vec::with_capacity(b);
+    let mut finite = Vec::with_capacity(b);
+    for &s in &sq {
+        let norm = (s as f64).sqrt();
+        stats.norms.push(norm as f32);
+        if !norm.is_finite() {
+            stats.nonfinite += 1;
+            factors.push(0.0f32);
+            finite.push(0u8);
+            continue;
+        }
+        finite.push(1u8);
+        let f = clip.map_or(1.0, |c| clip_factor(norm, c));
+        if f < 1.0 {
+            stats.clipped += 1;
+        }
+        factors.push(f as f32);
+    }
+    let dev = per_example.device();
+    let rows = if stats.nonfinite > 0 {
+        // 0 · NaN is NaN: replace bad rows instead of scaling them.
+        let keep = Tensor::from_vec(finite, (b, 1), dev)?.broadcast_as((b, p))?;
+        keep.where_cond(per_example, &per_example.zeros_like()?)?
+    } else {
+        per_example.clone()
+    };
+    let f = Tensor::from_vec(factors, (b, 1), dev)?;
+    Ok((rows.broadcast_mul(&f)?.sum(0)?, stats))
+}
+
+/// The obviously-correct twin: f64 loops over plain vectors.
+pub fn clip_and_sum_reference(per_example: &[Vec<f32>], clip: f64) -> (Vec<f64>, usize) {
+    let p = per_example.first().map_or(0, |r| r.len());
+    let mut sum = vec![0f64; p];
+    let mut nonfinite = 0;
+    for row in per_example {
+        if row.iter().any(|v| !v.is_finite()) {
+            nonfinite += 1;
+            continue;
+        }
+        let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+        let f = clip_factor(norm, clip);
+        for (s, &v) in sum.iter_mut().zip(row) {
+            *s += f * v as f64;
+        }
+    }
+    (sum, nonfinite)
+}

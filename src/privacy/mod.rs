@@ -1,0 +1,13 @@
+//! The DP mechanism, one stage per file so each can be checked against the paper line by line:
+//! per-example gradients (`per_example`), clipping and summation (`clip`), Gaussian noise from a
+//! CSPRNG (`noise`), and the random streams they draw from (`streams`).
+
+pub mod clip;
+pub mod noise;
+pub mod per_example;
+pub mod streams;
+
+pub use clip::{clip_and_sum, ClipStats};
+pub use noise::GaussianNoise;
+pub use per_example::per_example_grads;
+pub use streams::RandomStreams;

@@ -1,0 +1,49 @@
+//! Per-example gradients of every trainable tensor, vectorised over the batch.
+//!
+//! From the tape of one forward pass and the backward of the *summed* loss (so that dL/dy at
+//! example i depends on example i only):
+//!   LoRA B [out, r]:  dB_i = s · G_iᵀ U_i          (G_i = dL/dy_i [T, out], U_i = X_i Aᵀ [T, r])
+//!   LoRA A [r, in]:   dA_i = s · (G_i B)ᵀ X_i
+//!   head W [C, H]:    dW_i = g_i h_iᵀ              (g_i = dL/dlogits_i, h_i the pooled features)
+//!   head b [C]:       db_i = g_i
+//! as batched matrix products. The result is [b, P] in the canonical order of
+//! `BertClassifier::trainable` (per adapted layer A then B, then head W, head b).
+//! The slow twin is one backward pass per example (tests/per_example_grads.rs).
+
+use crate::lora::Tape;
+use crate::model::BertClassifier;
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+
+pub fn per_example_grads(model: &BertClassifier, tape: &Tape, grads: &GradStore) -> Result<Tensor> {
+    let layers = model.adapted_layers();
+    if layers.len() != tape.lora.len() {
+        candle_core::bail!("tape has {} LoRA records, model has {} adapted layers", tape.lora.len(), layers.len());
+    }
+    let head = tape.head.as_ref().ok_or_else(|| candle_core::Error::Msg("tape has no head record".into()))?;
+    let b = head.h.dim(0)?;
+    let mut parts: Vec<Tensor> = Vec::with_capacity(2 * layers.len() + 2);
+    for (layer, rec) in layers.iter().zip(&tape.lora) {
+        if layer.name != rec.name {
+            candle_core::bail!("tape order mismatch: {} vs {}", layer.name, rec.name);
+        }
+        let ad = layer.adapter.as_ref().expect("adapted layer");
+        // A missing gradient means the graph was cut (PITFALLS 15): fail, never clip nothing.
+        let g = grads
+            .get(rec.probe.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached LoRA layer {}", rec.name)))?;
+        let g_t = g.transpose(1, 2)?.contiguous()?; // [b, out, T]
+        let d_b = (g_t.matmul(&rec.u)? * ad.scale)?; // [b, out, r]
+        let gb = crate::lora::linear_nd(g, &ad.b.t()?)?; // G B: [b, T, r]
+        let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(&rec.x.contiguous()?)? * ad.scale)?; // [b, r, in]
+        parts.push(d_a.reshape((b, ()))?);
+        parts.push(d_b.reshape((b, ()))?);
+    }
+    let g = grads
+        .get(head.probe.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the classification head".into()))?;
+    let d_w = g.unsqueeze(2)?.matmul(&head.h.unsqueeze(1)?)?; // [b, C, H]
+    parts.push(d_w.reshape((b, ()))?);
+    parts.push(g.clone());
+    Tensor::cat(&parts, 1)
+}

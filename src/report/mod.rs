@@ -1,0 +1,226 @@
+//! Outputs of a run: the adapter in the HF PEFT layout with the privacy certificate in its
+//! safetensors `__metadata__`, `adapter_config.json`, `privacy_report.json` and `metrics.jsonl`.
+//!
+//! Invariant: every file is written to a temporary name, fsynced and renamed, so a failure never
+//! leaves a half-written output, and an output folder holding another run is never overwritten
+//! without `--overwrite`.
+
+use crate::accounting::event::Ledger;
+use crate::config::{hex_sha256, Plan};
+use crate::model::bert::HEAD_MODULE;
+use crate::model::BertClassifier;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const ENGINE: &str = concat!("dptrain ", env!("CARGO_PKG_VERSION"));
+pub const NEIGHBOURING: &str = "add/remove-one record";
+pub const SAMPLER: &str = "Poisson sampling (each record independently with probability q), ChaCha20 stream";
+pub const NOISE_GENERATOR: &str = "ChaCha20 CSPRNG; each N(0, σ²C²) draw is a sum of 4 Box–Muller Gaussians (f64)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("output folder {0} already holds a run (adapter or report); pass --overwrite to replace it")]
+    OutputExists(PathBuf),
+    #[error("writing {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("writing {path}: {message}")]
+    Format { path: PathBuf, message: String },
+}
+
+/// What a run did, as the report and certificate state it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub non_private: bool,
+    pub epsilon: Option<f64>,
+    pub rdp_optimal_order: Option<f64>,
+    pub target_epsilon: Option<f64>,
+    pub delta: f64,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub expected_batch_size: usize,
+    pub steps: u64,
+    pub planned_steps: u64,
+    pub clip_norm: Option<f64>,
+    pub seeded: bool,
+    pub dataset_size: usize,
+    pub dataset_hash: String,
+    pub test_dataset_hash: String,
+    pub test_size: usize,
+    pub labels: Vec<String>,
+    pub test_accuracy: f64,
+    pub train_seconds: f64,
+    pub examples_per_second: f64,
+    pub stopped_early: Option<String>,
+    pub ledger: Ledger,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub batch_size: usize,
+    pub mean_loss: f64,
+    pub clipped_fraction: f64,
+    pub nonfinite: usize,
+    pub epsilon: f64,
+    pub learning_rate: f64,
+    pub elapsed_s: f64,
+}
+
+const OUTPUT_FILES: [&str; 4] = ["adapter_model.safetensors", "adapter_config.json", "privacy_report.json", "metrics.jsonl"];
+
+/// Refuse an output folder that already holds a run, unless overwriting.
+pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<(), ReportError> {
+    let holds_run = OUTPUT_FILES.iter().any(|f| dir.join(f).exists());
+    if holds_run && !overwrite {
+        return Err(ReportError::OutputExists(dir.into()));
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    let io = |source| ReportError::Io { path: path.into(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn json_number(x: f64) -> serde_json::Value {
+    // JSON has no infinity: an unbounded ε is written as the string "inf".
+    serde_json::Number::from_f64(x).map(serde_json::Value::Number).unwrap_or_else(|| serde_json::Value::String(format!("{x}")))
+}
+
+/// The certificate: the facts an auditor needs, stored in the adapter file itself.
+pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
+    serde_json::json!({
+        "engine": ENGINE,
+        "private": !s.non_private,
+        "guarantee": if s.non_private {
+            "NONE: trained without clipping or noise (non-private reference run)".to_string()
+        } else {
+            format!("({:.6}, {:e})-DP at the level of one record, {NEIGHBOURING}, under Poisson sampling", s.epsilon.unwrap_or(f64::INFINITY), s.delta)
+        },
+        "epsilon": s.epsilon.map(json_number).unwrap_or(serde_json::Value::Null),
+        "epsilon_kind": "upper bound",
+        "delta": s.delta,
+        "accountant": plan.accountant.name(),
+        "noise_multiplier": s.noise_multiplier,
+        "sample_rate": s.sample_rate,
+        "expected_batch_size": s.expected_batch_size,
+        "steps": s.steps,
+        "clip_norm": s.clip_norm,
+        "clipping": "flat (total L2 norm over all trainable tensors)",
+        "neighbouring_relation": NEIGHBOURING,
+        "sampler": SAMPLER,
+        "noise_generator": NOISE_GENERATOR,
+        "dataset_size": s.dataset_size,
+        "dataset_sha256": s.dataset_hash,
+        "config_sha256": plan.config_hash,
+        "seeded": if s.seeded { "seeded: not for release" } else { "no (OS entropy)" },
+        "ledger": s.ledger,
+    })
+}
+
+fn adapter_config(plan: &Plan) -> serde_json::Value {
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": plan.model_dir.display().to_string(),
+        "r": plan.lora_rank,
+        "lora_alpha": plan.lora_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": plan.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "modules_to_save": [HEAD_MODULE],
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "layers_to_transform": null,
+        "revision": null,
+    })
+}
+
+/// The adapter tensors as safetensors bytes, with `metadata`.
+pub fn adapter_bytes(model: &BertClassifier, metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
+    let named = model.trainable();
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (name, t) in &named {
+        let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
+        data.push((name.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+}
+
+pub fn write_outputs(plan: &Plan, model: &BertClassifier, s: &RunSummary, metrics: &[StepMetrics]) -> Result<(), ReportError> {
+    let dir = &plan.output_dir;
+    let cert = certificate(plan, s);
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("dptrain_certificate".to_string(), cert.to_string());
+    let adapter_path = dir.join("adapter_model.safetensors");
+    let bytes = adapter_bytes(model, meta).map_err(|message| ReportError::Format { path: adapter_path.clone(), message })?;
+    let adapter_hash = hex_sha256(&bytes);
+    let mut lines = String::new();
+    for m in metrics {
+        lines.push_str(&serde_json::to_string(m).expect("metrics serialise"));
+        lines.push('\n');
+    }
+    let report = serde_json::json!({
+        "epsilon": s.epsilon.map(json_number).unwrap_or(serde_json::Value::Null),
+        "delta": s.delta,
+        "noise_multiplier": s.noise_multiplier,
+        "sample_rate": s.sample_rate,
+        "steps": s.steps,
+        "clip_norm": s.clip_norm,
+        "accountant": plan.accountant.name(),
+        "seeded": s.seeded,
+        "private": !s.non_private,
+        "target_epsilon": s.target_epsilon,
+        "planned_steps": s.planned_steps,
+        "stopped_early": s.stopped_early,
+        "expected_batch_size": s.expected_batch_size,
+        "rdp_optimal_order": s.rdp_optimal_order,
+        "neighbouring_relation": NEIGHBOURING,
+        "dataset": { "size": s.dataset_size, "sha256": s.dataset_hash, "labels": s.labels },
+        "test_dataset": { "size": s.test_size, "sha256": s.test_dataset_hash },
+        "hyperparameters_tuned_on_private_data": plan.tuned_on_private_data,
+        "not_protected": [
+            "training losses, gradient norms and clip fractions in metrics.jsonl and this report are computed on the private data without noise",
+            "the label set is read from the training data",
+            "the base model's own training data",
+        ],
+        "metrics": {
+            "test_accuracy": s.test_accuracy,
+            "train_seconds": s.train_seconds,
+            "examples_per_second": s.examples_per_second,
+        },
+        "adapter_sha256": adapter_hash,
+        "certificate": cert,
+        "ledger": s.ledger,
+        "config": plan.config_text,
+    });
+    write_atomic(&adapter_path, &bytes)?;
+    write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config(plan)).expect("json").as_bytes())?;
+    write_atomic(&dir.join("metrics.jsonl"), lines.as_bytes())?;
+    write_atomic(&dir.join("privacy_report.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Training: the DP-SGD step, the optimiser, evaluation and the run loop.
+
+pub mod eval;
+pub mod optimizer;
+pub mod params;
+pub mod run;
+pub mod step;
+
+pub use run::{run, RunOptions, RunOutcome};

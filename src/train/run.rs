@@ -1,0 +1,193 @@
+//! The run loop: plan → data → model → steps (each recorded in the ledger, the step that would
+//! exceed the target ε never taken) → evaluation → outputs.
+
+use super::eval::accuracy;
+use super::optimizer::{learning_rate, AdamW};
+use super::params::FlatParams;
+use super::step::{private_gradient, Mechanism};
+use crate::accounting::event::Ledger;
+use crate::accounting::{calibrate_noise_multiplier, RdpAccountant};
+use crate::config::{NoiseSpec, Plan};
+use crate::data::{load_classification, PoissonSampler};
+use crate::model::bert::LoraSpec;
+use crate::model::BertClassifier;
+use crate::privacy::{GaussianNoise, RandomStreams};
+use crate::report::{self, RunSummary, StepMetrics};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Train without clipping or noise (the utility reference; certifies nothing).
+    pub non_private: bool,
+    /// Replace the outputs of an earlier run in the output folder.
+    pub overwrite: bool,
+    /// Draw a progress bar.
+    pub progress: bool,
+}
+
+pub struct RunOutcome {
+    pub summary: RunSummary,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Accounting(#[from] crate::accounting::AccountingError),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
+    #[error("training: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Plan(String),
+}
+
+pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
+    report::check_output_dir(&plan.output_dir, opts.overwrite)?;
+    let tokenizer = crate::model::bert::load_tokenizer(&plan.model_dir, plan.max_seq_len)?;
+    let train = load_classification(&plan.train_path, &tokenizer, None)?;
+    let test = load_classification(&plan.test_path, &tokenizer, Some(&train.labels))?;
+    let n = train.len();
+    let l = plan.expected_batch_size;
+    if l > n {
+        return Err(RunError::Plan(format!(
+            "training.expected-batch-size {l} exceeds the {n} records of {}",
+            plan.train_path.display()
+        )));
+    }
+    if plan.delta >= 1.0 / n as f64 {
+        return Err(RunError::Plan(format!(
+            "privacy.delta {} is not below 1/N = {:.3e} (N = {n}): such a δ allows releasing a record outright",
+            plan.delta,
+            1.0 / n as f64
+        )));
+    }
+    if plan.delta > 0.1 / n as f64 {
+        eprintln!("warning: privacy.delta {} is above 0.1/N = {:.3e}; a δ well below 1/N is advised", plan.delta, 0.1 / n as f64);
+    }
+    let q = l as f64 / n as f64;
+    let steps = plan.planned_steps(n);
+    let accountant = RdpAccountant::default();
+    let (sigma, target) = if opts.non_private {
+        (0.0, None)
+    } else {
+        match plan.noise {
+            NoiseSpec::NoiseMultiplier(s) => (s, None),
+            NoiseSpec::TargetEpsilon(t) => {
+                let event = |s: f64| crate::accounting::DpEvent::dp_sgd(q, s, steps);
+                let (s, _) = calibrate_noise_multiplier(t, 1e-4, |s| Ok(accountant.epsilon(&event(s), plan.delta)?.epsilon))?;
+                (s, Some(t))
+            }
+        }
+    };
+    let mech = if opts.non_private {
+        Mechanism { clip: None, noise_multiplier: 0.0, expected_batch_size: l }
+    } else {
+        Mechanism { clip: Some(plan.clip_norm), noise_multiplier: sigma, expected_batch_size: l }
+    };
+
+    let mut streams = RandomStreams::new(plan.seed);
+    let spec = LoraSpec { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.target_modules.clone() };
+    let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init)?;
+    let mut params = FlatParams::from_named(&model.trainable())?;
+    let mut opt = AdamW::new(params.len(), plan.learning_rate, plan.weight_decay);
+    let mut sampler = PoissonSampler::new(q, streams.sampling.clone());
+    let mut noise = GaussianNoise::new(streams.noise.clone());
+    let mut ledger = Ledger::default();
+    let mut metrics: Vec<StepMetrics> = Vec::with_capacity(steps as usize);
+
+    let bar = if opts.progress { ProgressBar::new(steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut examples_seen = 0usize;
+    let mut stopped_early = None;
+    for t in 0..steps {
+        if let Some(target) = target {
+            // Stop rule: never take the step that would exceed the target.
+            let mut next = ledger.clone();
+            next.record_step(q, sigma);
+            let eps_next = accountant.epsilon(&next.as_event(), plan.delta)?.epsilon;
+            if eps_next > target {
+                stopped_early = Some(format!("step {} would spend ε = {eps_next:.4} > target {target}", t + 1));
+                break;
+            }
+        }
+        let indices = sampler.sample(n);
+        let (grad, rep) = private_gradient(&model, &train.examples, &indices, plan.max_physical_batch, params.len(), &mech, &mut noise)?;
+        let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps);
+        opt.step(&mut params.values, &grad, lr);
+        model.set_trainable(&params.tensors(model.device())?)?;
+        if !opts.non_private {
+            ledger.record_step(q, sigma);
+        }
+        examples_seen += rep.batch_size;
+        let eps = if opts.non_private { f64::INFINITY } else { accountant.epsilon(&ledger.as_event(), plan.delta)?.epsilon };
+        let m = StepMetrics {
+            step: t + 1,
+            batch_size: rep.batch_size,
+            mean_loss: if rep.batch_size > 0 { rep.loss_sum / rep.batch_size as f64 } else { f64::NAN },
+            clipped_fraction: if rep.batch_size > 0 { rep.clipped as f64 / rep.batch_size as f64 } else { 0.0 },
+            nonfinite: rep.nonfinite,
+            epsilon: eps,
+            learning_rate: lr,
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        bar.set_message(format!(
+            "ε {eps:.3}  loss {:.4}  {:.1} ex/s",
+            m.mean_loss,
+            examples_seen as f64 / started.elapsed().as_secs_f64()
+        ));
+        bar.inc(1);
+        metrics.push(m);
+    }
+    bar.finish();
+    if let Some(why) = &stopped_early {
+        eprintln!("stopped before the privacy budget was exceeded: {why}");
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+    let eval_started = Instant::now();
+    let test_accuracy = accuracy(&model, &test.examples, 64)?;
+    if std::env::var_os("DPTRAIN_TIMING").is_some() {
+        eprintln!("timing: train {train_seconds:.1}s, eval {:.1}s", eval_started.elapsed().as_secs_f64());
+    }
+    let rdp = if opts.non_private { None } else { Some(accountant.epsilon(&ledger.as_event(), plan.delta)?) };
+    if let Some(r) = &rdp {
+        if r.order_at_grid_edge {
+            eprintln!("warning: the RDP optimal order {} is at the edge of the order grid; ε may be loose", r.optimal_order);
+        }
+    }
+    let summary = RunSummary {
+        non_private: opts.non_private,
+        epsilon: rdp.as_ref().map(|r| r.epsilon),
+        rdp_optimal_order: rdp.as_ref().map(|r| r.optimal_order),
+        target_epsilon: target,
+        delta: plan.delta,
+        noise_multiplier: sigma,
+        sample_rate: q,
+        expected_batch_size: l,
+        steps: metrics.len() as u64,
+        planned_steps: steps,
+        clip_norm: mech.clip,
+        seeded: streams.seeded,
+        dataset_size: n,
+        dataset_hash: train.content_hash.clone(),
+        test_dataset_hash: test.content_hash.clone(),
+        test_size: test.len(),
+        labels: train.labels.clone(),
+        test_accuracy,
+        train_seconds,
+        examples_per_second: examples_seen as f64 / train_seconds,
+        stopped_early,
+        ledger,
+    };
+    report::write_outputs(plan, &model, &summary, &metrics)?;
+    Ok(RunOutcome { summary })
+}

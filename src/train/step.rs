@@ -1,0 +1,96 @@
+//! One logical DP-SGD step (SPEC §2), stage by stage:
+//! micro-batches → per-example gradients → clip → sum → noise once → ÷ expected batch size.
+
+use crate::data::{make_micro_batches, Batch, Example};
+use crate::lora::Tape;
+use crate::model::bert::cross_entropy_per_example;
+use crate::model::BertClassifier;
+use crate::privacy::{clip_and_sum, per_example_grads, GaussianNoise};
+use candle_core::{DType, Result, Tensor};
+
+/// The privacy mechanism of a step. `clip = None` with `noise_multiplier = 0` is the
+/// non-private baseline (same sampling, same normalisation, no privacy).
+#[derive(Debug, Clone, Copy)]
+pub struct Mechanism {
+    pub clip: Option<f64>,
+    pub noise_multiplier: f64,
+    /// L: the public constant the noisy sum is divided by.
+    pub expected_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub batch_size: usize,
+    pub tokens: usize,
+    pub loss_sum: f64,
+    pub clipped: usize,
+    pub nonfinite: usize,
+    pub noised_coordinates: usize,
+    pub micro_batches: usize,
+}
+
+/// Sum over one micro-batch of the clipped per-example gradients: [P], with its stats.
+pub fn clipped_sum_micro_batch(
+    model: &BertClassifier,
+    examples: &[&Example],
+    clip: Option<f64>,
+) -> Result<(Tensor, StepReport)> {
+    let batch = Batch::from_examples(examples, model.device())?;
+    let mut tape = Tape::default();
+    let logits = model.logits(&batch.input_ids, &batch.attention_mask, Some(&mut tape))?;
+    let losses = cross_entropy_per_example(&logits, &batch.labels)?;
+    // The summed loss: dL/dy at example i is example i's own gradient.
+    let grads = losses.sum_all()?.backward()?;
+    let per_example = per_example_grads(model, &tape, &grads)?;
+    let (sum, stats) = clip_and_sum(&per_example, clip)?;
+    let loss_sum = losses.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((
+        sum,
+        StepReport {
+            batch_size: batch.size,
+            tokens: batch.tokens,
+            loss_sum,
+            clipped: stats.clipped,
+            nonfinite: stats.nonfinite,
+            noised_coordinates: 0,
+            micro_batches: 1,
+        },
+    ))
+}
+
+/// The privatised gradient of one logical batch (`indices` into `examples`), as a flat [P]
+/// vector in the order of `BertClassifier::trainable`.
+pub fn private_gradient(
+    model: &BertClassifier,
+    examples: &[Example],
+    indices: &[usize],
+    max_physical_batch: usize,
+    num_params: usize,
+    mech: &Mechanism,
+    noise: &mut GaussianNoise,
+) -> Result<(Vec<f32>, StepReport)> {
+    let mut report = StepReport::default();
+    let mut sum = Tensor::zeros(num_params, DType::F32, model.device())?;
+    for mb in make_micro_batches(examples, indices, max_physical_batch) {
+        let (s, r) = clipped_sum_micro_batch(model, &mb, mech.clip)?;
+        sum = (sum + s)?;
+        report.batch_size += r.batch_size;
+        report.tokens += r.tokens;
+        report.loss_sum += r.loss_sum;
+        report.clipped += r.clipped;
+        report.nonfinite += r.nonfinite;
+        report.micro_batches += 1;
+    }
+    let mut grad: Vec<f32> = sum.to_vec1()?;
+    // Noise once per logical step, also when the batch was empty (PITFALLS 4, 5).
+    if mech.noise_multiplier > 0.0 {
+        let Some(clip) = mech.clip else {
+            candle_core::bail!("noise without clipping has no sensitivity bound: refusing");
+        };
+        report.noised_coordinates = noise.add_noise(&mut grad, mech.noise_multiplier * clip);
+    }
+    // Divide by the expected batch size, never the realised one (PITFALLS 2).
+    let l = mech.expected_batch_size as f32;
+    grad.iter_mut().for_each(|g| *g /= l);
+    Ok((grad, report))
+}
