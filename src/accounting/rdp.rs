@@ -50,6 +50,11 @@ impl RdpAccountant {
             return Err(AccountingError::InvalidParameter(format!("delta must be in (0, 1), got {delta}")));
         }
         let rdp = self.rdp(event)?;
+        if rdp.iter().all(|&r| r == 0.0) {
+            // Nothing data-dependent was released (q = 0 or no steps): ε = 0 exactly. The
+            // conversion formula alone would report a small positive ε.
+            return Ok(RdpEpsilon { epsilon: 0.0, optimal_order: self.orders[0], order_at_grid_edge: false });
+        }
         let mut best = (f64::INFINITY, self.orders[0], 0usize);
         for (i, (&a, &r)) in self.orders.iter().zip(&rdp).enumerate() {
             let eps = r - (delta.ln() + a.ln()) / (a - 1.0) + ((a - 1.0) / a).ln();

@@ -5,7 +5,7 @@
 //! records what per-example gradients need: the input X, U = X Aᵀ, and a zero probe added to the
 //! output whose gradient is G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor, Var};
 
 /// The trainable part of one adapted layer.
 #[derive(Debug, Clone)]
@@ -65,12 +65,60 @@ pub fn linear_nd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.reshape((lead, inner))?.matmul(&w.t()?)?.reshape(out_dims)
 }
 
-impl LoraLinear {
-    pub fn forward(&self, x: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
-        let mut y = linear_nd(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+/// The frozen part x Wᵀ + b as a custom op whose backward returns only dL/dx = G W: candle's own
+/// matmul backward would also compute dL/dW (and dL/db) for the frozen weights, wasted work on
+/// every layer. Its slow twin is the plain matmul (test `frozen_linear_matches_plain_matmul`).
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "dptrain-frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("frozen linear: input must be contiguous f32"),
+        };
+        let x = Tensor::from_slice(x, l.shape(), &Device::Cpu)?;
+        let y = self.plain(&x)?.contiguous()?;
+        let (st, yl) = y.storage_and_layout();
+        let out = match (&*st, yl.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v[a..b].to_vec(),
+            _ => candle_core::bail!("frozen linear: unexpected output storage"),
+        };
+        Ok((CpuStorage::F32(out), y.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(linear_nd(grad_res, &self.weight.t()?)?))
+    }
+}
+
+impl FrozenLinear {
+    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        let y = linear_nd(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
+    }
+}
+
+impl LoraLinear {
+    /// x Wᵀ + b, back-propagating only to x.
+    fn frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let op = FrozenLinear { weight: self.weight.clone(), bias: self.bias.clone() };
+        if x.track_op() && x.device().is_cpu() {
+            x.contiguous()?.apply_op1(op)
+        } else {
+            op.plain(x)
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
+        let y = self.frozen(x)?;
         let Some(ad) = &self.adapter else { return Ok(y) };
         match tape {
             None => {
@@ -125,6 +173,22 @@ mod tests {
                 scale: 2.5,
             }),
         }
+    }
+
+    #[test]
+    fn frozen_linear_matches_plain_matmul() {
+        let l = LoraLinear { adapter: None, ..layer(false) };
+        let x = Var::from_tensor(&rand(&[2, 5, 4], 21)).unwrap();
+        let c = rand(&[2, 5, 3], 22);
+        let fast = l.frozen(x.as_tensor()).unwrap();
+        let slow = linear_nd(x.as_tensor(), &l.weight).unwrap().broadcast_add(l.bias.as_ref().unwrap()).unwrap();
+        let d = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6);
+        let gf = fast.mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = slow.mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gs) = (gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap());
+        let d = (gf - gs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "input gradient differs by {d}");
     }
 
     #[test]

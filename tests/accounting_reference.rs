@@ -1,0 +1,70 @@
+//! Claims about the RDP accountant, checked against reference values computed with Google's
+//! dp_accounting / the legacy TF-Privacy-Opacus RDP code (tests/reference/accounting.json, copied
+//! from the project's shared reference set; `about` in the file says how each column was made).
+
+use dptrain::accounting::{calibrate_noise_multiplier, DpEvent, RdpAccountant};
+use serde_json::Value;
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/accounting.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+#[test]
+fn rdp_matches_opacus_style_reference_to_1e_6_relative() {
+    let acc = RdpAccountant::default();
+    let mut checked = 0;
+    for c in cases() {
+        let Some(want) = c["eps_rdp_opacus_style"].as_f64() else { continue };
+        let (q, s, k, d) = (c["q"].as_f64().unwrap(), c["sigma"].as_f64().unwrap(), c["steps"].as_u64().unwrap(), c["delta"].as_f64().unwrap());
+        let got = acc.epsilon(&DpEvent::dp_sgd(q, s, k), d).unwrap();
+        assert!(
+            (got.epsilon - want).abs() <= 1e-6 * want.abs(),
+            "q={q} σ={s} steps={k} δ={d}: got {} (order {}), want {want} (order {})",
+            got.epsilon,
+            got.optimal_order,
+            c["rdp_opacus_opt_order"]
+        );
+        checked += 1;
+    }
+    assert!(checked > 50, "only {checked} reference cases checked");
+}
+
+#[test]
+fn rdp_epsilon_grows_with_steps_and_sampling_rate_and_falls_with_noise() {
+    let acc = RdpAccountant::default();
+    let eps = |q, s, k| acc.epsilon(&DpEvent::dp_sgd(q, s, k), 1e-5).unwrap().epsilon;
+    assert!(eps(0.01, 1.0, 100) < eps(0.01, 1.0, 1000));
+    assert!(eps(0.01, 1.0, 100) < eps(0.02, 1.0, 100));
+    assert!(eps(0.01, 1.0, 100) > eps(0.01, 1.5, 100));
+    assert_eq!(eps(0.0, 1.0, 100), 0.0);
+}
+
+#[test]
+fn self_composition_equals_repeated_composition() {
+    let acc = RdpAccountant::default();
+    let step = DpEvent::dp_sgd_step(0.02, 0.9);
+    let a = acc.epsilon(&DpEvent::dp_sgd(0.02, 0.9, 7), 1e-6).unwrap().epsilon;
+    let b = acc.epsilon(&DpEvent::Composed { events: vec![step; 7] }, 1e-6).unwrap().epsilon;
+    assert!((a - b).abs() < 1e-12 * a);
+    let mut ledger = dptrain::accounting::event::Ledger::default();
+    for _ in 0..7 {
+        ledger.record_step(0.02, 0.9);
+    }
+    assert_eq!(ledger.entries.len(), 1, "identical steps merge into one ledger entry");
+    let c = acc.epsilon(&ledger.as_event(), 1e-6).unwrap().epsilon;
+    assert!((a - c).abs() < 1e-12 * a);
+}
+
+#[test]
+fn calibrated_sigma_never_overshoots_the_target() {
+    let acc = RdpAccountant::default();
+    for &(target, q, k) in &[(3.0, 0.05, 19u64), (1.0, 0.01, 1000), (8.0, 0.2, 50), (0.5, 0.001, 10_000)] {
+        let (sigma, eps) = calibrate_noise_multiplier(target, 1e-6, |s| Ok(acc.epsilon(&DpEvent::dp_sgd(q, s, k), 1e-5)?.epsilon)).unwrap();
+        assert!(eps <= target, "ε({sigma}) = {eps} > {target}");
+        // and it is tight: a slightly smaller σ exceeds the target.
+        let below = acc.epsilon(&DpEvent::dp_sgd(q, sigma * (1.0 - 1e-4), k), 1e-5).unwrap().epsilon;
+        assert!(below > target, "σ = {sigma} is not the smallest: {below} ≤ {target}");
+    }
+}
