@@ -23,22 +23,20 @@ pub fn tiny_config() -> BertConfig {
     .unwrap()
 }
 
-/// A 2-layer BERT with random weights, LoRA on `targets`, and random (non-zero) LoRA B and head
-/// so that every per-example gradient is non-trivial.
-pub fn tiny_bert(seed: u64, targets: &[&str], num_labels: usize) -> BertClassifier {
+/// Random weights of the tiny BERT, named as in a Hugging Face checkpoint.
+pub fn tiny_weights(rng: &mut ChaCha20Rng) -> HashMap<String, Tensor> {
     let cfg = tiny_config();
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
     let mut w = HashMap::new();
     let mut put = |name: String, shape: &[usize], scale: f32, rng: &mut ChaCha20Rng| {
         w.insert(name, rand_tensor(rng, shape, scale));
     };
-    put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h], 1.0, &mut rng);
-    put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h], 0.5, &mut rng);
-    put("embeddings.token_type_embeddings.weight".into(), &[2, h], 0.5, &mut rng);
+    put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h], 1.0, rng);
+    put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h], 0.5, rng);
+    put("embeddings.token_type_embeddings.weight".into(), &[2, h], 0.5, rng);
     for ln in ["embeddings.LayerNorm"] {
-        put(format!("{ln}.weight"), &[h], 1.0, &mut rng);
-        put(format!("{ln}.bias"), &[h], 0.2, &mut rng);
+        put(format!("{ln}.weight"), &[h], 1.0, rng);
+        put(format!("{ln}.bias"), &[h], 0.2, rng);
     }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
@@ -50,18 +48,69 @@ pub fn tiny_bert(seed: u64, targets: &[&str], num_labels: usize) -> BertClassifi
             ("intermediate.dense", f, h),
             ("output.dense", h, f),
         ] {
-            put(format!("{p}.{m}.weight"), &[o, inp], 0.3, &mut rng);
-            put(format!("{p}.{m}.bias"), &[o], 0.1, &mut rng);
+            put(format!("{p}.{m}.weight"), &[o, inp], 0.3, rng);
+            put(format!("{p}.{m}.bias"), &[o], 0.1, rng);
         }
         for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            put(format!("{p}.{ln}.weight"), &[h], 1.0, &mut rng);
-            put(format!("{p}.{ln}.bias"), &[h], 0.2, &mut rng);
+            put(format!("{p}.{ln}.weight"), &[h], 1.0, rng);
+            put(format!("{p}.{ln}.bias"), &[h], 0.2, rng);
         }
     }
+    w
+}
+
+/// A 2-layer BERT with random weights, LoRA on `targets`, and random (non-zero) LoRA B and head
+/// so that every per-example gradient is non-trivial.
+pub fn tiny_bert(seed: u64, targets: &[&str], num_labels: usize) -> BertClassifier {
+    let cfg = tiny_config();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let w = tiny_weights(&mut rng);
     let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
     let spec = LoraSpec { rank: 3, alpha: 6.0, targets: targets.iter().map(|s| s.to_string()).collect() };
     let mut model = BertClassifier::new(vb, cfg, Some(&spec), num_labels, &mut rng).unwrap();
     let random: Vec<Tensor> = model.trainable().iter().map(|(_, t)| rand_tensor(&mut rng, t.dims(), 0.5)).collect();
     model.set_trainable(&random).unwrap();
     model
+}
+
+/// Words of the tiny tokenizer's vocabulary (ids 4..50).
+pub fn tiny_words() -> Vec<String> {
+    (4..50).map(|i| format!("w{i}")).collect()
+}
+
+/// Write a tiny BERT model folder (config.json, model.safetensors, a WordLevel tokenizer.json).
+pub fn write_tiny_model_dir(dir: &std::path::Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let w = tiny_weights(&mut rng);
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+        "max_position_embeddings": 16, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for (i, t) in tiny_words().iter().enumerate() {
+        vocab.insert(t.clone(), (i + 4).into());
+    }
+    let special = |id: u32, content: &str| serde_json::json!({"id": id, "content": content, "single_word": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"), special(3, "[SEP]")],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]}, "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
 }

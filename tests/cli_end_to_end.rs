@@ -1,0 +1,223 @@
+//! Claims about the `dptrain` binary end to end, on a tiny model folder written by the test:
+//! outputs in the PEFT layout with the certificate in the adapter metadata agreeing with the
+//! report, seeded runs reproducing bit for bit, earlier outputs never overwritten silently, and
+//! clear errors naming the file / key / line at fault.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("dptrain-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        common::write_tiny_model_dir(&dir.join("model"), 4);
+        let words = common::tiny_words();
+        let mut lines = Vec::new();
+        for i in 0..60 {
+            // label a: words from the first half of the vocabulary, b: from the second half.
+            let (label, base) = if i % 2 == 0 { ("a", 0) } else { ("b", 23) };
+            let text: Vec<&str> = (0..(3 + i % 5)).map(|j| words[base + (i * 3 + j * 7) % 23].as_str()).collect();
+            lines.push(serde_json::json!({"text": text.join(" "), "label": label}).to_string());
+        }
+        std::fs::write(dir.join("train.jsonl"), lines[..48].join("\n") + "\n").unwrap();
+        std::fs::write(dir.join("test.jsonl"), lines[48..].join("\n") + "\n").unwrap();
+        Fixture { dir }
+    }
+
+    fn config(&self, extra_privacy: &str, out: &str) -> PathBuf {
+        let d = self.dir.display();
+        let text = format!(
+            "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ndelta = 1e-3\nclip-norm = 1.0\n{extra_privacy}\n\n\
+             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.01\nseed = 7\n\n\
+             [output]\ndir = \"{d}/{out}\"\n"
+        );
+        let path = self.dir.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn dptrain(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dptrain")).args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn read_adapter(path: &Path) -> (Vec<String>, serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    (names, serde_json::from_str(&meta["dptrain_certificate"]).unwrap())
+}
+
+#[test]
+fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
+    let f = Fixture::new("peft");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    let out = f.dir.join("run");
+    let (names, cert) = read_adapter(&out.join("adapter_model.safetensors"));
+    let mut want = vec!["base_model.model.classifier.bias".to_string(), "base_model.model.classifier.weight".to_string()];
+    for l in 0..2 {
+        for m in ["query", "value"] {
+            for ab in ["A", "B"] {
+                want.push(format!("base_model.model.encoder.layer.{l}.attention.self.{m}.lora_{ab}.weight"));
+            }
+        }
+    }
+    want.sort();
+    assert_eq!(names, want);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("privacy_report.json")).unwrap()).unwrap();
+    for key in ["epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm", "accountant"] {
+        assert_eq!(report[key], cert[key], "report and certificate disagree on {key}");
+    }
+    let eps = report["epsilon"].as_f64().unwrap();
+    assert!(eps > 0.0 && eps <= 5.0, "ε {eps} within the target");
+    assert_eq!(report["seeded"], true);
+    assert_eq!(cert["seeded"], "seeded: not for release");
+    assert_eq!(report["steps"], 4);
+    assert!((report["sample_rate"].as_f64().unwrap() - 8.0 / 48.0).abs() < 1e-12);
+    let acc = report["metrics"]["test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    // ε in the report is what the accountant gives for the ledger.
+    let q = report["sample_rate"].as_f64().unwrap();
+    let s = report["noise_multiplier"].as_f64().unwrap();
+    let again = dptrain::accounting::RdpAccountant::default()
+        .epsilon(&dptrain::accounting::DpEvent::dp_sgd(q, s, 4), 1e-3)
+        .unwrap()
+        .epsilon;
+    assert!((again - eps).abs() < 1e-12);
+    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["r"], 2);
+    assert_eq!(cfg_json["modules_to_save"][0], "classifier");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn seeded_run_reproduces_the_adapter_bit_for_bit() {
+    let f = Fixture::new("seeded");
+    let a = f.config("noise-multiplier = 1.0", "a");
+    let b = f.config("noise-multiplier = 1.0", "b");
+    assert!(dptrain(&["--config", a.to_str().unwrap()]).0);
+    assert!(dptrain(&["--config", b.to_str().unwrap()]).0);
+    let bytes = |d: &str| std::fs::read(f.dir.join(d).join("adapter_model.safetensors")).unwrap();
+    // The certificate embeds the config hash, and the configs differ only in output dir: compare tensors.
+    let (ba, bb) = (bytes("a"), bytes("b"));
+    let (ta, tb) = (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
+    for name in ta.names() {
+        assert_eq!(ta.tensor(name).unwrap().data(), tb.tensor(name).unwrap().data(), "{name}");
+    }
+}
+
+#[test]
+fn existing_outputs_are_not_overwritten_without_flag() {
+    let f = Fixture::new("overwrite");
+    let cfg = f.config("noise-multiplier = 1.0", "run");
+    assert!(dptrain(&["--config", cfg.to_str().unwrap()]).0);
+    let adapter = f.dir.join("run/adapter_model.safetensors");
+    let before = std::fs::read(&adapter).unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("already holds a run") && log.contains("--overwrite"), "{log}");
+    assert_eq!(std::fs::read(&adapter).unwrap(), before);
+    assert!(dptrain(&["--config", cfg.to_str().unwrap(), "--overwrite"]).0);
+}
+
+#[test]
+fn non_private_run_is_labelled_as_such() {
+    let f = Fixture::new("nonpriv");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap(), "--non-private"]);
+    assert!(ok, "{log}");
+    assert!(log.contains("WITHOUT privacy"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.dir.join("run/privacy_report.json")).unwrap()).unwrap();
+    assert_eq!(report["private"], false);
+    assert_eq!(report["epsilon"], serde_json::Value::Null);
+    assert_eq!(report["noise_multiplier"], 0.0);
+}
+
+#[test]
+fn unknown_config_key_is_an_error_naming_key_and_file() {
+    let f = Fixture::new("badkey");
+    let cfg = f.config("target-epsilon = 5.0\nclip-nrom = 2.0", "run");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("clip-nrom") && log.contains(cfg.to_str().unwrap()), "{log}");
+}
+
+#[test]
+fn missing_model_file_is_an_error_naming_the_file() {
+    let f = Fixture::new("nomodel");
+    std::fs::remove_file(f.dir.join("model/model.safetensors")).unwrap();
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("model.safetensors") && log.contains("missing"), "{log}");
+    assert!(!f.dir.join("run/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn malformed_jsonl_line_is_an_error_naming_file_and_line() {
+    let f = Fixture::new("badjson");
+    let path = f.dir.join("train.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"text\": \"w4 w5\", \"label\": \"a\"\n");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains(&format!("{}:49", path.display())) && log.contains("malformed JSON"), "{log}");
+}
+
+#[test]
+fn record_without_label_and_unknown_test_label_are_errors() {
+    let f = Fixture::new("labels");
+    let test = f.dir.join("test.jsonl");
+    std::fs::write(&test, "{\"text\": \"w4\", \"label\": \"a\"}\n{\"text\": \"w5\", \"label\": \"zebra\"}\n").unwrap();
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains(&format!("{}:2", test.display())) && log.contains("zebra"), "{log}");
+    std::fs::write(f.dir.join("train.jsonl"), "{\"text\": \"w4\"}\n").unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("train.jsonl:1") && log.contains("missing field `label`"), "{log}");
+}
+
+#[test]
+fn delta_not_below_one_over_n_is_refused() {
+    let f = Fixture::new("delta");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("delta = 1e-3", "delta = 0.05");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("privacy.delta") && log.contains("1/N"), "{log}");
+}
+
+#[test]
+fn epsilon_command_prints_json_matching_the_accountant() {
+    let (ok, out) = dptrain(&["epsilon", "--sample-rate", "0.04", "--noise-multiplier", "1.5", "--steps", "2250", "--delta", "1e-5", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!((v["epsilon"].as_f64().unwrap() - 7.32911117143).abs() < 1e-8);
+    assert_eq!(v["accountant"], "rdp");
+}
