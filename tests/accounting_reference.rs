@@ -6,7 +6,8 @@ use dptrain::accounting::{calibrate_noise_multiplier, DpEvent, RdpAccountant};
 use serde_json::Value;
 
 fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/accounting.json")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/accounting.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     v["cases"].as_array().unwrap().clone()
 }
@@ -17,7 +18,12 @@ fn rdp_matches_opacus_style_reference_to_1e_6_relative() {
     let mut checked = 0;
     for c in cases() {
         let Some(want) = c["eps_rdp_opacus_style"].as_f64() else { continue };
-        let (q, s, k, d) = (c["q"].as_f64().unwrap(), c["sigma"].as_f64().unwrap(), c["steps"].as_u64().unwrap(), c["delta"].as_f64().unwrap());
+        let (q, s, k, d) = (
+            c["q"].as_f64().unwrap(),
+            c["sigma"].as_f64().unwrap(),
+            c["steps"].as_u64().unwrap(),
+            c["delta"].as_f64().unwrap(),
+        );
         let got = acc.epsilon(&DpEvent::dp_sgd(q, s, k), d).unwrap();
         assert!(
             (got.epsilon - want).abs() <= 1e-6 * want.abs(),
@@ -61,7 +67,9 @@ fn self_composition_equals_repeated_composition() {
 fn calibrated_sigma_never_overshoots_the_target() {
     let acc = RdpAccountant::default();
     for &(target, q, k) in &[(3.0, 0.05, 19u64), (1.0, 0.01, 1000), (8.0, 0.2, 50), (0.5, 0.001, 10_000)] {
-        let (sigma, eps) = calibrate_noise_multiplier(target, 1e-6, |s| Ok(acc.epsilon(&DpEvent::dp_sgd(q, s, k), 1e-5)?.epsilon)).unwrap();
+        let (sigma, eps) =
+            calibrate_noise_multiplier(target, 1e-6, |s| Ok(acc.epsilon(&DpEvent::dp_sgd(q, s, k), 1e-5)?.epsilon))
+                .unwrap();
         assert!(eps <= target, "ε({sigma}) = {eps} > {target}");
         // and it is tight: a slightly smaller σ exceeds the target.
         let below = acc.epsilon(&DpEvent::dp_sgd(q, sigma * (1.0 - 1e-4), k), 1e-5).unwrap().epsilon;

@@ -73,7 +73,8 @@ fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
     assert!(ok, "{log}");
     let out = f.dir.join("run");
     let (names, cert) = read_adapter(&out.join("adapter_model.safetensors"));
-    let mut want = vec!["base_model.model.classifier.bias".to_string(), "base_model.model.classifier.weight".to_string()];
+    let mut want =
+        vec!["base_model.model.classifier.bias".to_string(), "base_model.model.classifier.weight".to_string()];
     for l in 0..2 {
         for m in ["query", "value"] {
             for ab in ["A", "B"] {
@@ -83,7 +84,8 @@ fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
     }
     want.sort();
     assert_eq!(names, want);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("privacy_report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("privacy_report.json")).unwrap()).unwrap();
     for key in ["epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm", "accountant"] {
         assert_eq!(report[key], cert[key], "report and certificate disagree on {key}");
     }
@@ -103,7 +105,8 @@ fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
         .unwrap()
         .epsilon;
     assert!((again - eps).abs() < 1e-12);
-    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 2);
     assert_eq!(cfg_json["modules_to_save"][0], "classifier");
@@ -120,7 +123,8 @@ fn seeded_run_reproduces_the_adapter_bit_for_bit() {
     let bytes = |d: &str| std::fs::read(f.dir.join(d).join("adapter_model.safetensors")).unwrap();
     // The certificate embeds the config hash, and the configs differ only in output dir: compare tensors.
     let (ba, bb) = (bytes("a"), bytes("b"));
-    let (ta, tb) = (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
+    let (ta, tb) =
+        (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
     for name in ta.names() {
         assert_eq!(ta.tensor(name).unwrap().data(), tb.tensor(name).unwrap().data(), "{name}");
     }
@@ -215,7 +219,18 @@ fn delta_not_below_one_over_n_is_refused() {
 
 #[test]
 fn epsilon_command_prints_json_matching_the_accountant() {
-    let (ok, out) = dptrain(&["epsilon", "--sample-rate", "0.04", "--noise-multiplier", "1.5", "--steps", "2250", "--delta", "1e-5", "--json"]);
+    let (ok, out) = dptrain(&[
+        "epsilon",
+        "--sample-rate",
+        "0.04",
+        "--noise-multiplier",
+        "1.5",
+        "--steps",
+        "2250",
+        "--delta",
+        "1e-5",
+        "--json",
+    ]);
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!((v["epsilon"].as_f64().unwrap() - 7.32911117143).abs() < 1e-8);

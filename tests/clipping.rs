@@ -57,7 +57,8 @@ fn every_clipped_gradient_has_norm_at_most_c_and_small_ones_are_unchanged() {
 fn non_finite_per_example_gradient_is_zeroed_and_counted() {
     let mut rng = ChaCha20Rng::seed_from_u64(13);
     let mut rows = random_rows(&mut rng, 4, 50);
-    let clean_sum: Vec<f32> = clip_and_sum(&tensor(&[rows[0].clone(), rows[2].clone()]), Some(1.0)).unwrap().0.to_vec1().unwrap();
+    let clean_sum: Vec<f32> =
+        clip_and_sum(&tensor(&[rows[0].clone(), rows[2].clone()]), Some(1.0)).unwrap().0.to_vec1().unwrap();
     rows[1][7] = f32::NAN;
     rows[3][0] = f32::INFINITY;
     let (sum, stats) = clip_and_sum(&tensor(&rows), Some(1.0)).unwrap();
@@ -71,7 +72,8 @@ fn non_finite_per_example_gradient_is_zeroed_and_counted() {
 
 #[test]
 fn empty_micro_batch_sums_to_zero() {
-    let (sum, stats) = clip_and_sum(&Tensor::zeros((0, 9), candle_core::DType::F32, &Device::Cpu).unwrap(), Some(1.0)).unwrap();
+    let (sum, stats) =
+        clip_and_sum(&Tensor::zeros((0, 9), candle_core::DType::F32, &Device::Cpu).unwrap(), Some(1.0)).unwrap();
     assert_eq!(sum.to_vec1::<f32>().unwrap(), vec![0.0; 9]);
     assert_eq!(stats.norms.len(), 0);
 }

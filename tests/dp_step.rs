@@ -11,7 +11,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 fn examples(n: usize) -> Vec<Example> {
-    (0..n).map(|i| Example { ids: (0..(3 + i % 7)).map(|j| ((i * 7 + j * 3) % 49 + 1) as u32).collect(), label: i % 2 }).collect()
+    (0..n)
+        .map(|i| Example { ids: (0..(3 + i % 7)).map(|j| ((i * 7 + j * 3) % 49 + 1) as u32).collect(), label: i % 2 })
+        .collect()
 }
 
 fn num_params(m: &dptrain::model::BertClassifier) -> usize {

@@ -76,10 +76,11 @@ fn real_minilm_padded_batch_matches_single_sentences() {
     let tok = load_tokenizer(&dir, 128).unwrap();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
     let model = BertClassifier::load(&dir, None, 2, &mut rng).unwrap();
-    let exs: Vec<dptrain::data::Example> = ["A man is playing a guitar.", "Hi.", "The stock market fell sharply today, analysts said."]
-        .iter()
-        .map(|s| dptrain::data::Example { ids: tok.encode(*s, true).unwrap().get_ids().to_vec(), label: 0 })
-        .collect();
+    let exs: Vec<dptrain::data::Example> =
+        ["A man is playing a guitar.", "Hi.", "The stock market fell sharply today, analysts said."]
+            .iter()
+            .map(|s| dptrain::data::Example { ids: tok.encode(*s, true).unwrap().get_ids().to_vec(), label: 0 })
+            .collect();
     let refs: Vec<&dptrain::data::Example> = exs.iter().collect();
     let b = dptrain::data::Batch::from_examples(&refs, &Device::Cpu).unwrap();
     let batched: Vec<Vec<f32>> = model.pooled(&b.input_ids, &b.attention_mask, None).unwrap().to_vec2().unwrap();

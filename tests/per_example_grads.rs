@@ -10,7 +10,8 @@ use dptrain::lora::Tape;
 use dptrain::model::bert::cross_entropy_per_example;
 use dptrain::privacy::per_example_grads;
 
-const ALL_MODULES: [&str; 6] = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
+const ALL_MODULES: [&str; 6] =
+    ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
 
 fn examples() -> Vec<Example> {
     // Variable lengths (3..=11), so the batch is padded; ids avoid 0 (the padding id) on purpose
@@ -42,7 +43,15 @@ fn one_at_a_time(model: &mut dptrain::model::BertClassifier, e: &Example) -> Vec
     let grads = loss.backward().unwrap();
     let out = vars
         .iter()
-        .map(|v| grads.get(v.as_tensor()).expect("every trainable tensor gets a gradient").flatten_all().unwrap().to_vec1().unwrap())
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .expect("every trainable tensor gets a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
         .collect();
     model.set_trainable(&originals).unwrap();
     out
@@ -92,7 +101,8 @@ fn padding_does_not_change_an_examples_output() {
     let padded: Vec<Vec<f32>> = model.logits(&batch.input_ids, &batch.attention_mask, None).unwrap().to_vec2().unwrap();
     for (i, e) in exs.iter().enumerate() {
         let single = Batch::from_examples(&[e], &Device::Cpu).unwrap();
-        let alone: Vec<Vec<f32>> = model.logits(&single.input_ids, &single.attention_mask, None).unwrap().to_vec2().unwrap();
+        let alone: Vec<Vec<f32>> =
+            model.logits(&single.input_ids, &single.attention_mask, None).unwrap().to_vec2().unwrap();
         for (a, b) in padded[i].iter().zip(&alone[0]) {
             assert!((a - b).abs() < 1e-5, "example {i}: {a} vs {b}");
         }

@@ -7,7 +7,11 @@ use super::AccountingError;
 
 /// Find the smallest σ (to relative precision `rel_tol`) with `epsilon_of(σ) ≤ target`, where
 /// `epsilon_of` must be non-increasing in σ. Returns (σ, ε(σ)).
-pub fn calibrate_noise_multiplier<F>(target: f64, rel_tol: f64, mut epsilon_of: F) -> Result<(f64, f64), AccountingError>
+pub fn calibrate_noise_multiplier<F>(
+    target: f64,
+    rel_tol: f64,
+    mut epsilon_of: F,
+) -> Result<(f64, f64), AccountingError>
 where
     F: FnMut(f64) -> Result<f64, AccountingError>,
 {

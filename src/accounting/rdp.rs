@@ -86,9 +86,7 @@ pub fn rdp_at_order(event: &DpEvent, alpha: f64) -> Result<f64, AccountingError>
             }
             Ok(rdp_at_order(event, alpha)? * *count as f64)
         }
-        DpEvent::Composed { events } => {
-            events.iter().map(|e| rdp_at_order(e, alpha)).sum::<Result<f64, _>>()
-        }
+        DpEvent::Composed { events } => events.iter().map(|e| rdp_at_order(e, alpha)).sum::<Result<f64, _>>(),
     }
 }
 
@@ -213,8 +211,7 @@ pub fn log_erfc(x: f64) -> f64 {
     } else {
         // Asymptotic expansion: erfc(x) = e^{−x²}/(x√π) · (1 − 1/(2x²) + 3/(4x⁴) − 15/(8x⁶) …)
         let r = 1.0 / (x * x);
-        -x * x - x.ln() - 0.5 * std::f64::consts::PI.ln()
-            + (-0.5 * r + 0.75 * r * r - 1.875 * r * r * r).ln_1p()
+        -x * x - x.ln() - 0.5 * std::f64::consts::PI.ln() + (-0.5 * r + 0.75 * r * r - 1.875 * r * r * r).ln_1p()
     }
 }
 

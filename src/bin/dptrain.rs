@@ -78,22 +78,35 @@ fn check_accountant(name: &str) -> Result<()> {
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
-    let Some(path) = &args.config else { bail!("no config given: use `dptrain --config FILE` (see configs/quickstart.toml)") };
+    let Some(path) = &args.config else {
+        bail!("no config given: use `dptrain --config FILE` (see configs/quickstart.toml)")
+    };
     let mut plan = dptrain::config::load(path)?;
     if let Some(out) = &args.out {
         plan.output_dir = out.clone();
     }
-    let opts = RunOptions { non_private: args.non_private, overwrite: args.overwrite, progress: std::io::stderr().is_terminal() };
+    let opts = RunOptions {
+        non_private: args.non_private,
+        overwrite: args.overwrite,
+        progress: std::io::stderr().is_terminal(),
+    };
     let outcome = run(&plan, &opts).with_context(|| format!("run of {}", path.display()))?;
     let s = &outcome.summary;
     match s.epsilon {
         Some(e) => println!(
             "trained {} steps: ε = {e:.4} (δ = {:e}, {} accountant), σ = {:.4}, test accuracy {:.4}; outputs in {}",
-            s.steps, s.delta, plan.accountant.name(), s.noise_multiplier, s.test_accuracy, plan.output_dir.display()
+            s.steps,
+            s.delta,
+            plan.accountant.name(),
+            s.noise_multiplier,
+            s.test_accuracy,
+            plan.output_dir.display()
         ),
         None => println!(
             "trained {} steps WITHOUT privacy (non-private reference), test accuracy {:.4}; outputs in {}",
-            s.steps, s.test_accuracy, plan.output_dir.display()
+            s.steps,
+            s.test_accuracy,
+            plan.output_dir.display()
         ),
     }
     if s.seeded {
@@ -109,7 +122,8 @@ fn real_main() -> Result<()> {
         Some(Command::Train(args)) => train(args),
         Some(Command::Epsilon { sample_rate, noise_multiplier, steps, delta, accountant, json }) => {
             check_accountant(accountant)?;
-            let r = RdpAccountant::default().epsilon(&DpEvent::dp_sgd(*sample_rate, *noise_multiplier, *steps), *delta)?;
+            let r =
+                RdpAccountant::default().epsilon(&DpEvent::dp_sgd(*sample_rate, *noise_multiplier, *steps), *delta)?;
             if r.order_at_grid_edge {
                 eprintln!("warning: the optimal RDP order {} is at the edge of the grid", r.optimal_order);
             }

@@ -65,9 +65,13 @@ impl Plan {
         let p = &raw.privacy;
         let noise = match (p.target_epsilon, p.noise_multiplier) {
             (Some(e), None) if e > 0.0 && e.is_finite() => NoiseSpec::TargetEpsilon(e),
-            (Some(e), None) => return Err(bad("privacy.target-epsilon", format!("must be a positive number, got {e}"))),
+            (Some(e), None) => {
+                return Err(bad("privacy.target-epsilon", format!("must be a positive number, got {e}")))
+            }
             (None, Some(s)) if s > 0.0 && s.is_finite() => NoiseSpec::NoiseMultiplier(s),
-            (None, Some(s)) => return Err(bad("privacy.noise-multiplier", format!("must be a positive number, got {s}"))),
+            (None, Some(s)) => {
+                return Err(bad("privacy.noise-multiplier", format!("must be a positive number, got {s}")))
+            }
             (Some(_), Some(_)) => {
                 return Err(bad("privacy", "give either target-epsilon or noise-multiplier, not both".into()))
             }

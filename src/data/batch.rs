@@ -40,7 +40,11 @@ impl Batch {
 /// Split the logical batch `indices` into micro-batches of at most `max_physical` examples,
 /// grouping similar lengths together to reduce padding. An empty logical batch gives no
 /// micro-batches (the step then adds noise only).
-pub fn make_micro_batches<'a>(examples: &'a [Example], indices: &[usize], max_physical: usize) -> Vec<Vec<&'a Example>> {
+pub fn make_micro_batches<'a>(
+    examples: &'a [Example],
+    indices: &[usize],
+    max_physical: usize,
+) -> Vec<Vec<&'a Example>> {
     let mut sorted: Vec<usize> = indices.to_vec();
     sorted.sort_by_key(|&i| (examples[i].ids.len(), i));
     sorted.chunks(max_physical.max(1)).map(|c| c.iter().map(|&i| &examples[i]).collect()).collect()

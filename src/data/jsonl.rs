@@ -104,11 +104,9 @@ pub fn load_classification(
         label_idx.push(idx);
     }
     let texts: Vec<&str> = records.iter().map(|(_, r)| r.text.as_str()).collect();
-    let encodings = tokenizer.encode_batch(texts, true).map_err(|e| DataError::Tokenizer(format!("{}: {e}", path.display())))?;
-    let examples = encodings
-        .iter()
-        .zip(label_idx)
-        .map(|(enc, label)| Example { ids: enc.get_ids().to_vec(), label })
-        .collect();
+    let encodings =
+        tokenizer.encode_batch(texts, true).map_err(|e| DataError::Tokenizer(format!("{}: {e}", path.display())))?;
+    let examples =
+        encodings.iter().zip(label_idx).map(|(enc, label)| Example { ids: enc.get_ids().to_vec(), label }).collect();
     Ok(ClassificationSet { examples, labels, content_hash: hex_sha256(&bytes) })
 }

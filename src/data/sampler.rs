@@ -33,7 +33,6 @@ impl PoissonSampler {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

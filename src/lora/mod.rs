@@ -169,7 +169,11 @@ mod tests {
             bias: Some(rand(&[3], 2)),
             adapter: Some(LoraAdapter {
                 a: rand(&[2, 4], 3),
-                b: if b_zero { Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap() } else { rand(&[3, 2], 4) },
+                b: if b_zero {
+                    Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap()
+                } else {
+                    rand(&[3, 2], 4)
+                },
                 scale: 2.5,
             }),
         }

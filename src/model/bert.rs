@@ -48,7 +48,7 @@ impl BertConfig {
                 return Err(bad(format!("unsupported position_embedding_type `{p}` (supported: absolute)")));
             }
         }
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(bad("hidden_size is not a multiple of num_attention_heads".into()));
         }
         Ok(cfg)
@@ -107,7 +107,7 @@ impl BertClassifier {
         let ln = |vb: VarBuilder| -> Result<(Tensor, Tensor)> { Ok((vb.get(h, "weight")?, vb.get(h, "bias")?)) };
         let mut lin = |vb: &VarBuilder, path: &str, module: &str, out: usize, inp: usize| -> Result<LoraLinear> {
             let v = vb.pp(path);
-            let name = format!("{}", v.prefix());
+            let name = v.prefix().to_string();
             let adapter = match lora {
                 Some(spec) if spec.targets.iter().any(|t| t == module) => {
                     let bound = 1.0 / (inp as f64).sqrt();
@@ -165,8 +165,11 @@ impl BertClassifier {
         // SAFETY: the file is memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, &Device::Cpu)? };
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
-        Self::new(vb, config, lora, num_labels, init_rng)
-            .map_err(|e| ModelError::Tensor { file: st, name: "(see message)".into(), message: e.to_string() })
+        Self::new(vb, config, lora, num_labels, init_rng).map_err(|e| ModelError::Tensor {
+            file: st,
+            name: "(see message)".into(),
+            message: e.to_string(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -179,18 +182,13 @@ impl BertClassifier {
     }
 
     fn all_linears(&self) -> Vec<&LoraLinear> {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output])
-            .collect()
+        self.layers.iter().flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output]).collect()
     }
 
     fn all_linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         self.layers
             .iter_mut()
-            .flat_map(|l| {
-                [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output]
-            })
+            .flat_map(|l| [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output])
             .collect()
     }
 
@@ -317,4 +315,51 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> std::result::Result<tokeniz
     tok.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
         .map_err(|e| err(e.to_string()))?;
     Ok(tok)
+}
+
+/// A tensor of uniform values in [-scale, scale) from `rng`.
+pub fn uniform_tensor(rng: &mut ChaCha20Rng, shape: &[usize], scale: f32, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
+    Tensor::from_vec(v, shape, device)
+}
+
+/// Random weights for a BERT of shape `cfg`, named as in a Hugging Face checkpoint (for tests and
+/// benchmarks that need a model of a given size without its download).
+pub fn random_weights(
+    cfg: &BertConfig,
+    rng: &mut ChaCha20Rng,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut w = std::collections::HashMap::new();
+    let mut put = |name: String, shape: &[usize], scale: f32, rng: &mut ChaCha20Rng| -> Result<()> {
+        w.insert(name, uniform_tensor(rng, shape, scale, device)?);
+        Ok(())
+    };
+    put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h], 1.0, rng)?;
+    put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h], 0.5, rng)?;
+    put("embeddings.token_type_embeddings.weight".into(), &[cfg.type_vocab_size, h], 0.5, rng)?;
+    put("embeddings.LayerNorm.weight".into(), &[h], 1.0, rng)?;
+    put("embeddings.LayerNorm.bias".into(), &[h], 0.2, rng)?;
+    let lin_scale = 1.7 / (h as f32).sqrt();
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        for (m, o, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", f, h),
+            ("output.dense", h, f),
+        ] {
+            put(format!("{p}.{m}.weight"), &[o, inp], lin_scale, rng)?;
+            put(format!("{p}.{m}.bias"), &[o], 0.1, rng)?;
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            put(format!("{p}.{ln}.weight"), &[h], 1.0, rng)?;
+            put(format!("{p}.{ln}.bias"), &[h], 0.2, rng)?;
+        }
+    }
+    Ok(w)
 }

@@ -88,7 +88,8 @@ mod tests {
         assert_ne!(a, b);
         // Consecutive vectors are uncorrelated: |corr| < 6/√n.
         let corr: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>()
-            / (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() * b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()).sqrt();
+            / (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() * b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>())
+                .sqrt();
         assert!(corr.abs() < 6.0 / (1000f64).sqrt());
     }
 
@@ -97,6 +98,9 @@ mod tests {
         let (mut a, mut b) = (vec![0.5f32; 64], vec![0.5f32; 64]);
         noise(42).add_noise(&mut a, 2.0);
         noise(42).add_noise(&mut b, 2.0);
-        assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

@@ -68,7 +68,8 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
 }
 
-const OUTPUT_FILES: [&str; 4] = ["adapter_model.safetensors", "adapter_config.json", "privacy_report.json", "metrics.jsonl"];
+const OUTPUT_FILES: [&str; 4] =
+    ["adapter_model.safetensors", "adapter_config.json", "privacy_report.json", "metrics.jsonl"];
 
 /// Refuse an output folder that already holds a run, unless overwriting.
 pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<(), ReportError> {
@@ -84,7 +85,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     let io = |source| ReportError::Io { path: path.into(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
@@ -98,7 +100,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
 
 fn json_number(x: f64) -> serde_json::Value {
     // JSON has no infinity: an unbounded ε is written as the string "inf".
-    serde_json::Number::from_f64(x).map(serde_json::Value::Number).unwrap_or_else(|| serde_json::Value::String(format!("{x}")))
+    serde_json::Number::from_f64(x)
+        .map(serde_json::Value::Number)
+        .unwrap_or_else(|| serde_json::Value::String(format!("{x}")))
 }
 
 /// The certificate: the facts an auditor needs, stored in the adapter file itself.
@@ -170,14 +174,20 @@ pub fn adapter_bytes(model: &BertClassifier, metadata: HashMap<String, String>) 
     safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
 }
 
-pub fn write_outputs(plan: &Plan, model: &BertClassifier, s: &RunSummary, metrics: &[StepMetrics]) -> Result<(), ReportError> {
+pub fn write_outputs(
+    plan: &Plan,
+    model: &BertClassifier,
+    s: &RunSummary,
+    metrics: &[StepMetrics],
+) -> Result<(), ReportError> {
     let dir = &plan.output_dir;
     let cert = certificate(plan, s);
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("dptrain_certificate".to_string(), cert.to_string());
     let adapter_path = dir.join("adapter_model.safetensors");
-    let bytes = adapter_bytes(model, meta).map_err(|message| ReportError::Format { path: adapter_path.clone(), message })?;
+    let bytes =
+        adapter_bytes(model, meta).map_err(|message| ReportError::Format { path: adapter_path.clone(), message })?;
     let adapter_hash = hex_sha256(&bytes);
     let mut lines = String::new();
     for m in metrics {
@@ -219,7 +229,10 @@ pub fn write_outputs(plan: &Plan, model: &BertClassifier, s: &RunSummary, metric
         "config": plan.config_text,
     });
     write_atomic(&adapter_path, &bytes)?;
-    write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config(plan)).expect("json").as_bytes())?;
+    write_atomic(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&adapter_config(plan)).expect("json").as_bytes(),
+    )?;
     write_atomic(&dir.join("metrics.jsonl"), lines.as_bytes())?;
     write_atomic(&dir.join("privacy_report.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;
     Ok(())

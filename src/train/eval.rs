@@ -13,7 +13,8 @@ pub fn accuracy(model: &BertClassifier, examples: &[Example], batch_size: usize)
     let mut correct = 0usize;
     for mb in make_micro_batches(examples, &all, batch_size) {
         let batch = Batch::from_examples(&mb, model.device())?;
-        let pred: Vec<u32> = model.logits(&batch.input_ids, &batch.attention_mask, None)?.argmax(D::Minus1)?.to_vec1()?;
+        let pred: Vec<u32> =
+            model.logits(&batch.input_ids, &batch.attention_mask, None)?.argmax(D::Minus1)?.to_vec1()?;
         let labels: Vec<u32> = batch.labels.to_vec1()?;
         correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
     }

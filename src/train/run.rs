@@ -67,7 +67,11 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         )));
     }
     if plan.delta > 0.1 / n as f64 {
-        eprintln!("warning: privacy.delta {} is above 0.1/N = {:.3e}; a δ well below 1/N is advised", plan.delta, 0.1 / n as f64);
+        eprintln!(
+            "warning: privacy.delta {} is above 0.1/N = {:.3e}; a δ well below 1/N is advised",
+            plan.delta,
+            0.1 / n as f64
+        );
     }
     let q = l as f64 / n as f64;
     let steps = plan.planned_steps(n);
@@ -79,7 +83,8 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             NoiseSpec::NoiseMultiplier(s) => (s, None),
             NoiseSpec::TargetEpsilon(t) => {
                 let event = |s: f64| crate::accounting::DpEvent::dp_sgd(q, s, steps);
-                let (s, _) = calibrate_noise_multiplier(t, 1e-4, |s| Ok(accountant.epsilon(&event(s), plan.delta)?.epsilon))?;
+                let (s, _) =
+                    calibrate_noise_multiplier(t, 1e-4, |s| Ok(accountant.epsilon(&event(s), plan.delta)?.epsilon))?;
                 (s, Some(t))
             }
         }
@@ -121,7 +126,15 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             }
         }
         let indices = sampler.sample(n);
-        let (grad, rep) = private_gradient(&model, &train.examples, &indices, plan.max_physical_batch, params.len(), &mech, &mut noise)?;
+        let (grad, rep) = private_gradient(
+            &model,
+            &train.examples,
+            &indices,
+            plan.max_physical_batch,
+            params.len(),
+            &mech,
+            &mut noise,
+        )?;
         let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps);
         opt.step(&mut params.values, &grad, lr);
         model.set_trainable(&params.tensors(model.device())?)?;
@@ -129,7 +142,8 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             ledger.record_step(q, sigma);
         }
         examples_seen += rep.batch_size;
-        let eps = if opts.non_private { f64::INFINITY } else { accountant.epsilon(&ledger.as_event(), plan.delta)?.epsilon };
+        let eps =
+            if opts.non_private { f64::INFINITY } else { accountant.epsilon(&ledger.as_event(), plan.delta)?.epsilon };
         let m = StepMetrics {
             step: t + 1,
             batch_size: rep.batch_size,
@@ -161,7 +175,10 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let rdp = if opts.non_private { None } else { Some(accountant.epsilon(&ledger.as_event(), plan.delta)?) };
     if let Some(r) = &rdp {
         if r.order_at_grid_edge {
-            eprintln!("warning: the RDP optimal order {} is at the edge of the order grid; ε may be loose", r.optimal_order);
+            eprintln!(
+                "warning: the RDP optimal order {} is at the edge of the order grid; ε may be loose",
+                r.optimal_order
+            );
         }
     }
     let summary = RunSummary {

@@ -4,14 +4,12 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use dptrain::model::bert::{BertClassifier, BertConfig, LoraSpec};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use std::collections::HashMap;
 
 pub fn rand_tensor(rng: &mut ChaCha20Rng, shape: &[usize], scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    dptrain::model::bert::uniform_tensor(rng, shape, scale, &Device::Cpu).unwrap()
 }
 
 pub fn tiny_config() -> BertConfig {
@@ -25,38 +23,7 @@ pub fn tiny_config() -> BertConfig {
 
 /// Random weights of the tiny BERT, named as in a Hugging Face checkpoint.
 pub fn tiny_weights(rng: &mut ChaCha20Rng) -> HashMap<String, Tensor> {
-    let cfg = tiny_config();
-    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-    let mut w = HashMap::new();
-    let mut put = |name: String, shape: &[usize], scale: f32, rng: &mut ChaCha20Rng| {
-        w.insert(name, rand_tensor(rng, shape, scale));
-    };
-    put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h], 1.0, rng);
-    put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h], 0.5, rng);
-    put("embeddings.token_type_embeddings.weight".into(), &[2, h], 0.5, rng);
-    for ln in ["embeddings.LayerNorm"] {
-        put(format!("{ln}.weight"), &[h], 1.0, rng);
-        put(format!("{ln}.bias"), &[h], 0.2, rng);
-    }
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("encoder.layer.{i}");
-        for (m, o, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
-            put(format!("{p}.{m}.weight"), &[o, inp], 0.3, rng);
-            put(format!("{p}.{m}.bias"), &[o], 0.1, rng);
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            put(format!("{p}.{ln}.weight"), &[h], 1.0, rng);
-            put(format!("{p}.{ln}.bias"), &[h], 0.2, rng);
-        }
-    }
-    w
+    dptrain::model::bert::random_weights(&tiny_config(), rng, &Device::Cpu).unwrap()
 }
 
 /// A 2-layer BERT with random weights, LoRA on `targets`, and random (non-zero) LoRA B and head
@@ -97,8 +64,10 @@ pub fn write_tiny_model_dir(dir: &std::path::Path, seed: u64) {
     for (i, t) in tiny_words().iter().enumerate() {
         vocab.insert(t.clone(), (i + 4).into());
     }
-    let special = |id: u32, content: &str| serde_json::json!({"id": id, "content": content, "single_word": false,
-        "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"), special(3, "[SEP]")],
