@@ -25,7 +25,7 @@ fn model() -> BertClassifier {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let w = random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(w, candle_core::DType::F32, &Device::Cpu);
-    let spec = LoraSpec { rank: 8, alpha: 16.0, targets: vec!["query".into(), "value".into()] };
+    let spec = LoraSpec { rank: 8, alpha: 16.0, targets: vec!["query".into(), "value".into()], layers: None };
     BertClassifier::new(vb, cfg, Some(&spec), 2, &mut rng).unwrap()
 }
 
@@ -42,7 +42,8 @@ fn bench_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("micro_batch_16x64");
     g.sample_size(10);
     g.bench_function("dp_lora_per_example_clip_sum", |b| {
-        b.iter(|| clipped_sum_micro_batch(&m, &refs, Some(1.0)).unwrap());
+        let batch = Batch::from_examples(&refs, &Device::Cpu).unwrap();
+        b.iter(|| clipped_sum_micro_batch(&m, &batch, Some(1.0)).unwrap());
     });
     let originals: Vec<Tensor> = m.trainable().into_iter().map(|(_, t)| t).collect();
     let vars: Vec<Var> = originals.iter().map(|t| Var::from_tensor(t).unwrap()).collect();

@@ -26,7 +26,7 @@ fn empty_poisson_batch_still_adds_noise() {
     let p = num_params(&model);
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 2.0, expected_batch_size: 8 };
     let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
-    let (g, rep) = private_gradient(&model, &examples(10), &[], 4, p, &mech, &mut noise).unwrap();
+    let (g, rep) = private_gradient(&model, &examples(10), None, &[], 4, p, &mech, &mut noise).unwrap();
     assert_eq!(rep.batch_size, 0);
     assert_eq!(rep.noised_coordinates, p);
     // Pure noise: N(0, (σC/L)²) per coordinate; its sample std is within 20% for p in the hundreds (6 sd).
@@ -44,7 +44,7 @@ fn gradient_is_divided_by_expected_not_realised_batch_size() {
     let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
     let run = |l: usize, noise: &mut GaussianNoise| {
         let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.0, expected_batch_size: l };
-        private_gradient(&model, &exs, &idx, 8, p, &mech, noise).unwrap().0
+        private_gradient(&model, &exs, None, &idx, 8, p, &mech, noise).unwrap().0
     };
     let g10 = run(10, &mut noise);
     let g40 = run(40, &mut noise);
@@ -64,8 +64,8 @@ fn micro_batches_give_the_one_shot_result() {
     let idx: Vec<usize> = (0..11).collect();
     let mech = Mechanism { clip: Some(0.3), noise_multiplier: 0.0, expected_batch_size: 11 };
     let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
-    let one = private_gradient(&model, &exs, &idx, 64, p, &mech, &mut noise).unwrap().0;
-    let many = private_gradient(&model, &exs, &idx, 3, p, &mech, &mut noise).unwrap().0;
+    let one = private_gradient(&model, &exs, None, &idx, 64, p, &mech, &mut noise).unwrap().0;
+    let many = private_gradient(&model, &exs, None, &idx, 3, p, &mech, &mut noise).unwrap().0;
     let scale = one.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (a, b) in one.iter().zip(&many) {
         assert!((a - b).abs() <= 1e-5 * scale);
@@ -80,8 +80,40 @@ fn seeded_step_reproduces_bit_for_bit() {
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.1, expected_batch_size: 4 };
     let step = || {
         let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(99));
-        private_gradient(&model, &exs, &[1, 2, 6], 2, p, &mech, &mut noise).unwrap().0
+        private_gradient(&model, &exs, None, &[1, 2, 6], 2, p, &mech, &mut noise).unwrap().0
     };
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     assert_eq!(bits(step()), bits(step()));
+}
+
+#[test]
+fn cached_frozen_prefix_gives_the_full_forward_gradient() {
+    // LoRA only in layer 1: layer 0 is frozen, its output is cached once per record.
+    let mut rng = ChaCha20Rng::seed_from_u64(31);
+    let w = common::tiny_weights(&mut rng);
+    let vb = candle_nn::VarBuilder::from_tensors(w, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let spec = dptrain::model::bert::LoraSpec {
+        rank: 3,
+        alpha: 6.0,
+        targets: vec!["query".into(), "value".into(), "output.dense".into()],
+        layers: Some(vec![1]),
+    };
+    let mut model = dptrain::model::BertClassifier::new(vb, common::tiny_config(), Some(&spec), 2, &mut rng).unwrap();
+    let random: Vec<candle_core::Tensor> =
+        model.trainable().iter().map(|(_, t)| common::rand_tensor(&mut rng, t.dims(), 0.5)).collect();
+    model.set_trainable(&random).unwrap();
+    assert_eq!(model.first_adapted_layer(), 1);
+    let exs = examples(10);
+    let cache = dptrain::train::eval::feature_cache(&model, &exs, 4).unwrap().expect("layer 0 is cacheable");
+    let p = num_params(&model);
+    let idx: Vec<usize> = (0..10).collect();
+    let mech = Mechanism { clip: Some(0.7), noise_multiplier: 0.0, expected_batch_size: 10 };
+    let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
+    let full = private_gradient(&model, &exs, None, &idx, 3, p, &mech, &mut noise).unwrap().0;
+    let cached = private_gradient(&model, &exs, Some(&cache), &idx, 3, p, &mech, &mut noise).unwrap().0;
+    let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    for (a, b) in full.iter().zip(&cached) {
+        assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
 }

@@ -85,11 +85,8 @@ fn train(args: &TrainArgs) -> Result<()> {
     if let Some(out) = &args.out {
         plan.output_dir = out.clone();
     }
-    let opts = RunOptions {
-        non_private: args.non_private,
-        overwrite: args.overwrite,
-        progress: std::io::stderr().is_terminal(),
-    };
+    let progress = std::io::stderr().is_terminal();
+    let opts = RunOptions { non_private: args.non_private, overwrite: args.overwrite, progress, log_lines: !progress };
     let outcome = run(&plan, &opts).with_context(|| format!("run of {}", path.display()))?;
     let s = &outcome.summary;
     match s.epsilon {

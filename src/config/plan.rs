@@ -13,6 +13,14 @@ pub enum NoiseSpec {
     NoiseMultiplier(f64),
 }
 
+/// Learning-rate schedule after the linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LrSchedule {
+    Constant,
+    /// Linear decay to 0 at the last planned step.
+    Linear,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountantKind {
     Rdp,
@@ -43,6 +51,7 @@ pub struct Plan {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub target_modules: Vec<String>,
+    pub lora_layers: Option<Vec<usize>>,
     pub noise: NoiseSpec,
     pub delta: f64,
     pub clip_norm: f64,
@@ -55,6 +64,7 @@ pub struct Plan {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
+    pub lr_schedule: LrSchedule,
     pub seed: Option<u64>,
     pub output_dir: PathBuf,
 }
@@ -118,6 +128,16 @@ impl Plan {
                 return Err(bad("training.device", format!("unsupported device `{other}` (this build supports: cpu)")))
             }
         }
+        let lr_schedule = match t.lr_schedule.as_deref().unwrap_or("constant") {
+            "constant" => LrSchedule::Constant,
+            "linear" => LrSchedule::Linear,
+            other => {
+                return Err(bad(
+                    "training.lr-schedule",
+                    format!("unknown schedule `{other}` (supported: constant, linear)"),
+                ))
+            }
+        };
         let l = &raw.lora;
         let lora_rank = l.rank.unwrap_or(8);
         if lora_rank == 0 {
@@ -139,6 +159,16 @@ impl Plan {
                 ));
             }
         }
+        let lora_layers = match &l.layers {
+            Some(v) if v.is_empty() => return Err(bad("lora.layers", "must name at least one layer".into())),
+            Some(v) => {
+                let mut v = v.clone();
+                v.sort_unstable();
+                v.dedup();
+                Some(v)
+            }
+            None => None,
+        };
         let max_seq_len = raw.model.max_seq_len.unwrap_or(128);
         if max_seq_len < 2 {
             return Err(bad("model.max-seq-len", "must be at least 2 ([CLS] and [SEP])".into()));
@@ -154,6 +184,7 @@ impl Plan {
             lora_rank,
             lora_alpha,
             target_modules,
+            lora_layers,
             noise,
             delta: p.delta,
             clip_norm: p.clip_norm,
@@ -166,6 +197,7 @@ impl Plan {
             learning_rate,
             weight_decay,
             warmup_steps: t.warmup_steps.unwrap_or(0),
+            lr_schedule,
             seed: t.seed,
             output_dir: raw.output.dir,
         })

@@ -44,6 +44,10 @@ pub struct RawLora {
     /// Linear layers that get adapters, by module name: any of "query", "key", "value",
     /// "attention.output.dense", "intermediate.dense", "output.dense". Default ["query", "value"].
     pub target_modules: Option<Vec<String>>,
+    /// Encoder layers (0-based) that get adapters, as PEFT's `layers_to_transform`. Default: all.
+    /// Layers below the lowest adapted one are frozen as a whole, so dptrain computes their output
+    /// once per record and trains only the layers above (much faster on CPU).
+    pub layers: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +87,9 @@ pub struct RawTraining {
     pub weight_decay: Option<f64>,
     /// Linear warm-up of the learning rate over this many steps. Default 0.
     pub warmup_steps: Option<u64>,
+    /// Learning-rate schedule after warm-up: "constant" or "linear" (linear decay to 0 at the
+    /// last planned step). Default "constant".
+    pub lr_schedule: Option<String>,
     /// Fixed seed for every random stream (sampling, noise, init). For experiments only: the
     /// certificate then says "seeded: not for release". Default: fresh OS entropy.
     pub seed: Option<u64>,

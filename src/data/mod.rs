@@ -7,7 +7,7 @@ mod batch;
 mod jsonl;
 mod sampler;
 
-pub use batch::{make_micro_batches, Batch};
+pub use batch::{make_micro_batches, Batch, FeatureCache};
 pub use jsonl::{load_classification, ClassificationSet, Example};
 pub use sampler::PoissonSampler;
 

@@ -62,6 +62,8 @@ pub struct LoraSpec {
     pub alpha: f64,
     /// Module names (see `config::BERT_LORA_MODULES`).
     pub targets: Vec<String>,
+    /// Encoder layers that get adapters (PEFT `layers_to_transform`); `None` = all.
+    pub layers: Option<Vec<usize>>,
 }
 
 struct BertLayer {
@@ -105,36 +107,49 @@ impl BertClassifier {
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
         let ln = |vb: VarBuilder| -> Result<(Tensor, Tensor)> { Ok((vb.get(h, "weight")?, vb.get(h, "bias")?)) };
-        let mut lin = |vb: &VarBuilder, path: &str, module: &str, out: usize, inp: usize| -> Result<LoraLinear> {
-            let v = vb.pp(path);
-            let name = v.prefix().to_string();
-            let adapter = match lora {
-                Some(spec) if spec.targets.iter().any(|t| t == module) => {
-                    let bound = 1.0 / (inp as f64).sqrt();
-                    let a: Vec<f32> =
-                        (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
-                    Some(LoraAdapter {
-                        a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
-                        b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
-                        scale: spec.alpha / spec.rank as f64,
-                    })
-                }
-                _ => None,
+        if let Some(layers) = lora.and_then(|s| s.layers.as_ref()) {
+            if let Some(bad) = layers.iter().find(|&&l| l >= config.num_hidden_layers) {
+                candle_core::bail!(
+                    "lora.layers: layer {bad} does not exist (the model has {} layers)",
+                    config.num_hidden_layers
+                );
+            }
+        }
+        let mut lin =
+            |vb: &VarBuilder, layer: usize, path: &str, module: &str, out: usize, inp: usize| -> Result<LoraLinear> {
+                let v = vb.pp(path);
+                let name = v.prefix().to_string();
+                let adapt = |spec: &LoraSpec| {
+                    spec.targets.iter().any(|t| t == module)
+                        && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
+                };
+                let adapter = match lora {
+                    Some(spec) if adapt(spec) => {
+                        let bound = 1.0 / (inp as f64).sqrt();
+                        let a: Vec<f32> =
+                            (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
+                        Some(LoraAdapter {
+                            a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
+                            b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
+                            scale: spec.alpha / spec.rank as f64,
+                        })
+                    }
+                    _ => None,
+                };
+                Ok(LoraLinear { name, weight: v.get((out, inp), "weight")?, bias: Some(v.get(out, "bias")?), adapter })
             };
-            Ok(LoraLinear { name, weight: v.get((out, inp), "weight")?, bias: Some(v.get(out, "bias")?), adapter })
-        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = vb.pp(format!("encoder.layer.{i}"));
             let f = config.intermediate_size;
             layers.push(BertLayer {
-                query: lin(&l, "attention.self.query", "query", h, h)?,
-                key: lin(&l, "attention.self.key", "key", h, h)?,
-                value: lin(&l, "attention.self.value", "value", h, h)?,
-                attn_out: lin(&l, "attention.output.dense", "attention.output.dense", h, h)?,
+                query: lin(&l, i, "attention.self.query", "query", h, h)?,
+                key: lin(&l, i, "attention.self.key", "key", h, h)?,
+                value: lin(&l, i, "attention.self.value", "value", h, h)?,
+                attn_out: lin(&l, i, "attention.output.dense", "attention.output.dense", h, h)?,
                 attn_ln: ln(l.pp("attention.output.LayerNorm"))?,
-                intermediate: lin(&l, "intermediate.dense", "intermediate.dense", f, h)?,
-                output: lin(&l, "output.dense", "output.dense", h, f)?,
+                intermediate: lin(&l, i, "intermediate.dense", "intermediate.dense", f, h)?,
+                output: lin(&l, i, "output.dense", "output.dense", h, f)?,
                 out_ln: ln(l.pp("output.LayerNorm"))?,
             });
         }
@@ -230,25 +245,57 @@ impl BertClassifier {
         Ok(())
     }
 
-    /// Last hidden state [b, T, H].
-    pub fn encode(&self, input_ids: &Tensor, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
+    /// Index of the lowest layer with an adapter (the number of layers when none has one).
+    /// Nothing below it is trainable, so its input is a fixed function of each record.
+    pub fn first_adapted_layer(&self) -> usize {
+        self.layers
+            .iter()
+            .position(|l| {
+                [&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output]
+                    .iter()
+                    .any(|x| x.adapter.is_some())
+            })
+            .unwrap_or(self.layers.len())
+    }
+
+    /// Embeddings (word + position + token type 0, layer-normed): [b, T, H].
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let cfg = &self.config;
         if t > cfg.max_position_embeddings {
             candle_core::bail!("sequence length {t} exceeds max_position_embeddings {}", cfg.max_position_embeddings);
         }
         let h = cfg.hidden_size;
-        let nh = cfg.num_attention_heads;
-        let hd = h / nh;
         let words = self.word_emb.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, h))?;
         let pos = self.pos_emb.narrow(0, 0, t)?;
         let typ = self.type_emb.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&typ)?;
-        let mut x = layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, cfg.layer_norm_eps)?;
+        layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, cfg.layer_norm_eps)
+    }
+
+    /// Last hidden state [b, T, H].
+    pub fn encode(&self, input_ids: &Tensor, mask: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
+        let x = self.embed(input_ids)?;
+        self.run_layers(x, mask, 0..self.layers.len(), tape)
+    }
+
+    /// Hidden states [b, T, H] after running `layers` on `x` (the input of the first of them).
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        mask: &Tensor,
+        layers: std::ops::Range<usize>,
+        mut tape: Option<&mut Tape>,
+    ) -> Result<Tensor> {
+        let (b, t) = mask.dims2()?;
+        let cfg = &self.config;
+        let h = cfg.hidden_size;
+        let nh = cfg.num_attention_heads;
+        let hd = h / nh;
         // Additive key mask [b, 1, 1, T]: 0 for real tokens, -1e30 for padding (exp → exactly 0).
         let bias = ((mask.ones_like()? - mask)? * -1e30)?.reshape((b, 1, 1, t))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for layer in &self.layers {
+        for layer in &self.layers[layers] {
             let heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() };
             let q = heads(layer.query.forward(&x, tape.as_deref_mut())?)?;
             let k = heads(layer.key.forward(&x, tape.as_deref_mut())?)?;
@@ -272,8 +319,28 @@ impl BertClassifier {
     }
 
     /// Class logits [b, C].
-    pub fn logits(&self, input_ids: &Tensor, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
-        let pooled = self.pooled(input_ids, mask, tape.as_deref_mut())?;
+    pub fn logits(&self, input_ids: &Tensor, mask: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
+        let x = self.embed(input_ids)?;
+        self.logits_from(x, 0, mask, tape)
+    }
+
+    /// Class logits of a batch, starting from its cached hidden states when it has them.
+    pub fn batch_logits(&self, batch: &crate::data::Batch, tape: Option<&mut Tape>) -> Result<Tensor> {
+        match &batch.hidden {
+            Some((start, x)) => {
+                if *start > self.first_adapted_layer() {
+                    candle_core::bail!("cached features at layer {start} skip adapted layers below it");
+                }
+                self.logits_from(x.clone(), *start, &batch.attention_mask, tape)
+            }
+            None => self.logits(&batch.input_ids, &batch.attention_mask, tape),
+        }
+    }
+
+    /// Class logits from `x`, the hidden states entering layer `start`.
+    pub fn logits_from(&self, x: Tensor, start: usize, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
+        let hidden = self.run_layers(x, mask, start..self.layers.len(), tape.as_deref_mut())?;
+        let pooled = mean_pool(&hidden, mask)?;
         let logits = linear_nd(&pooled, &self.head_w)?.broadcast_add(&self.head_b)?;
         match tape {
             None => Ok(logits),

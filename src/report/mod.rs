@@ -151,7 +151,7 @@ fn adapter_config(plan: &Plan) -> serde_json::Value {
         "inference_mode": true,
         "init_lora_weights": true,
         "use_rslora": false,
-        "layers_to_transform": null,
+        "layers_to_transform": plan.lora_layers,
         "revision": null,
     })
 }

@@ -1,6 +1,8 @@
 //! AdamW over the flat parameter vector. It only ever sees the privatised gradient, so the update
 //! is post-processing and costs no privacy.
 
+use crate::config::LrSchedule;
+
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub lr: f64,
@@ -36,12 +38,18 @@ impl AdamW {
     }
 }
 
-/// Linear warm-up over `warmup` steps, then constant.
-pub fn learning_rate(base: f64, step: u64, warmup: u64) -> f64 {
-    if warmup == 0 || step >= warmup {
-        base
-    } else {
-        base * (step + 1) as f64 / warmup as f64
+/// Learning rate at 0-based `step` of `total`: linear warm-up over `warmup` steps, then the
+/// schedule (constant, or linear decay reaching 0 after the last step).
+pub fn learning_rate(base: f64, step: u64, warmup: u64, total: u64, schedule: LrSchedule) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    match schedule {
+        LrSchedule::Constant => base,
+        LrSchedule::Linear => {
+            let span = total.saturating_sub(warmup).max(1) as f64;
+            base * (1.0 - (step - warmup) as f64 / span).max(0.0)
+        }
     }
 }
 
@@ -59,6 +67,16 @@ mod tests {
         for (a, b) in p.iter().zip(want) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn schedules_warm_up_then_hold_or_decay_linearly() {
+        assert_eq!(learning_rate(1.0, 0, 4, 10, LrSchedule::Constant), 0.25);
+        assert_eq!(learning_rate(1.0, 3, 4, 10, LrSchedule::Linear), 1.0);
+        assert_eq!(learning_rate(1.0, 4, 4, 10, LrSchedule::Linear), 1.0);
+        assert_eq!(learning_rate(1.0, 7, 4, 10, LrSchedule::Linear), 0.5);
+        assert_eq!(learning_rate(1.0, 9, 4, 10, LrSchedule::Constant), 1.0);
+        assert!(learning_rate(1.0, 9, 4, 10, LrSchedule::Linear) > 0.0);
     }
 
     #[test]

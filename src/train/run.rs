@@ -1,7 +1,7 @@
 //! The run loop: plan → data → model → steps (each recorded in the ledger, the step that would
 //! exceed the target ε never taken) → evaluation → outputs.
 
-use super::eval::accuracy;
+use super::eval::{accuracy, feature_cache};
 use super::optimizer::{learning_rate, AdamW};
 use super::params::FlatParams;
 use super::step::{private_gradient, Mechanism};
@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Without a progress bar, print a status line every 10% of the steps.
+    pub log_lines: bool,
 }
 
 pub struct RunOutcome {
@@ -96,9 +98,16 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     };
 
     let mut streams = RandomStreams::new(plan.seed);
-    let spec = LoraSpec { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.target_modules.clone() };
+    let spec = LoraSpec {
+        rank: plan.lora_rank,
+        alpha: plan.lora_alpha,
+        targets: plan.target_modules.clone(),
+        layers: plan.lora_layers.clone(),
+    };
     let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init)?;
     let mut params = FlatParams::from_named(&model.trainable())?;
+    // Frozen lower layers: computed once per record (a function of that record alone).
+    let cache = feature_cache(&model, &train.examples, plan.max_physical_batch)?;
     let mut opt = AdamW::new(params.len(), plan.learning_rate, plan.weight_decay);
     let mut sampler = PoissonSampler::new(q, streams.sampling.clone());
     let mut noise = GaussianNoise::new(streams.noise.clone());
@@ -129,13 +138,14 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         let (grad, rep) = private_gradient(
             &model,
             &train.examples,
+            cache.as_ref(),
             &indices,
             plan.max_physical_batch,
             params.len(),
             &mech,
             &mut noise,
         )?;
-        let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps);
+        let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps, steps, plan.lr_schedule);
         opt.step(&mut params.values, &grad, lr);
         model.set_trainable(&params.tensors(model.device())?)?;
         if !opts.non_private {
@@ -154,11 +164,15 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             learning_rate: lr,
             elapsed_s: started.elapsed().as_secs_f64(),
         };
-        bar.set_message(format!(
+        let msg = format!(
             "ε {eps:.3}  loss {:.4}  {:.1} ex/s",
             m.mean_loss,
             examples_seen as f64 / started.elapsed().as_secs_f64()
-        ));
+        );
+        if !opts.progress && opts.log_lines && ((t + 1) % (steps / 10).max(1) == 0 || t + 1 == steps) {
+            eprintln!("step {}/{steps}  {msg}", t + 1);
+        }
+        bar.set_message(msg);
         bar.inc(1);
         metrics.push(m);
     }

@@ -1,7 +1,7 @@
 //! One logical DP-SGD step (SPEC §2), stage by stage:
 //! micro-batches → per-example gradients → clip → sum → noise once → ÷ expected batch size.
 
-use crate::data::{make_micro_batches, Batch, Example};
+use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
 use crate::lora::Tape;
 use crate::model::bert::cross_entropy_per_example;
 use crate::model::BertClassifier;
@@ -32,12 +32,11 @@ pub struct StepReport {
 /// Sum over one micro-batch of the clipped per-example gradients: [P], with its stats.
 pub fn clipped_sum_micro_batch(
     model: &BertClassifier,
-    examples: &[&Example],
+    batch: &Batch,
     clip: Option<f64>,
 ) -> Result<(Tensor, StepReport)> {
-    let batch = Batch::from_examples(examples, model.device())?;
     let mut tape = Tape::default();
-    let logits = model.logits(&batch.input_ids, &batch.attention_mask, Some(&mut tape))?;
+    let logits = model.batch_logits(batch, Some(&mut tape))?;
     let losses = cross_entropy_per_example(&logits, &batch.labels)?;
     // The summed loss: dL/dy at example i is example i's own gradient.
     let grads = losses.sum_all()?.backward()?;
@@ -59,10 +58,13 @@ pub fn clipped_sum_micro_batch(
 }
 
 /// The privatised gradient of one logical batch (`indices` into `examples`), as a flat [P]
-/// vector in the order of `BertClassifier::trainable`.
+/// vector in the order of `BertClassifier::trainable`. With `cache`, the frozen lower layers are
+/// read from it instead of recomputed.
+#[allow(clippy::too_many_arguments)]
 pub fn private_gradient(
     model: &BertClassifier,
     examples: &[Example],
+    cache: Option<&FeatureCache>,
     indices: &[usize],
     max_physical_batch: usize,
     num_params: usize,
@@ -72,7 +74,8 @@ pub fn private_gradient(
     let mut report = StepReport::default();
     let mut sum = Tensor::zeros(num_params, DType::F32, model.device())?;
     for mb in make_micro_batches(examples, indices, max_physical_batch) {
-        let (s, r) = clipped_sum_micro_batch(model, &mb, mech.clip)?;
+        let batch = Batch::gather(examples, &mb, cache, model.device())?;
+        let (s, r) = clipped_sum_micro_batch(model, &batch, mech.clip)?;
         sum = (sum + s)?;
         report.batch_size += r.batch_size;
         report.tokens += r.tokens;

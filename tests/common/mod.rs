@@ -33,7 +33,7 @@ pub fn tiny_bert(seed: u64, targets: &[&str], num_labels: usize) -> BertClassifi
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let w = tiny_weights(&mut rng);
     let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
-    let spec = LoraSpec { rank: 3, alpha: 6.0, targets: targets.iter().map(|s| s.to_string()).collect() };
+    let spec = LoraSpec { rank: 3, alpha: 6.0, targets: targets.iter().map(|s| s.to_string()).collect(), layers: None };
     let mut model = BertClassifier::new(vb, cfg, Some(&spec), num_labels, &mut rng).unwrap();
     let random: Vec<Tensor> = model.trainable().iter().map(|(_, t)| rand_tensor(&mut rng, t.dims(), 0.5)).collect();
     model.set_trainable(&random).unwrap();
