@@ -217,3 +217,76 @@ pub fn hex_sha256(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+path = "m"
+[data]
+train = "a.jsonl"
+test = "b.jsonl"
+[privacy]
+target-epsilon = 3.0
+delta = 1e-5
+clip-norm = 1.0
+[training]
+expected-batch-size = 8
+steps = 3
+[output]
+dir = "out"
+"#;
+
+    fn plan(text: &str) -> Result<Plan, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "t.toml".into(), message: e.to_string() })?;
+        Plan::from_raw(raw, Path::new("t.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        plan(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_resolved() {
+        let p = plan(BASE).unwrap();
+        assert_eq!(p.lora_rank, 8);
+        assert_eq!(p.target_modules, vec!["query", "value"]);
+        assert_eq!(p.max_seq_len, 128);
+        assert_eq!(p.noise, NoiseSpec::TargetEpsilon(3.0));
+        assert_eq!(p.planned_steps(1000), 3);
+        assert!(p.seed.is_none());
+    }
+
+    #[test]
+    fn both_noise_settings_or_neither_is_an_error() {
+        assert!(err(&BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nnoise-multiplier = 1.0")).contains("not both"));
+        assert!(err(&BASE.replace("target-epsilon = 3.0", "")).contains("target-epsilon or noise-multiplier"));
+    }
+
+    #[test]
+    fn unknown_lora_target_and_empty_layer_list_are_errors() {
+        let e = err(&format!("{BASE}[lora]\ntarget-modules = [\"qkv\"]\n"));
+        assert!(e.contains("lora.target-modules") && e.contains("qkv"), "{e}");
+        assert!(err(&format!("{BASE}[lora]\nlayers = []\n")).contains("lora.layers"));
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_key() {
+        assert!(err(&BASE.replace("delta = 1e-5", "delta = 1.5")).contains("privacy.delta"));
+        assert!(err(&BASE.replace("clip-norm = 1.0", "clip-norm = -1.0")).contains("privacy.clip-norm"));
+        assert!(
+            err(&BASE.replace("expected-batch-size = 8", "expected-batch-size = 0")).contains("expected-batch-size")
+        );
+        assert!(err(&BASE.replace("steps = 3", "steps = 3\ndevice = \"tpu\"")).contains("training.device"));
+        assert!(err(&BASE.replace("steps = 3", "steps = 3\nlr-schedule = \"cosine\"")).contains("training.lr-schedule"));
+    }
+
+    #[test]
+    fn epochs_give_rounded_steps() {
+        let p = plan(&BASE.replace("steps = 3", "epochs = 2.5")).unwrap();
+        assert_eq!(p.planned_steps(100), 31); // 2.5 · 100 / 8 = 31.25
+    }
+}
