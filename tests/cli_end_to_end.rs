@@ -236,3 +236,14 @@ fn epsilon_command_prints_json_matching_the_accountant() {
     assert!((v["epsilon"].as_f64().unwrap() - 7.32911117143).abs() < 1e-8);
     assert_eq!(v["accountant"], "rdp");
 }
+
+#[test]
+fn configured_label_set_rejects_other_labels_in_training_data() {
+    let f = Fixture::new("labelset");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[lora]", "labels = [\"a\", \"c\"]\n\n[lora]");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("train.jsonl:2") && log.contains("label `b`"), "{log}");
+}

@@ -13,6 +13,13 @@ pub enum NoiseSpec {
     NoiseMultiplier(f64),
 }
 
+/// The optimiser and its own settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimizerKind {
+    AdamW { eps: f64 },
+    Sgd { momentum: f64 },
+}
+
 /// Learning-rate schedule after the linear warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LrSchedule {
@@ -48,6 +55,7 @@ pub struct Plan {
     pub max_seq_len: usize,
     pub train_path: PathBuf,
     pub test_path: PathBuf,
+    pub labels: Option<Vec<String>>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub target_modules: Vec<String>,
@@ -61,6 +69,7 @@ pub struct Plan {
     pub max_physical_batch: usize,
     pub steps: Option<u64>,
     pub epochs: Option<f64>,
+    pub optimizer: OptimizerKind,
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
@@ -128,6 +137,34 @@ impl Plan {
                 return Err(bad("training.device", format!("unsupported device `{other}` (this build supports: cpu)")))
             }
         }
+        if t.adam_eps.is_some() && t.optimizer.as_deref() == Some("sgd") {
+            return Err(bad("training.adam-eps", "only applies to optimizer = \"adamw\"".into()));
+        }
+        let optimizer = match (t.optimizer.as_deref().unwrap_or("adamw"), t.momentum) {
+            ("adamw", None) => {
+                let eps = t.adam_eps.unwrap_or(1e-8);
+                if !(eps > 0.0 && eps.is_finite()) {
+                    return Err(bad("training.adam-eps", format!("must be a positive number, got {eps}")));
+                }
+                OptimizerKind::AdamW { eps }
+            }
+            ("adamw", Some(_)) => {
+                return Err(bad(
+                    "training.momentum",
+                    "only applies to optimizer = \"sgd\" (AdamW has its own betas)".into(),
+                ))
+            }
+            ("sgd", m) => {
+                let momentum = m.unwrap_or(0.9);
+                if !(0.0..1.0).contains(&momentum) {
+                    return Err(bad("training.momentum", format!("must be in [0, 1), got {momentum}")));
+                }
+                OptimizerKind::Sgd { momentum }
+            }
+            (other, _) => {
+                return Err(bad("training.optimizer", format!("unknown optimizer `{other}` (supported: adamw, sgd)")))
+            }
+        };
         let lr_schedule = match t.lr_schedule.as_deref().unwrap_or("constant") {
             "constant" => LrSchedule::Constant,
             "linear" => LrSchedule::Linear,
@@ -169,6 +206,18 @@ impl Plan {
             }
             None => None,
         };
+        let labels = match &raw.data.labels {
+            Some(v) => {
+                let mut sorted = v.clone();
+                sorted.sort();
+                sorted.dedup();
+                if sorted.len() != v.len() || v.len() < 2 {
+                    return Err(bad("data.labels", "must list at least 2 distinct labels".into()));
+                }
+                Some(v.clone())
+            }
+            None => None,
+        };
         let max_seq_len = raw.model.max_seq_len.unwrap_or(128);
         if max_seq_len < 2 {
             return Err(bad("model.max-seq-len", "must be at least 2 ([CLS] and [SEP])".into()));
@@ -181,6 +230,7 @@ impl Plan {
             max_seq_len,
             train_path: raw.data.train,
             test_path: raw.data.test,
+            labels,
             lora_rank,
             lora_alpha,
             target_modules,
@@ -194,6 +244,7 @@ impl Plan {
             max_physical_batch,
             steps: t.steps,
             epochs: t.epochs,
+            optimizer,
             learning_rate,
             weight_decay,
             warmup_steps: t.warmup_steps.unwrap_or(0),

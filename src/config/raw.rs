@@ -32,6 +32,9 @@ pub struct RawData {
     pub train: PathBuf,
     /// Held-out JSONL in the same format, used for test accuracy only (never trained on).
     pub test: PathBuf,
+    /// The label set, stated publicly (e.g. ["ham", "spam"]); a record with another label is an
+    /// error. Default: the sorted labels found in the training file (which then reveals them).
+    pub labels: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,10 +84,18 @@ pub struct RawTraining {
     pub steps: Option<u64>,
     /// Epochs: steps = round(epochs · N / L).
     pub epochs: Option<f64>,
-    /// AdamW learning rate. Default 1e-3.
+    /// Optimiser: "adamw" (default) or "sgd" (with momentum).
+    pub optimizer: Option<String>,
+    /// Learning rate. Default 1e-3.
     pub learning_rate: Option<f64>,
-    /// AdamW decoupled weight decay. Default 0.
+    /// Decoupled weight decay. Default 0.
     pub weight_decay: Option<f64>,
+    /// Momentum of "sgd" (default 0.9); an error with "adamw".
+    pub momentum: Option<f64>,
+    /// ε of "adamw"'s denominator √v + ε (default 1e-8). Under DP noise a larger value (around the
+    /// per-coordinate noise std σC/L) stops Adam from scaling pure-noise coordinates up to full
+    /// steps. An error with "sgd".
+    pub adam_eps: Option<f64>,
     /// Linear warm-up of the learning rate over this many steps. Default 0.
     pub warmup_steps: Option<u64>,
     /// Learning-rate schedule after warm-up: "constant" or "linear" (linear decay to 0 at the

@@ -215,7 +215,7 @@ pub fn write_outputs(
         "hyperparameters_tuned_on_private_data": plan.tuned_on_private_data,
         "not_protected": [
             "training losses, gradient norms and clip fractions in metrics.jsonl and this report are computed on the private data without noise",
-            "the label set is read from the training data",
+            if plan.labels.is_some() { "the label set is given in the config (public)" } else { "the label set is read from the training data" },
             "the base model's own training data",
         ],
         "metrics": {

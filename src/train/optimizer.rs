@@ -1,5 +1,5 @@
-//! AdamW over the flat parameter vector. It only ever sees the privatised gradient, so the update
-//! is post-processing and costs no privacy.
+//! Optimisers over the flat parameter vector (AdamW; SGD with momentum). They only ever see the
+//! privatised gradient, so the update is post-processing and costs no privacy.
 
 use crate::config::LrSchedule;
 
@@ -34,6 +34,45 @@ impl AdamW {
             let vhat = self.v[i] / bc2;
             let p = params[i] as f64;
             params[i] = (p - lr * (mhat / (vhat.sqrt() + self.eps) + self.weight_decay * p)) as f32;
+        }
+    }
+}
+
+/// SGD with heavy-ball momentum and decoupled weight decay: v ← μv + g; p ← p − lr·(v + wd·p).
+#[derive(Debug, Clone)]
+pub struct SgdMomentum {
+    pub momentum: f64,
+    pub weight_decay: f64,
+    velocity: Vec<f64>,
+}
+
+impl SgdMomentum {
+    pub fn new(n: usize, momentum: f64, weight_decay: f64) -> Self {
+        SgdMomentum { momentum, weight_decay, velocity: vec![0.0; n] }
+    }
+
+    pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
+        assert_eq!(params.len(), grad.len());
+        for i in 0..params.len() {
+            self.velocity[i] = self.momentum * self.velocity[i] + grad[i] as f64;
+            let p = params[i] as f64;
+            params[i] = (p - lr * (self.velocity[i] + self.weight_decay * p)) as f32;
+        }
+    }
+}
+
+/// The configured optimiser.
+#[derive(Debug, Clone)]
+pub enum Optimizer {
+    AdamW(AdamW),
+    Sgd(SgdMomentum),
+}
+
+impl Optimizer {
+    pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.step(params, grad, lr),
+            Optimizer::Sgd(o) => o.step(params, grad, lr),
         }
     }
 }
@@ -77,6 +116,15 @@ mod tests {
         assert_eq!(learning_rate(1.0, 7, 4, 10, LrSchedule::Linear), 0.5);
         assert_eq!(learning_rate(1.0, 9, 4, 10, LrSchedule::Constant), 1.0);
         assert!(learning_rate(1.0, 9, 4, 10, LrSchedule::Linear) > 0.0);
+    }
+
+    #[test]
+    fn sgd_momentum_accumulates_velocity() {
+        let mut opt = SgdMomentum::new(1, 0.5, 0.0);
+        let mut p = vec![1.0f32];
+        opt.step(&mut p, &[2.0], 0.1); // v = 2, p = 1 − 0.2
+        opt.step(&mut p, &[2.0], 0.1); // v = 3, p = 0.8 − 0.3
+        assert!((p[0] - 0.5).abs() < 1e-6);
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! exceed the target ε never taken) → evaluation → outputs.
 
 use super::eval::{accuracy, feature_cache};
-use super::optimizer::{learning_rate, AdamW};
+use super::optimizer::{learning_rate, AdamW, Optimizer, SgdMomentum};
 use super::params::FlatParams;
 use super::step::{private_gradient, Mechanism};
 use crate::accounting::event::Ledger;
 use crate::accounting::{calibrate_noise_multiplier, RdpAccountant};
-use crate::config::{NoiseSpec, Plan};
+use crate::config::{NoiseSpec, OptimizerKind, Plan};
 use crate::data::{load_classification, PoissonSampler};
 use crate::model::bert::LoraSpec;
 use crate::model::BertClassifier;
@@ -51,7 +51,7 @@ pub enum RunError {
 pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     report::check_output_dir(&plan.output_dir, opts.overwrite)?;
     let tokenizer = crate::model::bert::load_tokenizer(&plan.model_dir, plan.max_seq_len)?;
-    let train = load_classification(&plan.train_path, &tokenizer, None)?;
+    let train = load_classification(&plan.train_path, &tokenizer, plan.labels.as_deref())?;
     let test = load_classification(&plan.test_path, &tokenizer, Some(&train.labels))?;
     let n = train.len();
     let l = plan.expected_batch_size;
@@ -108,7 +108,14 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let mut params = FlatParams::from_named(&model.trainable())?;
     // Frozen lower layers: computed once per record (a function of that record alone).
     let cache = feature_cache(&model, &train.examples, plan.max_physical_batch)?;
-    let mut opt = AdamW::new(params.len(), plan.learning_rate, plan.weight_decay);
+    let mut opt = match plan.optimizer {
+        OptimizerKind::AdamW { eps } => {
+            let mut o = AdamW::new(params.len(), plan.learning_rate, plan.weight_decay);
+            o.eps = eps;
+            Optimizer::AdamW(o)
+        }
+        OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(params.len(), momentum, plan.weight_decay)),
+    };
     let mut sampler = PoissonSampler::new(q, streams.sampling.clone());
     let mut noise = GaussianNoise::new(streams.noise.clone());
     let mut ledger = Ledger::default();
