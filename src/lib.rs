@@ -8,6 +8,7 @@
 pub mod accounting;
 pub mod config;
 pub mod data;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod privacy;

@@ -16,6 +16,10 @@ fn examples(n: usize) -> Vec<Example> {
         .collect()
 }
 
+fn vec1(t: candle_core::Tensor) -> Vec<f32> {
+    t.to_vec1().unwrap()
+}
+
 fn num_params(m: &dptrain::model::BertClassifier) -> usize {
     m.trainable().iter().map(|(_, t)| t.elem_count()).sum()
 }
@@ -25,8 +29,9 @@ fn empty_poisson_batch_still_adds_noise() {
     let model = common::tiny_bert(5, &["query", "value"], 2);
     let p = num_params(&model);
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 2.0, expected_batch_size: 8 };
-    let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
-    let (g, rep) = private_gradient(&model, &examples(10), None, &[], 4, p, &mech, &mut noise).unwrap();
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
+    let (g, rep) = private_gradient(&model, &examples(10), None, &[], 4, p, &mech, &noise, 0).unwrap();
+    let g: Vec<f32> = g.to_vec1().unwrap();
     assert_eq!(rep.batch_size, 0);
     assert_eq!(rep.noised_coordinates, p);
     // Pure noise: N(0, (σC/L)²) per coordinate; its sample std is within 20% for p in the hundreds (6 sd).
@@ -41,13 +46,13 @@ fn gradient_is_divided_by_expected_not_realised_batch_size() {
     let p = num_params(&model);
     let exs = examples(12);
     let idx = [0usize, 3, 5];
-    let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
-    let run = |l: usize, noise: &mut GaussianNoise| {
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
+    let run = |l: usize, noise: &GaussianNoise| {
         let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.0, expected_batch_size: l };
-        private_gradient(&model, &exs, None, &idx, 8, p, &mech, noise).unwrap().0
+        vec1(private_gradient(&model, &exs, None, &idx, 8, p, &mech, noise, 0).unwrap().0)
     };
-    let g10 = run(10, &mut noise);
-    let g40 = run(40, &mut noise);
+    let g10 = run(10, &noise);
+    let g40 = run(40, &noise);
     // Same clipped sum, divided by 10 vs 40, whatever the realised size (3).
     for (a, b) in g10.iter().zip(&g40) {
         assert!((a / 4.0 - b).abs() <= 1e-7 + 1e-6 * b.abs());
@@ -63,9 +68,9 @@ fn micro_batches_give_the_one_shot_result() {
     let exs = examples(11);
     let idx: Vec<usize> = (0..11).collect();
     let mech = Mechanism { clip: Some(0.3), noise_multiplier: 0.0, expected_batch_size: 11 };
-    let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
-    let one = private_gradient(&model, &exs, None, &idx, 64, p, &mech, &mut noise).unwrap().0;
-    let many = private_gradient(&model, &exs, None, &idx, 3, p, &mech, &mut noise).unwrap().0;
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
+    let one = vec1(private_gradient(&model, &exs, None, &idx, 64, p, &mech, &noise, 0).unwrap().0);
+    let many = vec1(private_gradient(&model, &exs, None, &idx, 3, p, &mech, &noise, 0).unwrap().0);
     let scale = one.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (a, b) in one.iter().zip(&many) {
         assert!((a - b).abs() <= 1e-5 * scale);
@@ -79,8 +84,8 @@ fn seeded_step_reproduces_bit_for_bit() {
     let exs = examples(9);
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.1, expected_batch_size: 4 };
     let step = || {
-        let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(99));
-        private_gradient(&model, &exs, None, &[1, 2, 6], 2, p, &mech, &mut noise).unwrap().0
+        let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(99));
+        vec1(private_gradient(&model, &exs, None, &[1, 2, 6], 2, p, &mech, &noise, 0).unwrap().0)
     };
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     assert_eq!(bits(step()), bits(step()));
@@ -108,9 +113,9 @@ fn cached_frozen_prefix_gives_the_full_forward_gradient() {
     let p = num_params(&model);
     let idx: Vec<usize> = (0..10).collect();
     let mech = Mechanism { clip: Some(0.7), noise_multiplier: 0.0, expected_batch_size: 10 };
-    let mut noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
-    let full = private_gradient(&model, &exs, None, &idx, 3, p, &mech, &mut noise).unwrap().0;
-    let cached = private_gradient(&model, &exs, Some(&cache), &idx, 3, p, &mech, &mut noise).unwrap().0;
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
+    let full = vec1(private_gradient(&model, &exs, None, &idx, 3, p, &mech, &noise, 0).unwrap().0);
+    let cached = vec1(private_gradient(&model, &exs, Some(&cache), &idx, 3, p, &mech, &noise, 0).unwrap().0);
     let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0);
     for (a, b) in full.iter().zip(&cached) {

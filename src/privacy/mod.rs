@@ -7,7 +7,7 @@ pub mod noise;
 pub mod per_example;
 pub mod streams;
 
-pub use clip::{clip_and_sum, ClipStats};
+pub use clip::{clip_and_sum, clip_and_sum_reference, clip_factor, ClipStats};
 pub use noise::GaussianNoise;
-pub use per_example::per_example_grads;
+pub use per_example::{per_example_grad_parts, per_example_grads};
 pub use streams::RandomStreams;

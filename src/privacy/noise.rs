@@ -1,60 +1,82 @@
-//! Gaussian noise from a cryptographically secure generator.
+//! Gaussian noise from a cryptographically secure, counter-based generator.
+//!
+//! The noise of step t at coordinate j is a fixed function of (secret key, t, j): ChaCha20
+//! keystream block ⌊j/2⌋ of stream t, 64-bit words 4(j mod 2) … 4(j mod 2)+3. That lets the GPU
+//! kernel (`dp_add_gaussian_noise`, one thread per block) and this CPU twin draw the same noise,
+//! and makes a step's noise independent of how many coordinates earlier steps used.
 //!
 //! Each N(0, s²) draw is the sum of 4 independent N(0, s²/4) draws (Holohan & Braghin 2021),
 //! which removes the floating-point artefacts that let an attacker tell a noised value from its
 //! neighbours (Jin et al. 2021). Normals come from Box–Muller on 53-bit uniforms, computed in
-//! f64: constant time, no rejection loop (no timing side channel).
+//! f64: constant time, no rejection loop (no timing side channel). The key is 256 bits drawn from
+//! the noise stream (OS entropy unless the run is seeded) and never written anywhere.
 
-use super::streams::uniform01;
+use crate::kernels::NoiseKey;
+use candle_core::{Result, Tensor};
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 /// Number of Gaussians summed per draw.
 pub const GAUSSIANS_PER_DRAW: usize = 4;
 
 pub struct GaussianNoise {
-    rng: ChaCha20Rng,
-    spare: Option<f64>,
+    key: NoiseKey,
 }
 
 impl GaussianNoise {
-    /// `rng` must be the noise stream (never shared with sampling or initialisation).
-    pub fn new(rng: ChaCha20Rng) -> Self {
-        GaussianNoise { rng, spare: None }
+    /// `rng` must be the noise stream (never shared with sampling or initialisation); the key is
+    /// drawn from it.
+    pub fn new(mut rng: ChaCha20Rng) -> Self {
+        let mut key = [0u8; 32];
+        rng.fill_bytes(&mut key);
+        GaussianNoise { key: NoiseKey::new(key) }
     }
 
-    /// A standard normal draw (Box–Muller; both outputs of a pair are used).
-    fn standard_normal(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let u1 = 1.0 - uniform01(&mut self.rng); // (0, 1]: ln is finite
-        let u2 = uniform01(&mut self.rng);
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-        self.spare = Some(r * s);
-        r * c
+    pub fn key(&self) -> &NoiseKey {
+        &self.key
     }
 
-    /// One N(0, std²) draw, as a sum of `GAUSSIANS_PER_DRAW` smaller Gaussians.
-    pub fn sample(&mut self, std: f64) -> f64 {
-        let part = std / (GAUSSIANS_PER_DRAW as f64).sqrt();
-        (0..GAUSSIANS_PER_DRAW).map(|_| part * self.standard_normal()).sum()
-    }
-
-    /// Add independent N(0, std²) noise to every coordinate (computed in f64, stored in f32).
-    /// Returns the number of coordinates noised.
-    pub fn add_noise(&mut self, values: &mut [f32], std: f64) -> usize {
-        for v in values.iter_mut() {
-            *v = (*v as f64 + self.sample(std)) as f32;
-        }
+    /// Adds independent N(0, std²) noise to every coordinate of `values` (computed in f64, stored
+    /// in f32) with the noise of `step`. Returns the number of coordinates noised.
+    pub fn add_noise(&self, values: &mut [f32], step: u64, std: f64) -> usize {
+        add_noise_cpu(values, &self.key, step, std);
         values.len()
+    }
+
+    /// The same on a tensor ([n] f32, contiguous, any device), in place.
+    pub fn add_noise_tensor(&self, values: &Tensor, step: u64, std: f64) -> Result<usize> {
+        crate::kernels::add_gaussian_noise(values, &self.key, step, std)?;
+        Ok(values.elem_count())
+    }
+}
+
+/// The CPU twin of the `dp_add_gaussian_noise` kernel (see the module comment for the layout).
+pub fn add_noise_cpu(values: &mut [f32], key: &NoiseKey, stream: u64, std: f64) {
+    let mut rng = ChaCha20Rng::from_seed(*key.bytes());
+    rng.set_stream(stream);
+    rng.set_word_pos(0);
+    let part = std / (GAUSSIANS_PER_DRAW as f64).sqrt();
+    for pair in values.chunks_mut(2) {
+        let w: [u64; 8] = std::array::from_fn(|_| rng.next_u64());
+        for (c, x) in pair.iter_mut().enumerate() {
+            let mut z = 0.0f64;
+            for p in 0..2 {
+                let (a, b) = (w[4 * c + 2 * p], w[4 * c + 2 * p + 1]);
+                let u1 = 1.0 - (a >> 11) as f64 * (1.0 / (1u64 << 53) as f64); // (0, 1]: ln is finite
+                let u2 = (b >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (s, co) = (std::f64::consts::TAU * u2).sin_cos();
+                z += part * (r * co);
+                z += part * (r * s);
+            }
+            *x = (*x as f64 + z) as f32;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn noise(seed: u64) -> GaussianNoise {
         GaussianNoise::new(ChaCha20Rng::seed_from_u64(seed))
@@ -66,9 +88,11 @@ mod tests {
     fn noise_has_mean_zero_and_std_sigma_c() {
         let (sigma, c) = (1.3, 0.7);
         let std = sigma * c;
-        let mut g = noise(5);
+        let g = noise(5);
         let n = 200_000;
-        let xs: Vec<f64> = (0..n).map(|_| g.sample(std)).collect();
+        let mut v = vec![0f32; n];
+        g.add_noise(&mut v, 0, std);
+        let xs: Vec<f64> = v.iter().map(|&x| x as f64).collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
         assert!(mean.abs() < 6.0 * std / (n as f64).sqrt(), "mean {mean}");
@@ -76,17 +100,20 @@ mod tests {
         // Fourth moment of a Gaussian is 3σ⁴: catches a non-Gaussian shape with the right variance.
         let m4 = xs.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / n as f64;
         assert!((m4 / (var * var) - 3.0).abs() < 0.1, "kurtosis {}", m4 / (var * var));
+        // Neighbouring coordinates (same keystream block) are uncorrelated.
+        let corr = xs.chunks(2).map(|p| p[0] * p[1]).sum::<f64>() / (n / 2) as f64 / var;
+        assert!(corr.abs() < 6.0 / ((n / 2) as f64).sqrt(), "pair correlation {corr}");
     }
 
     #[test]
-    fn noise_is_fresh_on_every_call() {
-        let mut g = noise(1);
+    fn every_step_draws_fresh_noise() {
+        let g = noise(1);
         let mut a = vec![0f32; 1000];
         let mut b = vec![0f32; 1000];
-        g.add_noise(&mut a, 1.0);
-        g.add_noise(&mut b, 1.0);
+        g.add_noise(&mut a, 0, 1.0);
+        g.add_noise(&mut b, 1, 1.0);
         assert_ne!(a, b);
-        // Consecutive vectors are uncorrelated: |corr| < 6/√n.
+        // Consecutive steps are uncorrelated: |corr| < 6/√n.
         let corr: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>()
             / (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() * b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>())
                 .sqrt();
@@ -94,13 +121,32 @@ mod tests {
     }
 
     #[test]
-    fn seeded_noise_reproduces_bit_for_bit() {
-        let (mut a, mut b) = (vec![0.5f32; 64], vec![0.5f32; 64]);
-        noise(42).add_noise(&mut a, 2.0);
-        noise(42).add_noise(&mut b, 2.0);
-        assert_eq!(
-            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-        );
+    fn seeded_noise_reproduces_bit_for_bit_and_keys_differ_by_seed() {
+        let (mut a, mut b, mut c) = (vec![0.5f32; 65], vec![0.5f32; 65], vec![0.5f32; 65]);
+        noise(42).add_noise(&mut a, 3, 2.0);
+        noise(42).add_noise(&mut b, 3, 2.0);
+        noise(43).add_noise(&mut c, 3, 2.0);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+        assert_ne!(bits(&a), bits(&c));
+    }
+
+    #[test]
+    fn noise_of_a_prefix_does_not_depend_on_the_vector_length() {
+        let g = noise(7);
+        let (mut short, mut long) = (vec![0f32; 9], vec![0f32; 1000]);
+        g.add_noise(&mut short, 2, 1.0);
+        g.add_noise(&mut long, 2, 1.0);
+        assert_eq!(short[..], long[..9]);
+    }
+
+    #[test]
+    fn tensor_path_equals_slice_path() {
+        let g = noise(11);
+        let mut v = vec![0.25f32; 31];
+        let t = Tensor::from_vec(v.clone(), 31, &candle_core::Device::Cpu).unwrap();
+        g.add_noise(&mut v, 5, 0.3);
+        g.add_noise_tensor(&t, 5, 0.3).unwrap();
+        assert_eq!(t.to_vec1::<f32>().unwrap(), v);
     }
 }

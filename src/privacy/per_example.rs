@@ -16,6 +16,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
 pub fn per_example_grads(model: &BertClassifier, tape: &Tape, grads: &GradStore) -> Result<Tensor> {
+    Tensor::cat(&per_example_grad_parts(model, tape, grads)?, 1)
+}
+
+/// The same as one [b, n_k] f32 tensor per trainable tensor (canonical order), without the
+/// concatenation: what the fused norm and clip kernels take.
+pub fn per_example_grad_parts(model: &BertClassifier, tape: &Tape, grads: &GradStore) -> Result<Vec<Tensor>> {
     let layers = model.adapted_layers();
     if layers.len() != tape.lora.len() {
         candle_core::bail!("tape has {} LoRA records, model has {} adapted layers", tape.lora.len(), layers.len());
@@ -44,6 +50,6 @@ pub fn per_example_grads(model: &BertClassifier, tape: &Tape, grads: &GradStore)
         .ok_or_else(|| candle_core::Error::Msg("no gradient reached the classification head".into()))?;
     let d_w = g.unsqueeze(2)?.matmul(&head.h.unsqueeze(1)?)?; // [b, C, H]
     parts.push(d_w.reshape((b, ()))?);
-    parts.push(g.clone());
-    Tensor::cat(&parts, 1)
+    parts.push(g.contiguous()?);
+    Ok(parts)
 }

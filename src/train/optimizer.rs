@@ -2,77 +2,52 @@
 //! privatised gradient, so the update is post-processing and costs no privacy.
 
 use crate::config::LrSchedule;
-
-#[derive(Debug, Clone)]
-pub struct AdamW {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    m: Vec<f64>,
-    v: Vec<f64>,
-    t: u64,
-}
-
-impl AdamW {
-    pub fn new(n: usize, lr: f64, weight_decay: f64) -> Self {
-        AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, m: vec![0.0; n], v: vec![0.0; n], t: 0 }
-    }
-
-    /// One update with learning rate `lr` (after any schedule).
-    pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
-        assert_eq!(params.len(), grad.len());
-        self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        for i in 0..params.len() {
-            let g = grad[i] as f64;
-            self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * g;
-            self.v[i] = self.beta2 * self.v[i] + (1.0 - self.beta2) * g * g;
-            let mhat = self.m[i] / bc1;
-            let vhat = self.v[i] / bc2;
-            let p = params[i] as f64;
-            params[i] = (p - lr * (mhat / (vhat.sqrt() + self.eps) + self.weight_decay * p)) as f32;
-        }
-    }
-}
+use crate::kernels::FusedAdamW;
+use candle_core::{DType, Result, Tensor};
 
 /// SGD with heavy-ball momentum and decoupled weight decay: v ← μv + g; p ← p − lr·(v + wd·p).
-#[derive(Debug, Clone)]
+/// Velocity in f64 on the parameters' device; candle ops (a few passes over a small vector).
 pub struct SgdMomentum {
     pub momentum: f64,
     pub weight_decay: f64,
-    velocity: Vec<f64>,
+    velocity: Option<Tensor>,
 }
 
 impl SgdMomentum {
-    pub fn new(n: usize, momentum: f64, weight_decay: f64) -> Self {
-        SgdMomentum { momentum, weight_decay, velocity: vec![0.0; n] }
+    pub fn new(momentum: f64, weight_decay: f64) -> Self {
+        SgdMomentum { momentum, weight_decay, velocity: None }
     }
 
-    pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
-        assert_eq!(params.len(), grad.len());
-        for i in 0..params.len() {
-            self.velocity[i] = self.momentum * self.velocity[i] + grad[i] as f64;
-            let p = params[i] as f64;
-            params[i] = (p - lr * (self.velocity[i] + self.weight_decay * p)) as f32;
-        }
+    /// Returns the updated parameters (a new tensor).
+    pub fn step(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<Tensor> {
+        let g = grad.to_dtype(DType::F64)?;
+        let v = match &self.velocity {
+            Some(v) => ((v * self.momentum)? + g)?,
+            None => g,
+        };
+        let p = params.to_dtype(DType::F64)?;
+        let new = (&p - ((&v + (&p * self.weight_decay)?)? * lr)?)?.to_dtype(DType::F32)?;
+        self.velocity = Some(v);
+        Ok(new)
     }
 }
 
-/// The configured optimiser.
-#[derive(Debug, Clone)]
+/// The configured optimiser, over the flat [P] f32 parameter tensor.
 pub enum Optimizer {
-    AdamW(AdamW),
+    AdamW(FusedAdamW),
     Sgd(SgdMomentum),
 }
 
 impl Optimizer {
-    pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
+    /// One update with learning rate `lr` (after any schedule). `params` is updated in place
+    /// (it must be contiguous and not shared with the model's tensors).
+    pub fn step(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<()> {
         match self {
             Optimizer::AdamW(o) => o.step(params, grad, lr),
-            Optimizer::Sgd(o) => o.step(params, grad, lr),
+            Optimizer::Sgd(o) => {
+                let new = o.step(params, grad, lr)?;
+                params.slice_set(&new, 0, 0)
+            }
         }
     }
 }
@@ -96,12 +71,17 @@ pub fn learning_rate(base: f64, step: u64, warmup: u64, total: u64, schedule: Lr
 mod tests {
     use super::*;
 
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::new(v, &candle_core::Device::Cpu).unwrap()
+    }
+
     #[test]
     fn first_adamw_step_moves_each_coordinate_by_lr_against_the_gradient_sign() {
         // With bias correction, the first Adam step is lr · g/|g| (up to eps).
-        let mut opt = AdamW::new(3, 0.1, 0.0);
-        let mut p = vec![1.0f32, -2.0, 0.5];
-        opt.step(&mut p, &[0.3, -4.0, 1e-3], 0.1);
+        let mut opt = Optimizer::AdamW(FusedAdamW::new(0.0, 1e-8));
+        let p = t(&[1.0, -2.0, 0.5]);
+        opt.step(&p, &t(&[0.3, -4.0, 1e-3]), 0.1).unwrap();
+        let p = p.to_vec1::<f32>().unwrap();
         let want = [0.9f32, -1.9, 0.4];
         for (a, b) in p.iter().zip(want) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -120,19 +100,19 @@ mod tests {
 
     #[test]
     fn sgd_momentum_accumulates_velocity() {
-        let mut opt = SgdMomentum::new(1, 0.5, 0.0);
-        let mut p = vec![1.0f32];
-        opt.step(&mut p, &[2.0], 0.1); // v = 2, p = 1 − 0.2
-        opt.step(&mut p, &[2.0], 0.1); // v = 3, p = 0.8 − 0.3
-        assert!((p[0] - 0.5).abs() < 1e-6);
+        let mut opt = Optimizer::Sgd(SgdMomentum::new(0.5, 0.0));
+        let p = t(&[1.0]);
+        opt.step(&p, &t(&[2.0]), 0.1).unwrap(); // v = 2, p = 1 − 0.2
+        opt.step(&p, &t(&[2.0]), 0.1).unwrap(); // v = 3, p = 0.8 − 0.3
+        assert!((p.to_vec1::<f32>().unwrap()[0] - 0.5).abs() < 1e-6);
     }
 
     #[test]
     fn weight_decay_is_decoupled() {
-        let mut opt = AdamW::new(1, 0.1, 0.5);
-        let mut p = vec![2.0f32];
-        opt.step(&mut p, &[0.0], 0.1);
+        let mut opt = Optimizer::AdamW(FusedAdamW::new(0.5, 1e-8));
+        let p = t(&[2.0]);
+        opt.step(&p, &t(&[0.0]), 0.1).unwrap();
         // zero gradient: only decay, p − lr·wd·p = 2 − 0.1
-        assert!((p[0] - 1.9).abs() < 1e-6);
+        assert!((p.to_vec1::<f32>().unwrap()[0] - 1.9).abs() < 1e-6);
     }
 }

@@ -37,6 +37,20 @@ impl FlatParams {
         self.values.is_empty()
     }
 
+    /// The flat vector as a [P] f32 tensor on `device` (the optimiser updates it in place).
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        Tensor::from_slice(&self.values, self.values.len(), device)
+    }
+
+    /// Cuts a flat [P] tensor into the named tensors' shapes, as copies (so that in-place updates
+    /// of the flat tensor never reach tensors the model holds).
+    pub fn split(&self, flat: &Tensor) -> Result<Vec<Tensor>> {
+        if flat.dims() != [self.values.len()] {
+            candle_core::bail!("flat parameters: got {:?}, expected [{}]", flat.dims(), self.values.len());
+        }
+        self.slots.iter().map(|s| flat.narrow(0, s.offset, s.len)?.reshape(s.shape.as_slice())?.copy()).collect()
+    }
+
     pub fn tensors(&self, device: &Device) -> Result<Vec<Tensor>> {
         self.slots
             .iter()

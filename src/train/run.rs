@@ -2,13 +2,14 @@
 //! exceed the target ε never taken) → evaluation → outputs.
 
 use super::eval::{accuracy, feature_cache};
-use super::optimizer::{learning_rate, AdamW, Optimizer, SgdMomentum};
+use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
 use super::params::FlatParams;
 use super::step::{private_gradient, Mechanism};
 use crate::accounting::event::Ledger;
 use crate::accounting::{calibrate_noise_multiplier, RdpAccountant};
 use crate::config::{NoiseSpec, OptimizerKind, Plan};
 use crate::data::{load_classification, PoissonSampler};
+use crate::kernels::FusedAdamW;
 use crate::model::bert::LoraSpec;
 use crate::model::BertClassifier;
 use crate::privacy::{GaussianNoise, RandomStreams};
@@ -105,19 +106,16 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         layers: plan.lora_layers.clone(),
     };
     let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init)?;
-    let mut params = FlatParams::from_named(&model.trainable())?;
+    let layout = FlatParams::from_named(&model.trainable())?;
+    let params = layout.to_tensor(model.device())?;
     // Frozen lower layers: computed once per record (a function of that record alone).
     let cache = feature_cache(&model, &train.examples, plan.max_physical_batch)?;
     let mut opt = match plan.optimizer {
-        OptimizerKind::AdamW { eps } => {
-            let mut o = AdamW::new(params.len(), plan.learning_rate, plan.weight_decay);
-            o.eps = eps;
-            Optimizer::AdamW(o)
-        }
-        OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(params.len(), momentum, plan.weight_decay)),
+        OptimizerKind::AdamW { eps } => Optimizer::AdamW(FusedAdamW::new(plan.weight_decay, eps)),
+        OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(momentum, plan.weight_decay)),
     };
     let mut sampler = PoissonSampler::new(q, streams.sampling.clone());
-    let mut noise = GaussianNoise::new(streams.noise.clone());
+    let noise = GaussianNoise::new(streams.noise.clone());
     let mut ledger = Ledger::default();
     let mut metrics: Vec<StepMetrics> = Vec::with_capacity(steps as usize);
 
@@ -148,13 +146,14 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             cache.as_ref(),
             &indices,
             plan.max_physical_batch,
-            params.len(),
+            layout.len(),
             &mech,
-            &mut noise,
+            &noise,
+            t,
         )?;
         let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps, steps, plan.lr_schedule);
-        opt.step(&mut params.values, &grad, lr);
-        model.set_trainable(&params.tensors(model.device())?)?;
+        opt.step(&params, &grad, lr)?;
+        model.set_trainable(&layout.split(&params)?)?;
         if !opts.non_private {
             ledger.record_step(q, sigma);
         }

@@ -5,7 +5,8 @@ use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
 use crate::lora::Tape;
 use crate::model::bert::cross_entropy_per_example;
 use crate::model::BertClassifier;
-use crate::privacy::{clip_and_sum, per_example_grads, GaussianNoise};
+use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
+use crate::privacy::{per_example_grad_parts, GaussianNoise};
 use candle_core::{DType, Result, Tensor};
 
 /// The privacy mechanism of a step. `clip = None` with `noise_multiplier = 0` is the
@@ -29,7 +30,8 @@ pub struct StepReport {
     pub micro_batches: usize,
 }
 
-/// Sum over one micro-batch of the clipped per-example gradients: [P], with its stats.
+/// Sum over one micro-batch of the clipped per-example gradients: [P], with its stats. The norms,
+/// clip factors and weighted sum run as fused kernels on the model's device (`crate::kernels`).
 pub fn clipped_sum_micro_batch(
     model: &BertClassifier,
     batch: &Batch,
@@ -40,17 +42,27 @@ pub fn clipped_sum_micro_batch(
     let losses = cross_entropy_per_example(&logits, &batch.labels)?;
     // The summed loss: dL/dy at example i is example i's own gradient.
     let grads = losses.sum_all()?.backward()?;
-    let per_example = per_example_grads(model, &tape, &grads)?;
-    let (sum, stats) = clip_and_sum(&per_example, clip)?;
-    let loss_sum = losses.sum_all()?.to_scalar::<f32>()? as f64;
+    let parts = per_example_grad_parts(model, &tape, &grads)?;
+    let sq = per_example_sq_norms(&parts)?;
+    let factors = clip_factors(&sq, clip)?;
+    let sum = clipped_sum(&parts, &factors)?;
+    let (mut clipped, mut nonfinite) = (0, 0);
+    for &q in &sq.to_vec1::<f64>()? {
+        match crate::kernels::clip_factor_from_sq(q, clip) {
+            0.0 => nonfinite += 1,
+            f if f < 1.0 => clipped += 1,
+            _ => {}
+        }
+    }
+    let loss_sum = losses.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((
         sum,
         StepReport {
             batch_size: batch.size,
             tokens: batch.tokens,
             loss_sum,
-            clipped: stats.clipped,
-            nonfinite: stats.nonfinite,
+            clipped,
+            nonfinite,
             noised_coordinates: 0,
             micro_batches: 1,
         },
@@ -58,8 +70,9 @@ pub fn clipped_sum_micro_batch(
 }
 
 /// The privatised gradient of one logical batch (`indices` into `examples`), as a flat [P]
-/// vector in the order of `BertClassifier::trainable`. With `cache`, the frozen lower layers are
-/// read from it instead of recomputed.
+/// tensor on the model's device in the order of `BertClassifier::trainable`. `step` (0-based)
+/// selects the noise stream: each step must have its own. With `cache`, the frozen lower layers
+/// are read from it instead of recomputed.
 #[allow(clippy::too_many_arguments)]
 pub fn private_gradient(
     model: &BertClassifier,
@@ -69,8 +82,9 @@ pub fn private_gradient(
     max_physical_batch: usize,
     num_params: usize,
     mech: &Mechanism,
-    noise: &mut GaussianNoise,
-) -> Result<(Vec<f32>, StepReport)> {
+    noise: &GaussianNoise,
+    step: u64,
+) -> Result<(Tensor, StepReport)> {
     let mut report = StepReport::default();
     let mut sum = Tensor::zeros(num_params, DType::F32, model.device())?;
     for mb in make_micro_batches(examples, indices, max_physical_batch) {
@@ -84,16 +98,14 @@ pub fn private_gradient(
         report.nonfinite += r.nonfinite;
         report.micro_batches += 1;
     }
-    let mut grad: Vec<f32> = sum.to_vec1()?;
     // Noise once per logical step, also when the batch was empty (PITFALLS 4, 5).
     if mech.noise_multiplier > 0.0 {
         let Some(clip) = mech.clip else {
             candle_core::bail!("noise without clipping has no sensitivity bound: refusing");
         };
-        report.noised_coordinates = noise.add_noise(&mut grad, mech.noise_multiplier * clip);
+        report.noised_coordinates = noise.add_noise_tensor(&sum, step, mech.noise_multiplier * clip)?;
     }
     // Divide by the expected batch size, never the realised one (PITFALLS 2).
-    let l = mech.expected_batch_size as f32;
-    grad.iter_mut().for_each(|g| *g /= l);
+    let grad = (sum / mech.expected_batch_size as f64)?;
     Ok((grad, report))
 }
