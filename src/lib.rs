@@ -6,6 +6,7 @@
 //! See docs/ARCHITECTURE.md.
 
 pub mod accounting;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod kernels;
@@ -13,4 +14,5 @@ pub mod lora;
 pub mod model;
 pub mod privacy;
 pub mod report;
+pub mod selftest;
 pub mod train;

@@ -36,7 +36,7 @@ fn real_minilm_reproduces_reference_tokens_hidden_states_and_embeddings() {
     let r = &r["minilm"];
     let tok = load_tokenizer(&dir, 128).unwrap();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
-    let model = BertClassifier::load(&dir, None, 2, &mut rng).unwrap();
+    let model = BertClassifier::load(&dir, None, 2, &mut rng, &candle_core::Device::Cpu).unwrap();
     let sentences: Vec<&str> = r["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     let mut pooled_all = Vec::new();
     for (i, s) in sentences.iter().enumerate() {
@@ -75,7 +75,7 @@ fn real_minilm_padded_batch_matches_single_sentences() {
     let Some(dir) = model_dir() else { return };
     let tok = load_tokenizer(&dir, 128).unwrap();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
-    let model = BertClassifier::load(&dir, None, 2, &mut rng).unwrap();
+    let model = BertClassifier::load(&dir, None, 2, &mut rng, &candle_core::Device::Cpu).unwrap();
     let exs: Vec<dptrain::data::Example> =
         ["A man is playing a guitar.", "Hi.", "The stock market fell sharply today, analysts said."]
             .iter()

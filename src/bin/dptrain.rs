@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dptrain::accounting::{calibrate_noise_multiplier, DpEvent, RdpAccountant};
+use dptrain::config::DeviceSpec;
 use dptrain::train::{run, RunOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ struct TrainArgs {
     /// Write the outputs here instead of the config's output.dir.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Compute on this device instead of the config's training.device: cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +56,49 @@ enum Command {
         accountant: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Check every DP kernel on a device against its CPU twin, then a few seeded DP-SGD steps on
+    /// the device against the CPU. Exits non-zero if any check fails.
+    Selftest {
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Also write the checks as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Time DP-LoRA against non-private LoRA steps on one device, model and batch.
+    Bench {
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// A model folder with real weights; otherwise --shape with random weights.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Built-in model shape: tiny, minilm-l6, bert-base.
+        #[arg(long, default_value = "minilm-l6")]
+        shape: String,
+        /// dtype of the frozen base weights: f32, bf16, f16 (default: f32 on cpu, bf16 on cuda).
+        #[arg(long)]
+        dtype: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 8)]
+        lora_rank: usize,
+        /// Comma-separated LoRA target modules.
+        #[arg(long, default_value = "query,value")]
+        targets: String,
+        /// Comma-separated variants: non-private, dp, dp-candle-ops.
+        #[arg(long, default_value = "non-private,dp,dp-candle-ops")]
+        variants: String,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The smallest noise multiplier whose ε stays within a target.
     Calibrate {
@@ -85,6 +132,9 @@ fn train(args: &TrainArgs) -> Result<()> {
     if let Some(out) = &args.out {
         plan.output_dir = out.clone();
     }
+    if let Some(d) = &args.device {
+        plan.device = DeviceSpec::parse(d).map_err(anyhow::Error::msg).context("--device")?;
+    }
     let progress = std::io::stderr().is_terminal();
     let opts = RunOptions { non_private: args.non_private, overwrite: args.overwrite, progress, log_lines: !progress };
     let outcome = run(&plan, &opts).with_context(|| format!("run of {}", path.display()))?;
@@ -112,11 +162,107 @@ fn train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn open_device(name: &str) -> Result<(DeviceSpec, candle_core::Device)> {
+    let spec = DeviceSpec::parse(name).map_err(anyhow::Error::msg).context("--device")?;
+    Ok((spec, spec.open()?))
+}
+
+fn selftest(device: &str, json: Option<&PathBuf>) -> Result<()> {
+    let (spec, dev) = open_device(device)?;
+    let checks = dptrain::selftest::run(&dev)?;
+    println!(
+        "{:<34} {:<58} {:>8} {:>10} {:>10} {:>7}  result",
+        "check", "case", "values", "max |err|", "tolerance", "exact"
+    );
+    for c in &checks {
+        println!(
+            "{:<34} {:<58} {:>8} {:>10.2e} {:>10} {:>6.1}%  {}",
+            c.name,
+            c.case,
+            c.values,
+            c.max_abs_err,
+            format!("{:.0e}+{:.0e}", c.atol, c.rtol),
+            100.0 * c.exact_fraction,
+            if c.pass { "ok" } else { "FAIL" }
+        );
+    }
+    if let Some(path) = json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&serde_json::json!({"device": spec.name(), "checks": checks}))?,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed on {}", checks.len(), spec.name());
+    }
+    println!("all {} checks passed on {}", checks.len(), spec.name());
+    Ok(())
+}
+
+fn bench(cmd: &Command) -> Result<()> {
+    let Command::Bench {
+        device,
+        model,
+        shape,
+        dtype,
+        batch,
+        seq_len,
+        steps,
+        warmup,
+        lora_rank,
+        targets,
+        variants,
+        json,
+    } = cmd
+    else {
+        unreachable!("called with the bench command")
+    };
+    let (spec, dev) = open_device(device)?;
+    let base_dtype = match dtype {
+        Some(d) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
+        None => spec.default_base_dtype(),
+    };
+    let split = |s: &str| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect::<Vec<_>>();
+    let opts = dptrain::bench::BenchOptions {
+        model_dir: model.clone(),
+        shape: shape.clone(),
+        base_dtype,
+        batch: *batch,
+        seq_len: *seq_len,
+        steps: *steps,
+        warmup: *warmup,
+        lora_rank: *lora_rank,
+        targets: split(targets),
+        variants: split(variants),
+    };
+    let r = dptrain::bench::run(&opts, &dev, &spec.name())?;
+    println!(
+        "{} on {}, base {}, batch {} × {} tokens, LoRA r = {} on {:?} ({} trainable), median of {} steps",
+        r.model, r.device, r.base_dtype, r.batch, r.seq_len, r.lora_rank, r.targets, r.trainable_params, r.steps
+    );
+    println!("{:<16} {:>12} {:>12} {:>14} {:>12}", "variant", "median ms", "examples/s", "peak MiB", "vs non-priv");
+    let base = r.results.iter().find(|v| v.variant == "non-private").map(|v| v.examples_per_s);
+    for v in &r.results {
+        let peak = v.peak_memory_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
+        let ratio = base.map_or("-".to_string(), |b| format!("{:.3}×", v.examples_per_s / b));
+        println!("{:<16} {:>12.2} {:>12.1} {:>14} {:>12}", v.variant, v.median_step_ms, v.examples_per_s, peak, ratio);
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match &cli.command {
         None => train(&cli.train),
         Some(Command::Train(args)) => train(args),
+        Some(Command::Selftest { device, json }) => selftest(device, json.as_ref()),
+        Some(cmd @ Command::Bench { .. }) => bench(cmd),
         Some(Command::Epsilon { sample_rate, noise_multiplier, steps, delta, accountant, json }) => {
             check_accountant(accountant)?;
             let r =

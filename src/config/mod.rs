@@ -4,7 +4,10 @@
 mod plan;
 mod raw;
 
-pub use plan::{hex_sha256, AccountantKind, LrSchedule, NoiseSpec, OptimizerKind, Plan, BERT_LORA_MODULES};
+pub use plan::{
+    hex_sha256, parse_base_dtype, AccountantKind, DeviceSpec, LrSchedule, NoiseSpec, OptimizerKind, Plan,
+    BERT_LORA_MODULES,
+};
 pub use raw::RawConfig;
 
 use std::path::{Path, PathBuf};

@@ -41,6 +41,68 @@ impl AccountantKind {
     }
 }
 
+/// Where a run computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// A CUDA GPU by ordinal (needs a build with `--features cuda`).
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// "cpu", "cuda" (= GPU 0) or "cuda:N".
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!("unsupported device `{s}` (expected cpu, cuda or cuda:N)")),
+            },
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+
+    /// The default dtype of the frozen base weights on this device: f32 on the CPU (its fast
+    /// path), bf16 on a GPU (tensor cores, half the memory).
+    pub fn default_base_dtype(self) -> candle_core::DType {
+        match self {
+            DeviceSpec::Cpu => candle_core::DType::F32,
+            DeviceSpec::Cuda(_) => candle_core::DType::BF16,
+        }
+    }
+
+    /// Opens the device. A CUDA device in a build without the `cuda` feature is an error.
+    pub fn open(self) -> candle_core::Result<candle_core::Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n),
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => candle_core::bail!(
+                "device {}: this dptrain was built without CUDA support (build with `--features cuda`)",
+                self.name()
+            ),
+        }
+    }
+}
+
+/// Parses a base-weight dtype name.
+pub fn parse_base_dtype(s: &str) -> Result<candle_core::DType, String> {
+    match s {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        _ => Err(format!("unsupported dtype `{s}` (expected f32, bf16 or f16)")),
+    }
+}
+
 /// Module names a BERT layer exposes to LoRA.
 pub const BERT_LORA_MODULES: [&str; 6] =
     ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
@@ -75,6 +137,9 @@ pub struct Plan {
     pub warmup_steps: u64,
     pub lr_schedule: LrSchedule,
     pub seed: Option<u64>,
+    pub device: DeviceSpec,
+    /// dtype of the frozen linear weights as configured (`model.dtype`); see `base_dtype()`.
+    pub model_dtype: Option<candle_core::DType>,
     pub output_dir: PathBuf,
 }
 
@@ -131,12 +196,11 @@ impl Plan {
         if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
             return Err(bad("training.weight-decay", format!("must be ≥ 0, got {weight_decay}")));
         }
-        match t.device.as_deref().unwrap_or("cpu") {
-            "cpu" => {}
-            other => {
-                return Err(bad("training.device", format!("unsupported device `{other}` (this build supports: cpu)")))
-            }
-        }
+        let device = DeviceSpec::parse(t.device.as_deref().unwrap_or("cpu")).map_err(|e| bad("training.device", e))?;
+        let model_dtype = match raw.model.dtype.as_deref() {
+            None => None,
+            Some(d) => Some(parse_base_dtype(d).map_err(|e| bad("model.dtype", e))?),
+        };
         if t.adam_eps.is_some() && t.optimizer.as_deref() == Some("sgd") {
             return Err(bad("training.adam-eps", "only applies to optimizer = \"adamw\"".into()));
         }
@@ -250,8 +314,15 @@ impl Plan {
             warmup_steps: t.warmup_steps.unwrap_or(0),
             lr_schedule,
             seed: t.seed,
+            device,
+            model_dtype,
             output_dir: raw.output.dir,
         })
+    }
+
+    /// dtype of the frozen base weights: as configured, else the device's default.
+    pub fn base_dtype(&self) -> candle_core::DType {
+        self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype())
     }
 
     /// Planned logical steps for a training set of `n` records.
@@ -332,6 +403,11 @@ dir = "out"
             err(&BASE.replace("expected-batch-size = 8", "expected-batch-size = 0")).contains("expected-batch-size")
         );
         assert!(err(&BASE.replace("steps = 3", "steps = 3\ndevice = \"tpu\"")).contains("training.device"));
+        assert!(err(&BASE.replace("steps = 3", "steps = 3\ndevice = \"cuda:x\"")).contains("training.device"));
+        assert!(err(&BASE.replace("path = \"m\"", "path = \"m\"\ndtype = \"f64\"")).contains("model.dtype"));
+        let gpu = plan(&BASE.replace("steps = 3", "steps = 3\ndevice = \"cuda:1\"")).unwrap();
+        assert_eq!((gpu.device, gpu.base_dtype()), (DeviceSpec::Cuda(1), candle_core::DType::BF16));
+        assert_eq!(plan(BASE).unwrap().base_dtype(), candle_core::DType::F32);
         assert!(err(&BASE.replace("steps = 3", "steps = 3\nlr-schedule = \"cosine\"")).contains("training.lr-schedule"));
     }
 

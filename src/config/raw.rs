@@ -23,6 +23,9 @@ pub struct RawModel {
     pub path: PathBuf,
     /// Inputs are truncated to this many tokens (including [CLS] and [SEP]). Default 128.
     pub max_seq_len: Option<usize>,
+    /// dtype of the frozen base weights: "f32", "bf16" or "f16". Default f32 on the CPU, bf16 on
+    /// a GPU. LoRA tensors, per-example gradients, clipping and noise are always f32.
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,7 +107,7 @@ pub struct RawTraining {
     /// Fixed seed for every random stream (sampling, noise, init). For experiments only: the
     /// certificate then says "seeded: not for release". Default: fresh OS entropy.
     pub seed: Option<u64>,
-    /// "cpu" (the only device of this build).
+    /// "cpu" (default), "cuda" or "cuda:N" (a build with `--features cuda`).
     pub device: Option<String>,
 }
 

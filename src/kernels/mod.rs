@@ -27,6 +27,23 @@ use std::cell::RefCell;
 /// Threads per block of every kernel (`DP_THREADS` in kernels/dp.cu).
 pub const THREADS: u32 = 256;
 
+/// Loads `$name` from our PTX on `$dev` (a `&CudaDevice`), pushes the arguments in order and
+/// launches with `$cfg`; the launch's result is checked.
+#[cfg(feature = "cuda")]
+macro_rules! gpu_launch {
+    ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        #[allow(unused_imports)]
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let func = $dev.get_or_load_custom_func($name, gpu::MODULE, gpu::PTX)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )*
+        // SAFETY: every kernel of kernels/dp.cu bounds-checks its index against the sizes passed,
+        // and the views given cover exactly the elements those sizes describe.
+        let launched = unsafe { builder.launch($cfg) };
+        launched.map(|_| ()).map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {}: launch failed: {e}", $name)))
+    }};
+}
+
 fn contiguous(l: &Layout, what: &str) -> Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
 }
@@ -71,7 +88,10 @@ fn check_parts(parts: &[Tensor], what: &str) -> Result<(usize, usize)> {
     for (k, t) in parts.iter().enumerate() {
         let (rows, n) = t.dims2().map_err(|_| candle_core::Error::Msg(format!("{what}: part {k} is not 2-D")))?;
         if rows != b || t.dtype() != DType::F32 || !t.device().same_device(first.device()) {
-            candle_core::bail!("{what}: part {k} is [{rows}, {n}] {:?}, expected [{b}, _] f32 on one device", t.dtype());
+            candle_core::bail!(
+                "{what}: part {k} is [{rows}, {n}] {:?}, expected [{b}, _] f32 on one device",
+                t.dtype()
+            );
         }
         p += n;
     }
@@ -109,12 +129,10 @@ impl InplaceOp2 for SqNormsAccumulate {
         if b == 0 {
             return Ok(());
         }
-        let func = gpu::func(g, "dp_sq_norms_accumulate")?;
+        let dev = g.device().clone();
         let gv = gpu::view::<f32>(g, lg, self.name())?;
         let mut av = gpu::view_mut::<f64>(acc, la, self.name())?;
-        let mut builder = func.builder();
-        builder.arg(&gv).arg(&mut av).arg(&b).arg(&n);
-        gpu::launch(builder, gpu::blocks(b as u32), self.name())
+        gpu_launch!(&dev, "dp_sq_norms_accumulate", gpu::blocks(b as u32); &gv, &mut av, &b, &n)
     }
 }
 
@@ -154,17 +172,18 @@ impl candle_core::CustomOp1 for ClipFactors {
         Ok((CpuStorage::F32(f), l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let b = l.shape().elem_count();
         let dev = s.device().clone();
         let out = dev.alloc_zeros::<f32>(b)?;
         if b > 0 {
-            let func = gpu::func(s, "dp_clip_factors")?;
             let sv = gpu::view::<f64>(s, l, self.name())?;
             let (b64, clip, has) = (b as u64, self.clip.unwrap_or(0.0), self.clip.is_some() as i32);
-            let mut builder = func.builder();
-            builder.arg(&sv).arg(&out).arg(&b64).arg(&clip).arg(&has);
-            gpu::launch(builder, gpu::grid(b64), self.name())?;
+            gpu_launch!(&dev, "dp_clip_factors", gpu::grid(b64); &sv, &out, &b64, &clip, &has)?;
         }
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
     }
@@ -235,13 +254,11 @@ impl candle_core::InplaceOp3 for ClippedSumInto {
         if n == 0 {
             return Ok(());
         }
-        let func = gpu::func(g, "dp_clipped_sum")?;
+        let dev = g.device().clone();
         let gv = gpu::view::<f32>(g, lg, self.name())?;
         let fv = gpu::view::<f32>(f, lf, self.name())?;
         let mut ov = gpu::view_mut::<f32>(out, lo, self.name())?;
-        let mut builder = func.builder();
-        builder.arg(&gv).arg(&fv).arg(&mut ov).arg(&b).arg(&n);
-        gpu::launch(builder, gpu::grid(n), self.name())
+        gpu_launch!(&dev, "dp_clipped_sum", gpu::grid(n); &gv, &fv, &mut ov, &b, &n)
     }
 }
 
@@ -307,12 +324,11 @@ impl InplaceOp1 for AddNoise<'_> {
         if n == 0 {
             return Ok(());
         }
-        let func = gpu::func(s, "dp_add_gaussian_noise")?;
+        let dev = s.device().clone();
         let k = chacha::key_words(self.key.bytes());
         let mut v = gpu::view_mut::<f32>(s, l, self.name())?;
-        let mut builder = func.builder();
-        builder.arg(&mut v).arg(&n).arg(&self.stream).arg(&self.std).arg(&k[0]).arg(&k[1]).arg(&k[2]).arg(&k[3]);
-        gpu::launch(builder, gpu::grid(n.div_ceil(2)), self.name())
+        gpu_launch!(&dev, "dp_add_gaussian_noise", gpu::grid(n.div_ceil(2));
+            &mut v, &n, &self.stream, &self.std, &k[0], &k[1], &k[2], &k[3])
     }
 }
 
@@ -354,13 +370,11 @@ impl InplaceOp1 for ChaChaBlocks<'_> {
         if nblocks == 0 {
             return Ok(());
         }
-        let func = gpu::func(s, "dp_chacha20_blocks")?;
+        let dev = s.device().clone();
         let k = chacha::key_words(self.key.bytes());
         let mut v = gpu::view_mut::<u32>(s, l, self.name())?;
-        let mut builder = func.builder();
-        builder.arg(&mut v).arg(&nblocks).arg(&self.first).arg(&self.stream);
-        builder.arg(&k[0]).arg(&k[1]).arg(&k[2]).arg(&k[3]);
-        gpu::launch(builder, gpu::grid(nblocks), self.name())
+        gpu_launch!(&dev, "dp_chacha20_blocks", gpu::grid(nblocks);
+            &mut v, &nblocks, &self.first, &self.stream, &k[0], &k[1], &k[2], &k[3])
     }
 }
 
@@ -401,7 +415,10 @@ pub fn adamw_coordinate(p: &mut f32, g: f32, m: &mut f64, v: &mut f64, h: &AdamW
 
 /// AdamW moments, on the device of the parameters (allocated at the first step).
 pub enum Moments {
-    Host { m: Vec<f64>, v: Vec<f64> },
+    Host {
+        m: Vec<f64>,
+        v: Vec<f64>,
+    },
     #[cfg(feature = "cuda")]
     Cuda {
         m: candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
@@ -442,7 +459,10 @@ impl InplaceOp2 for AdamWOp<'_> {
         let moments = (**slot).get_or_insert_with(|| Moments::Host { m: vec![0.0; p.len()], v: vec![0.0; p.len()] });
         #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
         #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
-        let Moments::Host { m, v } = moments else { candle_core::bail!("AdamW moments live on another device") };
+        let Moments::Host { m, v } = moments
+        else {
+            candle_core::bail!("AdamW moments live on another device")
+        };
         if m.len() != p.len() {
             candle_core::bail!("AdamW: {} parameters, moments for {}", p.len(), m.len());
         }
@@ -474,15 +494,13 @@ impl InplaceOp2 for AdamWOp<'_> {
         if n == 0 {
             return Ok(());
         }
-        let func = gpu::func(g, "dp_adamw_step")?;
+        let dev = g.device().clone();
         let gv = gpu::view::<f32>(g, lg, self.name())?;
         let mut pv = gpu::view_mut::<f32>(p, lp, self.name())?;
         let h = self.hyper;
         let n64 = n as u64;
-        let mut builder = func.builder();
-        builder.arg(&mut pv).arg(&gv).arg(m).arg(v).arg(&n64);
-        builder.arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps).arg(&h.weight_decay).arg(&h.bc1).arg(&h.bc2);
-        gpu::launch(builder, gpu::grid(n64), self.name())
+        gpu_launch!(&dev, "dp_adamw_step", gpu::grid(n64);
+            &mut pv, &gv, m, v, &n64, &h.lr, &h.beta1, &h.beta2, &h.eps, &h.weight_decay, &h.bc1, &h.bc2)
     }
 }
 
@@ -514,7 +532,11 @@ impl FusedAdamW {
     /// Updates `params` ([n] f32, contiguous) in place from `grad` ([n] f32) with learning rate `lr`.
     pub fn step(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<()> {
         if params.dims() != grad.dims() || params.rank() != 1 {
-            candle_core::bail!("AdamW: params {:?} and gradient {:?} must be equal-length vectors", params.dims(), grad.dims());
+            candle_core::bail!(
+                "AdamW: params {:?} and gradient {:?} must be equal-length vectors",
+                params.dims(),
+                grad.dims()
+            );
         }
         if params.dtype() != DType::F32 || grad.dtype() != DType::F32 || !params.is_contiguous() {
             candle_core::bail!("AdamW: expected contiguous f32 parameters and an f32 gradient");
@@ -537,23 +559,41 @@ impl FusedAdamW {
 // ------------------------------------------------------------------------------------------------
 // CUDA plumbing.
 
+/// Runs the element-wise kernel `name(in_1, …, in_k, out, n)` over contiguous f32 inputs and
+/// returns the new f32 output (used by the model's GELU custom ops).
+#[cfg(feature = "cuda")]
+pub fn gpu_elementwise(
+    name: &str,
+    inputs: &[(&candle_core::CudaStorage, &Layout)],
+    shape: &candle_core::Shape,
+) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    let n = shape.elem_count();
+    let dev = inputs[0].0.device().clone();
+    let out = dev.alloc_zeros::<f32>(n)?;
+    if n > 0 {
+        let views = inputs.iter().map(|(s, l)| gpu::view::<f32>(s, l, name)).collect::<Result<Vec<_>>>()?;
+        let n64 = n as u64;
+        match views.as_slice() {
+            [a] => gpu_launch!(&dev, name, gpu::grid(n64); a, &out, &n64)?,
+            [a, b] => gpu_launch!(&dev, name, gpu::grid(n64); a, b, &out, &n64)?,
+            _ => candle_core::bail!("{name}: 1 or 2 inputs expected"),
+        }
+    }
+    Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, LaunchConfig};
-    use candle_core::cuda_backend::{CudaDType, CudaFunc};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result};
 
     mod ptx {
         include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
     }
-
-    /// The module name our PTX is registered under in candle's CUDA device.
-    const MODULE: &str = "dptrain_dp";
-
-    pub fn func(s: &CudaStorage, name: &str) -> Result<CudaFunc> {
-        s.device().get_or_load_custom_func(name, MODULE, ptx::DP)
-    }
+    /// Our PTX and the module name it is registered under in candle's CUDA device.
+    pub const PTX: &str = ptx::DP;
+    pub const MODULE: &str = "dptrain_dp";
 
     /// One thread per element, `THREADS` per block.
     pub fn grid(n: u64) -> LaunchConfig {
@@ -575,16 +615,6 @@ pub(crate) mod gpu {
     pub fn view_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout, what: &str) -> Result<CudaViewMut<'a, T>> {
         let (a, b) = super::contiguous(l, what)?;
         Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(a..b))
-    }
-
-    /// Launches and checks the launch (errors inside the kernel surface at the next synchronisation,
-    /// which candle checks too).
-    pub fn launch(mut builder: LaunchArgs<'_>, cfg: LaunchConfig, what: &str) -> Result<()> {
-        // SAFETY: every kernel of kernels/dp.cu bounds-checks its index against the sizes passed,
-        // and the views above cover exactly the elements the sizes describe.
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {what}: launch failed: {e}")))
     }
 }
 

@@ -5,7 +5,8 @@
 //! records what per-example gradients need: the input X, U = X Aᵀ, and a zero probe added to the
 //! output whose gradient is G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, Var};
 
 /// The trainable part of one adapted layer.
 #[derive(Debug, Clone)]
@@ -65,12 +66,36 @@ pub fn linear_nd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.reshape((lead, inner))?.matmul(&w.t()?)?.reshape(out_dims)
 }
 
-/// The frozen part x Wᵀ + b as a custom op whose backward returns only dL/dx = G W: candle's own
-/// matmul backward would also compute dL/dW (and dL/db) for the frozen weights, wasted work on
-/// every layer. Its slow twin is the plain matmul (test `frozen_linear_matches_plain_matmul`).
+/// The frozen product x Wᵀ as a custom op whose backward returns only dL/dx = G W: candle's own
+/// matmul backward would also compute dL/dW for the frozen weights, wasted work on every layer.
+/// W may be stored in bf16/f16 (the GPU default): x is cast to W's dtype for the product and the
+/// result back to f32, so activations, LoRA branches and everything per-example stay in f32.
+/// Its slow twin is the plain matmul (test `frozen_linear_matches_plain_matmul`).
 struct FrozenLinear {
     weight: Tensor,
-    bias: Option<Tensor>,
+}
+
+/// y [m, n] = x [m, k] · Wᵀ on any backend's storage, in W's dtype, returned in f32.
+fn frozen_matmul<S: BackendStorage>(x: &S, l: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+    let dims = l.dims();
+    let k = *dims.last().expect("rank ≥ 1");
+    let m = l.shape().elem_count() / k.max(1);
+    let n = wl.dims()[0];
+    if wl.dims() != [n, k] {
+        candle_core::bail!("frozen linear: input [.., {k}] does not match weight {:?}", wl.dims());
+    }
+    let converted;
+    let (xs, xl) = if x.dtype() == w.dtype() {
+        (x, Layout::contiguous_with_offset((m, k), l.start_offset()))
+    } else {
+        converted = x.to_dtype(l, w.dtype())?;
+        (&converted, Layout::contiguous((m, k)))
+    };
+    let y = xs.matmul(w, (1, m, n, k), &xl, &wl.transpose(0, 1)?)?;
+    let y = if y.dtype() == DType::F32 { y } else { y.to_dtype(&Layout::contiguous((m, n)), DType::F32)? };
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = n;
+    Ok((y, Shape::from(out_dims)))
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -78,42 +103,33 @@ impl CustomOp1 for FrozenLinear {
         "dptrain-frozen-linear"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("frozen linear: input must be contiguous f32"),
-        };
-        let x = Tensor::from_slice(x, l.shape(), &Device::Cpu)?;
-        let y = self.plain(&x)?.contiguous()?;
-        let (st, yl) = y.storage_and_layout();
-        let out = match (&*st, yl.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v[a..b].to_vec(),
-            _ => candle_core::bail!("frozen linear: unexpected output storage"),
-        };
-        Ok((CpuStorage::F32(out), y.shape().clone()))
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => frozen_matmul(s, l, w, wl),
+            _ => candle_core::bail!("frozen linear: weight and input on different devices"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => frozen_matmul(s, l, w, wl),
+            _ => candle_core::bail!("frozen linear: weight and input on different devices"),
+        }
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(linear_nd(grad_res, &self.weight.t()?)?))
-    }
-}
-
-impl FrozenLinear {
-    fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let y = linear_nd(x, &self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let g = grad_res.to_dtype(self.weight.dtype())?;
+        Ok(Some(linear_nd(&g, &self.weight.t()?)?.to_dtype(DType::F32)?))
     }
 }
 
 impl LoraLinear {
-    /// x Wᵀ + b, back-propagating only to x.
+    /// x Wᵀ + b, back-propagating only to x (computed in W's dtype, returned in f32).
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
-        let op = FrozenLinear { weight: self.weight.clone(), bias: self.bias.clone() };
-        if x.track_op() && x.device().is_cpu() {
-            x.contiguous()?.apply_op1(op)
-        } else {
-            op.plain(x)
+        let y = x.contiguous()?.apply_op1(FrozenLinear { weight: self.weight.clone() })?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 

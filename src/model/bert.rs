@@ -165,12 +165,14 @@ impl BertClassifier {
         })
     }
 
-    /// Load from a Hugging Face folder (config.json + model.safetensors), weights in f32.
+    /// Load from a Hugging Face folder (config.json + model.safetensors) onto `device`, weights
+    /// in f32 (see `with_base_dtype` for bf16/f16 frozen weights).
     pub fn load(
         dir: &Path,
         lora: Option<&LoraSpec>,
         num_labels: usize,
         init_rng: &mut ChaCha20Rng,
+        device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let st = dir.join("model.safetensors");
@@ -178,7 +180,7 @@ impl BertClassifier {
             return Err(ModelError::MissingFile(st));
         }
         // SAFETY: the file is memory-mapped read-only; dptrain never writes to a model folder.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, &Device::Cpu)? };
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
         Self::new(vb, config, lora, num_labels, init_rng).map_err(|e| ModelError::Tensor {
             file: st,
@@ -189,6 +191,24 @@ impl BertClassifier {
 
     pub fn device(&self) -> &Device {
         self.word_emb.device()
+    }
+
+    /// Stores the frozen linear weights (the bulk of the model) in `dtype` (f32, bf16 or f16).
+    /// Their products run in that dtype and return f32; embeddings, layer norms, LoRA tensors, the
+    /// head, per-example gradients, clipping and noise stay in f32.
+    pub fn with_base_dtype(mut self, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            candle_core::bail!("base weights must be f32, bf16 or f16, not {dtype:?}");
+        }
+        for l in self.all_linears_mut() {
+            l.weight = l.weight.to_dtype(dtype)?;
+        }
+        Ok(self)
+    }
+
+    /// The dtype of the frozen linear weights.
+    pub fn base_dtype(&self) -> DType {
+        self.layers.first().map_or(DType::F32, |l| l.query.weight.dtype())
     }
 
     /// The LoRA-adapted layers in forward order.

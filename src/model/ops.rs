@@ -63,6 +63,10 @@ impl CustomOp1 for GeluErf {
         });
         Ok((CpuStorage::F32(y.collect()), l.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::gpu_elementwise("dp_gelu_erf_fwd", &[(s, l)], l.shape())
+    }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(arg.contiguous()?.apply_op2(&grad_res.contiguous()?, GeluErfGrad)?))
     }
@@ -84,6 +88,19 @@ impl CustomOp2 for GeluErfGrad {
             (d * g as f64) as f32
         });
         Ok((CpuStorage::F32(out.collect()), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("gelu-grad: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        crate::kernels::gpu_elementwise("dp_gelu_erf_bwd", &[(s1, l1), (s2, l2)], l1.shape())
     }
 }
 

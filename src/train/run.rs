@@ -105,7 +105,9 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         targets: plan.target_modules.clone(),
         layers: plan.lora_layers.clone(),
     };
-    let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init)?;
+    let device = plan.device.open()?;
+    let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init, &device)?
+        .with_base_dtype(plan.base_dtype())?;
     let layout = FlatParams::from_named(&model.trainable())?;
     let params = layout.to_tensor(model.device())?;
     // Frozen lower layers: computed once per record (a function of that record alone).

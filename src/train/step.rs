@@ -2,10 +2,10 @@
 //! micro-batches → per-example gradients → clip → sum → noise once → ÷ expected batch size.
 
 use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
+use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
 use crate::lora::Tape;
 use crate::model::bert::cross_entropy_per_example;
 use crate::model::BertClassifier;
-use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
 use crate::privacy::{per_example_grad_parts, GaussianNoise};
 use candle_core::{DType, Result, Tensor};
 

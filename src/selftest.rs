@@ -1,0 +1,249 @@
+//! `dptrain selftest --device D`: every DP kernel on device D against its CPU twin on random
+//! inputs of several sizes (empty ones, and sizes that are not multiples of the block size), then
+//! a few seeded DP-SGD steps of a small random BERT on D against the same steps on the CPU.
+//!
+//! On `--device cpu` both sides are the CPU (the checks still run end to end); the point is
+//! `--device cuda` on a GPU machine. Tolerances are stated per check as atol + rtol·|reference|;
+//! checks whose arithmetic is specified to round identically also report the fraction of
+//! bit-identical values.
+
+use crate::data::Example;
+use crate::kernels::{self, FusedAdamW, NoiseKey};
+use crate::model::bert::{random_weights, uniform_tensor, BertClassifier, BertConfig, LoraSpec};
+use crate::privacy::GaussianNoise;
+use crate::train::step::{private_gradient, Mechanism};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// The outcome of one comparison.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: String,
+    /// Sizes or settings of this case.
+    pub case: String,
+    pub values: usize,
+    pub max_abs_err: f64,
+    pub max_rel_err: f64,
+    pub atol: f64,
+    pub rtol: f64,
+    /// Fraction of values that are bit-identical (1 for empty cases).
+    pub exact_fraction: f64,
+    pub pass: bool,
+}
+
+/// Compares `got` against the reference `want`: |got − want| ≤ atol + rtol·|want| everywhere, with
+/// NaN only where the reference has NaN and infinities equal.
+pub fn compare(name: &str, case: String, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> Check {
+    let mut c = Check {
+        name: name.into(),
+        case,
+        values: want.len(),
+        max_abs_err: 0.0,
+        max_rel_err: 0.0,
+        atol,
+        rtol,
+        exact_fraction: 1.0,
+        pass: got.len() == want.len(),
+    };
+    let mut exact = 0usize;
+    for (&g, &w) in got.iter().zip(want) {
+        if g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()) {
+            exact += 1;
+            continue;
+        }
+        if !(g.is_finite() && w.is_finite()) {
+            c.pass = false;
+            c.max_abs_err = f64::INFINITY;
+            continue;
+        }
+        let d = (g - w).abs();
+        c.max_abs_err = c.max_abs_err.max(d);
+        c.max_rel_err = c.max_rel_err.max(d / w.abs().max(f64::MIN_POSITIVE));
+        if d > atol + rtol * w.abs() {
+            c.pass = false;
+        }
+    }
+    if !want.is_empty() {
+        c.exact_fraction = exact as f64 / want.len() as f64;
+    }
+    c
+}
+
+fn f64s(t: &Tensor) -> Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()
+}
+
+fn random_vec(rng: &mut ChaCha20Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+}
+
+/// Runs every check on `device`; the CPU is the reference.
+pub fn run(device: &Device) -> Result<Vec<Check>> {
+    let mut out = Vec::new();
+    let cpu = Device::Cpu;
+    let mut rng = ChaCha20Rng::seed_from_u64(0x5e1f_7e57);
+    let mut key = [0u8; 32];
+    rng.fill(&mut key);
+    let key = NoiseKey::new(key);
+
+    // Keystream, bit for bit.
+    for (n, first, stream) in
+        [(0usize, 0u64, 0u64), (1, 0, 1), (255, 3, 7), (256, 0, 1 << 40), (257, 1, 2), (1000, 0, 9)]
+    {
+        let d = kernels::chacha20_blocks(device, &key, stream, first, n)?.flatten_all()?.to_vec1::<u32>()?;
+        let c = kernels::chacha20_blocks(&cpu, &key, stream, first, n)?.flatten_all()?.to_vec1::<u32>()?;
+        let (d, c): (Vec<f64>, Vec<f64>) =
+            (d.iter().map(|&x| x as f64).collect(), c.iter().map(|&x| x as f64).collect());
+        out.push(compare("chacha20 keystream", format!("{n} blocks from {first}, stream {stream}"), &d, &c, 0.0, 0.0));
+    }
+
+    // Gaussian noise.
+    for n in [0usize, 1, 2, 3, 255, 256, 257, 511, 513, 100_003] {
+        let v = random_vec(&mut rng, n, 3.0);
+        let (td, tc) = (Tensor::from_slice(&v, n, device)?, Tensor::from_slice(&v, n, &cpu)?);
+        kernels::add_gaussian_noise(&td, &key, 11, 1.7)?;
+        kernels::add_gaussian_noise(&tc, &key, 11, 1.7)?;
+        out.push(compare("gaussian noise", format!("n = {n}, std 1.7"), &f64s(&td)?, &f64s(&tc)?, 1e-6, 1e-6));
+    }
+
+    // Norms, clip factors, clipped sums.
+    let shapes: [(usize, &[usize]); 6] =
+        [(0, &[4]), (1, &[1]), (3, &[255, 256, 257]), (33, &[5000, 3]), (257, &[1, 300]), (64, &[12_289])];
+    for (b, widths) in shapes {
+        let mut parts_c = Vec::new();
+        for (k, &n) in widths.iter().enumerate() {
+            let mut v = random_vec(&mut rng, b * n, 0.1);
+            if b >= 3 && k == 0 {
+                v[n] = f32::NAN; // example 1 is not finite
+                v[2 * n] = f32::INFINITY; // nor is example 2
+            }
+            parts_c.push(Tensor::from_vec(v, (b, n), &cpu)?);
+        }
+        let parts_d = parts_c.iter().map(|t| t.to_device(device)).collect::<Result<Vec<_>>>()?;
+        let case = format!("b = {b}, widths {widths:?}");
+        let sq_c = kernels::per_example_sq_norms(&parts_c)?;
+        let sq_d = kernels::per_example_sq_norms(&parts_d)?;
+        out.push(compare("per-example squared norms", case.clone(), &f64s(&sq_d)?, &f64s(&sq_c)?, 0.0, 1e-12));
+        let sq_same = sq_c.to_device(device)?;
+        for clip in [Some(0.5), None] {
+            let f_c = kernels::clip_factors(&sq_c, clip)?;
+            let f_d = kernels::clip_factors(&sq_same, clip)?;
+            out.push(compare("clip factors", format!("{case}, C = {clip:?}"), &f64s(&f_d)?, &f64s(&f_c)?, 0.0, 0.0));
+            let s_c = kernels::clipped_sum(&parts_c, &f_c)?;
+            let s_d = kernels::clipped_sum(&parts_d, &f_c.to_device(device)?)?;
+            out.push(compare("clipped sum", format!("{case}, C = {clip:?}"), &f64s(&s_d)?, &f64s(&s_c)?, 1e-7, 1e-6));
+        }
+    }
+
+    // Fused AdamW over three steps.
+    for n in [0usize, 1, 255, 257, 10_000] {
+        let p0 = random_vec(&mut rng, n, 1.0);
+        let (pd, pc) = (Tensor::from_slice(&p0, n, device)?, Tensor::from_slice(&p0, n, &cpu)?);
+        let (mut od, mut oc) = (FusedAdamW::new(0.01, 1e-8), FusedAdamW::new(0.01, 1e-8));
+        for t in 0..3 {
+            let g = random_vec(&mut rng, n, 0.3);
+            od.step(&pd, &Tensor::from_slice(&g, n, device)?, 1e-2 * (t + 1) as f64)?;
+            oc.step(&pc, &Tensor::from_slice(&g, n, &cpu)?, 1e-2 * (t + 1) as f64)?;
+        }
+        out.push(compare("fused AdamW parameters", format!("n = {n}, 3 steps"), &f64s(&pd)?, &f64s(&pc)?, 1e-7, 1e-6));
+        let (md, vd) = od.moments().map_or(Ok((vec![], vec![])), |m| m.to_host())?;
+        let (mc, vc) = oc.moments().map_or(Ok((vec![], vec![])), |m| m.to_host())?;
+        let (d, c) = ([md, vd].concat(), [mc, vc].concat());
+        out.push(compare("fused AdamW moments", format!("n = {n}, 3 steps"), &d, &c, 1e-15, 1e-12));
+    }
+
+    // Exact-erf GELU forward and backward.
+    for n in [1usize, 257, 10_000] {
+        let x = random_vec(&mut rng, n, 4.0);
+        let c = random_vec(&mut rng, n, 1.0);
+        let mut res = Vec::new();
+        for dev in [device, &cpu] {
+            let xv = Var::from_tensor(&Tensor::from_slice(&x, n, dev)?)?;
+            let y = crate::model::ops::gelu_erf(xv.as_tensor())?;
+            let g = (&y * Tensor::from_slice(&c, n, dev)?)?.sum_all()?.backward()?;
+            let gx = g.get(xv.as_tensor()).expect("gradient reaches x").clone();
+            res.push((f64s(&y)?, f64s(&gx)?));
+        }
+        out.push(compare("gelu forward", format!("n = {n}"), &res[0].0, &res[1].0, 1e-7, 1e-6));
+        out.push(compare("gelu backward", format!("n = {n}"), &res[0].1, &res[1].1, 1e-7, 1e-6));
+    }
+
+    // Seeded DP-SGD steps of a small BERT: the device against the CPU.
+    let reference = train_steps(&cpu, DType::F32)?;
+    for (dtype, atol_rel) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+        let got = train_steps(device, dtype)?;
+        for (what, g, w) in [("privatised gradients", &got.0, &reference.0), ("parameters", &got.1, &reference.1)] {
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+            out.push(compare(
+                &format!("3 DP-SGD steps: {what}"),
+                format!("base weights {dtype:?}; atol = {atol_rel:e} · max |reference| = {:.3e}", atol_rel * scale),
+                g,
+                w,
+                atol_rel * scale,
+                0.0,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Three seeded DP-SGD steps (clip, noise, AdamW) of a 2-layer random BERT with LoRA on every
+/// linear module, micro-batches of 7 (not dividing the batches): returns (the privatised gradients
+/// of all steps, the final parameters), flattened.
+fn train_steps(device: &Device, base: DType) -> Result<(Vec<f64>, Vec<f64>)> {
+    let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "bert", "vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"
+    }))
+    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mut rng = ChaCha20Rng::seed_from_u64(77);
+    let w = random_weights(&cfg, &mut rng, &Device::Cpu)?;
+    let w = w.into_iter().map(|(k, t)| Ok((k, t.to_device(device)?))).collect::<Result<_>>()?;
+    let vb = VarBuilder::from_tensors(w, DType::F32, device);
+    let targets = crate::config::BERT_LORA_MODULES.iter().map(|s| s.to_string()).collect();
+    let spec = LoraSpec { rank: 4, alpha: 8.0, targets, layers: None };
+    let mut model = BertClassifier::new(vb, cfg, Some(&spec), 3, &mut rng)?.with_base_dtype(base)?;
+    let random = model
+        .trainable()
+        .iter()
+        .map(|(_, t)| uniform_tensor(&mut rng, t.dims(), 0.3, &Device::Cpu)?.to_device(device))
+        .collect::<Result<Vec<_>>>()?;
+    model.set_trainable(&random)?;
+    let layout = crate::train::params::FlatParams::from_named(&model.trainable())?;
+    let params = layout.to_tensor(device)?;
+    let examples: Vec<Example> = (0..24)
+        .map(|i| Example {
+            ids: (0..(5 + (i * 7) % 36)).map(|j| ((i * 13 + j * 5) % 119 + 1) as u32).collect(),
+            label: i % 3,
+        })
+        .collect();
+    let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(5));
+    let mut opt = FusedAdamW::new(0.01, 1e-8);
+    let mut grads = Vec::new();
+    for t in 0..3u64 {
+        let idx: Vec<usize> = (0..24).filter(|i| (i * 5 + t as usize) % 3 != 0).collect();
+        let (g, _) = private_gradient(&model, &examples, None, &idx, 7, layout.len(), &mech, &noise, t)?;
+        grads.extend(f64s(&g)?);
+        opt.step(&params, &g, 1e-2)?;
+        model.set_trainable(&layout.split(&params)?)?;
+    }
+    Ok((grads, f64s(&params)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_flags_values_outside_tolerance_and_misplaced_nans() {
+        assert!(compare("x", String::new(), &[1.0, 2.0], &[1.0, 2.0 + 1e-9], 0.0, 1e-6).pass);
+        assert!(!compare("x", String::new(), &[1.0, 2.1], &[1.0, 2.0], 0.0, 1e-6).pass);
+        assert!(!compare("x", String::new(), &[f64::NAN], &[1.0], 1.0, 1.0).pass);
+        assert!(compare("x", String::new(), &[f64::NAN], &[f64::NAN], 0.0, 0.0).pass);
+        assert!(!compare("x", String::new(), &[1.0], &[], 0.0, 0.0).pass);
+    }
+}
