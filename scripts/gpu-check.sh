@@ -40,8 +40,8 @@ sed -e 's#^path = .*#path = ".gpu/minilm-bf16"#' -e 's#^train = .*#train = "/tmp
   -e 's#^test = .*#test = "/tmp/data/test.jsonl"#' configs/quickstart.toml >/tmp/quickstart-gpu.toml
 {
   echo "== DP (configs/quickstart.toml on cuda, base weights bf16)"
-  time DPTRAIN_TIMING=1 timeout 200 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-dp 2>&1
+  time DPTRAIN_TIMING=1 timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-dp 2>&1
   cp /tmp/run-dp/privacy_report.json "$OUT/privacy_report.json"
   echo "== non-private, same config"
-  time DPTRAIN_TIMING=1 timeout 200 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-np --non-private 2>&1
+  time DPTRAIN_TIMING=1 timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-np --non-private 2>&1
 } 2>&1 | tee "$OUT/quickstart.txt"
