@@ -11,7 +11,7 @@ use dptrain::accounting::{DpEvent, RdpAccountant};
 use dptrain::data::{Batch, Example};
 use dptrain::model::bert::{cross_entropy_per_example, random_weights, BertClassifier, BertConfig, LoraSpec};
 use dptrain::privacy::GaussianNoise;
-use dptrain::train::step::clipped_sum_micro_batch;
+use dptrain::train::step::{clipped_sum_micro_batch, ClipImpl};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -43,7 +43,9 @@ fn bench_step(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("dp_lora_per_example_clip_sum", |b| {
         let batch = Batch::from_examples(&refs, &Device::Cpu).unwrap();
-        b.iter(|| clipped_sum_micro_batch(&m, &batch, Some(1.0)).unwrap());
+        b.iter(|| {
+            clipped_sum_micro_batch(&m, &batch, Some(1.0), ClipImpl::Fused).unwrap().sum.to_vec1::<f32>().unwrap()
+        });
     });
     let originals: Vec<Tensor> = m.trainable().into_iter().map(|(_, t)| t).collect();
     let vars: Vec<Var> = originals.iter().map(|t| Var::from_tensor(t).unwrap()).collect();

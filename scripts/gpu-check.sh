@@ -30,7 +30,8 @@ ALL=query,key,value,attention.output.dense,intermediate.dense,output.dense
   "${B[@]}" --shape minilm-l6 --batch 128 --seq-len 128
   "${B[@]}" --shape minilm-l6 --batch 64 --seq-len 128 --targets "$ALL"
   "${B[@]}" --shape bert-base --batch 32 --seq-len 128
-  "${B[@]}" --shape bert-base --batch 64 --seq-len 256 --targets "$ALL"
+  "${B[@]}" --shape bert-base --batch 32 --seq-len 128 --targets "$ALL"
+  "${B[@]}" --model .gpu/minilm-bf16 --batch 32 --seq-len 128
 } 2>&1 | tee "$OUT/bench.txt"
 
 mkdir -p /tmp/data

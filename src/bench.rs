@@ -10,17 +10,18 @@
 //! - `dp-candle-ops`: the same step with the clip done by candle ops on the concatenated [b, P]
 //!   per-example matrix (the "before" of the fused kernels).
 //!
+//! Every variant builds its batch (host → device) inside the timed step, as training does.
+//!
 //! Each step ends with a device synchronisation before the clock is read. Reported: the median
 //! step time over `steps` timed steps (after `warmup` untimed ones), examples/s, and on CUDA the
 //! peak memory of the default memory pool during the variant (high-water mark, reset per variant).
 
 use crate::data::{Batch, Example};
 use crate::kernels::FusedAdamW;
-use crate::lora::Tape;
 use crate::model::bert::{cross_entropy_per_example, random_weights, BertClassifier, BertConfig, LoraSpec};
-use crate::privacy::{clip_and_sum, per_example_grads, GaussianNoise};
+use crate::privacy::GaussianNoise;
 use crate::train::params::FlatParams;
-use crate::train::step::{private_gradient, Mechanism};
+use crate::train::step::{private_gradient_with, ClipImpl, Mechanism};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -163,8 +164,6 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         .map(|i| Example { ids: (0..opts.seq_len).map(|_| rng.random_range(1..vocab)).collect(), label: i % 2 })
         .collect();
     let all: Vec<usize> = (0..opts.batch).collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    let batch = Batch::from_examples(&refs, device)?;
     let layout = FlatParams::from_named(&model.trainable())?;
     let initial = model.trainable().into_iter().map(|(_, t)| t).collect::<Vec<_>>();
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.0, expected_batch_size: opts.batch };
@@ -181,6 +180,8 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
                 let vars = initial.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
                 model.set_trainable(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
                 let t = time_steps(device, opts.warmup, opts.steps, |_| {
+                    // Built per step, as the DP variants (and training) do.
+                    let batch = Batch::gather(&examples, &all, None, device)?;
                     let logits = model.batch_logits(&batch, None)?;
                     let loss = (cross_entropy_per_example(&logits, &batch.labels)?.sum_all()? / opts.batch as f64)?;
                     let grads = loss.backward()?;
@@ -202,22 +203,16 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
                 model.set_trainable(&initial)?;
                 t
             }
-            "dp" => time_steps(device, opts.warmup, opts.steps, |s| {
-                let (g, _) =
-                    private_gradient(&model, &examples, None, &all, opts.batch, layout.len(), &mech, &noise, s)?;
-                opt.step(&params, &g, lr)?;
-                model.set_trainable(&layout.split(&params)?)
-            })?,
-            _ => time_steps(device, opts.warmup, opts.steps, |s| {
-                let mut tape = Tape::default();
-                let logits = model.batch_logits(&batch, Some(&mut tape))?;
-                let grads = cross_entropy_per_example(&logits, &batch.labels)?.sum_all()?.backward()?;
-                let per_example = per_example_grads(&model, &tape, &grads)?;
-                let (sum, _) = clip_and_sum(&per_example, mech.clip)?;
-                noise.add_noise_tensor(&sum, s, mech.noise_multiplier * 1.0)?;
-                opt.step(&params, &(sum / opts.batch as f64)?, lr)?;
-                model.set_trainable(&layout.split(&params)?)
-            })?,
+            dp => {
+                let how = if dp == "dp" { ClipImpl::Fused } else { ClipImpl::CandleOps };
+                time_steps(device, opts.warmup, opts.steps, |s| {
+                    let n = layout.len();
+                    let (g, _) =
+                        private_gradient_with(&model, &examples, None, &all, opts.batch, n, &mech, &noise, s, how)?;
+                    opt.step(&params, &g, lr)?;
+                    model.set_trainable(&layout.split(&params)?)
+                })?
+            }
         };
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);

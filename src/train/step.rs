@@ -30,49 +30,65 @@ pub struct StepReport {
     pub micro_batches: usize,
 }
 
-/// Sum over one micro-batch of the clipped per-example gradients: [P], with its stats. The norms,
-/// clip factors and weighted sum run as fused kernels on the model's device (`crate::kernels`).
+/// How per-example gradients are clipped and summed. Both compute the same thing; `Fused` is what
+/// training uses, `CandleOps` the unfused "before" kept for `dptrain bench` and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClipImpl {
+    /// Per-tensor parts, no [b, P] concatenation; norms, factors and the weighted sum as the
+    /// kernels of `crate::kernels` (CUDA) or their CPU twins.
+    #[default]
+    Fused,
+    /// Concatenate to [b, P], then candle ops (`privacy::clip_and_sum`).
+    CandleOps,
+}
+
+/// What one micro-batch contributes, still on the device (no host synchronisation).
+pub struct MicroBatchSum {
+    /// Σ of the clipped per-example gradients: [P] f32.
+    pub sum: Tensor,
+    /// Σ of the per-example losses: a scalar f32 tensor.
+    pub loss_sum: Tensor,
+    /// Squared per-example gradient norms [b] f64 (for the clip statistics).
+    pub sq_norms: Tensor,
+    pub size: usize,
+    pub tokens: usize,
+}
+
+/// Sum over one micro-batch of the clipped per-example gradients (`clip = None`: unclipped, for
+/// the non-private baseline; non-finite examples are dropped either way).
 pub fn clipped_sum_micro_batch(
     model: &BertClassifier,
     batch: &Batch,
     clip: Option<f64>,
-) -> Result<(Tensor, StepReport)> {
+    how: ClipImpl,
+) -> Result<MicroBatchSum> {
     let mut tape = Tape::default();
     let logits = model.batch_logits(batch, Some(&mut tape))?;
     let losses = cross_entropy_per_example(&logits, &batch.labels)?;
     // The summed loss: dL/dy at example i is example i's own gradient.
-    let grads = losses.sum_all()?.backward()?;
-    let parts = per_example_grad_parts(model, &tape, &grads)?;
-    let sq = per_example_sq_norms(&parts)?;
-    let factors = clip_factors(&sq, clip)?;
-    let sum = clipped_sum(&parts, &factors)?;
-    let (mut clipped, mut nonfinite) = (0, 0);
-    for &q in &sq.to_vec1::<f64>()? {
-        match crate::kernels::clip_factor_from_sq(q, clip) {
-            0.0 => nonfinite += 1,
-            f if f < 1.0 => clipped += 1,
-            _ => {}
+    let loss_sum = losses.sum_all()?;
+    let grads = loss_sum.backward()?;
+    let (sum, sq_norms) = match how {
+        ClipImpl::Fused => {
+            let parts = per_example_grad_parts(model, &tape, &grads)?;
+            let sq = per_example_sq_norms(&parts)?;
+            (clipped_sum(&parts, &clip_factors(&sq, clip)?)?, sq)
         }
-    }
-    let loss_sum = losses.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok((
-        sum,
-        StepReport {
-            batch_size: batch.size,
-            tokens: batch.tokens,
-            loss_sum,
-            clipped,
-            nonfinite,
-            noised_coordinates: 0,
-            micro_batches: 1,
-        },
-    ))
+        ClipImpl::CandleOps => {
+            let per_example = crate::privacy::per_example_grads(model, &tape, &grads)?;
+            let (sum, stats) = crate::privacy::clip_and_sum(&per_example, clip)?;
+            let sq: Vec<f64> = stats.norms.iter().map(|&n| (n as f64) * (n as f64)).collect();
+            (sum, Tensor::from_vec(sq, batch.size, &candle_core::Device::Cpu)?)
+        }
+    };
+    Ok(MicroBatchSum { sum, loss_sum: loss_sum.detach(), sq_norms, size: batch.size, tokens: batch.tokens })
 }
 
 /// The privatised gradient of one logical batch (`indices` into `examples`), as a flat [P]
 /// tensor on the model's device in the order of `BertClassifier::trainable`. `step` (0-based)
 /// selects the noise stream: each step must have its own. With `cache`, the frozen lower layers
-/// are read from it instead of recomputed.
+/// are read from it instead of recomputed. The device is synchronised once, at the end, for the
+/// step's statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn private_gradient(
     model: &BertClassifier,
@@ -85,17 +101,46 @@ pub fn private_gradient(
     noise: &GaussianNoise,
     step: u64,
 ) -> Result<(Tensor, StepReport)> {
+    private_gradient_with(
+        model,
+        examples,
+        cache,
+        indices,
+        max_physical_batch,
+        num_params,
+        mech,
+        noise,
+        step,
+        ClipImpl::Fused,
+    )
+}
+
+/// `private_gradient` with a chosen clip implementation.
+#[allow(clippy::too_many_arguments)]
+pub fn private_gradient_with(
+    model: &BertClassifier,
+    examples: &[Example],
+    cache: Option<&FeatureCache>,
+    indices: &[usize],
+    max_physical_batch: usize,
+    num_params: usize,
+    mech: &Mechanism,
+    noise: &GaussianNoise,
+    step: u64,
+    how: ClipImpl,
+) -> Result<(Tensor, StepReport)> {
     let mut report = StepReport::default();
     let mut sum = Tensor::zeros(num_params, DType::F32, model.device())?;
+    let mut losses = Vec::new();
+    let mut sq_norms = Vec::new();
     for mb in make_micro_batches(examples, indices, max_physical_batch) {
         let batch = Batch::gather(examples, &mb, cache, model.device())?;
-        let (s, r) = clipped_sum_micro_batch(model, &batch, mech.clip)?;
-        sum = (sum + s)?;
-        report.batch_size += r.batch_size;
-        report.tokens += r.tokens;
-        report.loss_sum += r.loss_sum;
-        report.clipped += r.clipped;
-        report.nonfinite += r.nonfinite;
+        let m = clipped_sum_micro_batch(model, &batch, mech.clip, how)?;
+        sum = (sum + m.sum)?;
+        losses.push(m.loss_sum);
+        sq_norms.push(m.sq_norms);
+        report.batch_size += m.size;
+        report.tokens += m.tokens;
         report.micro_batches += 1;
     }
     // Noise once per logical step, also when the batch was empty (PITFALLS 4, 5).
@@ -107,5 +152,18 @@ pub fn private_gradient(
     }
     // Divide by the expected batch size, never the realised one (PITFALLS 2).
     let grad = (sum / mech.expected_batch_size as f64)?;
+    // Statistics (host side; never used by the mechanism).
+    for l in &losses {
+        report.loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    for sq in &sq_norms {
+        for &q in &sq.to_vec1::<f64>()? {
+            match crate::kernels::clip_factor_from_sq(q, mech.clip) {
+                0.0 => report.nonfinite += 1,
+                f if f < 1.0 => report.clipped += 1,
+                _ => {}
+            }
+        }
+    }
     Ok((grad, report))
 }
