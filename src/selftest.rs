@@ -222,7 +222,7 @@ fn train_steps(device: &Device, base: DType) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut opt = FusedAdamW::new(0.01, 1e-8);
     let mut grads = Vec::new();
     for t in 0..3u64 {
-        let idx: Vec<usize> = (0..24).filter(|i| (i * 5 + t as usize) % 3 != 0).collect();
+        let idx: Vec<usize> = (0..24).filter(|i| !(i * 5 + t as usize).is_multiple_of(3)).collect();
         let (g, _) = private_gradient(&model, &examples, None, &idx, 7, layout.len(), &mech, &noise, t)?;
         grads.extend(f64s(&g)?);
         opt.step(&params, &g, 1e-2)?;

@@ -247,3 +247,58 @@ fn configured_label_set_rejects_other_labels_in_training_data() {
     assert!(!ok);
     assert!(log.contains("train.jsonl:2") && log.contains("label `b`"), "{log}");
 }
+
+#[test]
+fn selftest_on_cpu_runs_every_check_and_writes_json() {
+    let path = std::env::temp_dir().join(format!("dptrain-selftest-{}.json", std::process::id()));
+    let (ok, out) = dptrain(&["selftest", "--device", "cpu", "--json", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let checks = v["checks"].as_array().unwrap();
+    assert!(checks.len() >= 60, "{} checks", checks.len());
+    assert!(checks.iter().all(|c| c["pass"] == true));
+    // Every kernel family is covered, including empty inputs.
+    for name in ["chacha20 keystream", "gaussian noise", "clipped sum", "fused AdamW parameters", "gelu backward"] {
+        assert!(checks.iter().any(|c| c["name"] == name), "no {name} check");
+    }
+    assert!(checks.iter().any(|c| c["name"] == "clipped sum" && c["case"].as_str().unwrap().starts_with("b = 0")));
+}
+
+#[test]
+fn bench_reports_dp_and_non_private_on_the_same_batch() {
+    let path = std::env::temp_dir().join(format!("dptrain-bench-{}.json", std::process::id()));
+    let (ok, out) = dptrain(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--batch",
+        "4",
+        "--seq-len",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let names: Vec<&str> = v["results"].as_array().unwrap().iter().map(|r| r["variant"].as_str().unwrap()).collect();
+    assert_eq!(names, ["non-private", "dp", "dp-candle-ops"]);
+    assert!(v["results"].as_array().unwrap().iter().all(|r| r["examples_per_s"].as_f64().unwrap() > 0.0));
+    assert_eq!((v["batch"].as_u64(), v["seq_len"].as_u64()), (Some(4), Some(16)));
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_in_a_cpu_build_is_a_clear_error() {
+    let (ok, out) = dptrain(&["selftest", "--device", "cuda"]);
+    assert!(!ok);
+    assert!(out.contains("built without CUDA support"), "{out}");
+    let f = Fixture::new("cuda");
+    let (ok, out) =
+        dptrain(&["--config", f.config("target-epsilon = 2.0", "out").to_str().unwrap(), "--device", "cuda:0"]);
+    assert!(!ok);
+    assert!(out.contains("built without CUDA support"), "{out}");
+}

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub const ENGINE: &str = concat!("dptrain ", env!("CARGO_PKG_VERSION"));
 pub const NEIGHBOURING: &str = "add/remove-one record";
 pub const SAMPLER: &str = "Poisson sampling (each record independently with probability q), ChaCha20 stream";
-pub const NOISE_GENERATOR: &str = "ChaCha20 CSPRNG; each N(0, σ²C²) draw is a sum of 4 Box–Muller Gaussians (f64)";
+pub const NOISE_GENERATOR: &str = "ChaCha20 CSPRNG, counter-based (256-bit secret key; stream = step, block = coordinate pair); each N(0, σ²C²) draw is a sum of 4 Box–Muller Gaussians (f64)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -218,6 +218,11 @@ pub fn write_outputs(
             if plan.labels.is_some() { "the label set is given in the config (public)" } else { "the label set is read from the training data" },
             "the base model's own training data",
         ],
+        "compute": {
+            "device": plan.device.name(),
+            "base_weights_dtype": format!("{:?}", plan.base_dtype()).to_lowercase(),
+            "per_example_gradients_clipping_noise_dtype": "f32 (noise and clip sums in f64)",
+        },
         "metrics": {
             "test_accuracy": s.test_accuracy,
             "train_seconds": s.train_seconds,
