@@ -2,11 +2,12 @@
 //!
 //! The frozen W and b are plain tensors (never `Var`s), so no gradient is ever computed for them.
 //! B starts at zero, so a fresh adapter gives exactly the base output. With a `Tape`, the forward
-//! records what per-example gradients need: the input X, U = X Aᵀ, and a zero probe added to the
-//! output whose gradient is G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
+//! records what per-example gradients need: the input X, U = X Aᵀ, and (through a `grad_tap` on
+//! the output) G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, Var};
+use std::sync::{Arc, Mutex};
 
 /// The trainable part of one adapted layer.
 #[derive(Debug, Clone)]
@@ -37,16 +38,76 @@ pub struct LoraRecord {
     pub x: Tensor,
     /// [b, T, r]
     pub u: Tensor,
-    /// Zero [b, T, out] added to the output: its gradient is dL/dy.
-    pub probe: Var,
+    /// Receives dL/dy [b, T, out] during the backward pass.
+    pub grad: GradSlot,
 }
 
 /// What the classification head recorded.
 pub struct HeadRecord {
     /// [b, H] pooled features.
     pub h: Tensor,
-    /// Zero [b, C] added to the logits.
-    pub probe: Var,
+    /// Receives dL/dlogits [b, C] during the backward pass.
+    pub grad: GradSlot,
+}
+
+/// Where a `grad_tap` leaves the gradient that flowed through it.
+#[derive(Clone, Default)]
+pub struct GradSlot(Arc<Mutex<Option<Tensor>>>);
+
+impl GradSlot {
+    /// The recorded gradient (None if no backward pass reached the tap).
+    pub fn get(&self) -> Option<Tensor> {
+        self.0.lock().expect("grad slot lock").clone()
+    }
+}
+
+/// The identity on `y` whose backward records dL/dy in `slot` (and passes it on unchanged).
+/// This is how the tape sees the output gradients of adapted layers and of the head. The op also
+/// takes a one-element `Var` it ignores: that makes candle track the graph from here on even when
+/// nothing below is trainable (so the backward stops at the lowest tap, as it should), without
+/// the [b, T, out] zero "probe" tensors and additions a `Var` added to y would cost.
+pub fn grad_tap(y: &Tensor, slot: &GradSlot) -> Result<Tensor> {
+    let tracker = Var::zeros(1, DType::F32, y.device())?;
+    y.apply_op2(tracker.as_tensor(), GradTap { slot: slot.clone() })
+}
+
+struct GradTap {
+    slot: GradSlot,
+}
+
+impl CustomOp2 for GradTap {
+    fn name(&self) -> &'static str {
+        "dptrain-grad-tap"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        // y · 1 + 0: an exact copy into a fresh contiguous storage.
+        Ok((s.affine(l, 1.0, 0.0)?, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s.affine(l, 1.0, 0.0)?, l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _tracker: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut slot = self.slot.0.lock().expect("grad slot lock");
+        *slot = Some(match slot.take() {
+            // A second backward through the same graph adds up, as gradients do.
+            Some(prev) => (prev + grad_res)?,
+            None => grad_res.clone(),
+        });
+        Ok((Some(grad_res.clone()), None))
+    }
 }
 
 /// Records of one forward pass, in model order.
@@ -142,13 +203,13 @@ impl LoraLinear {
                 y + (linear_nd(&u, &ad.b)? * ad.scale)?
             }
             Some(tape) => {
-                // A and B are constants here; the probe carries dL/dy out. The branch still uses
+                // A and B are constants here; the tap carries dL/dy out. The branch still uses
                 // the tracked x, so upstream layers get the gradient through both paths.
                 let u = linear_nd(x, &ad.a)?;
                 let branch = (linear_nd(&u, &ad.b)? * ad.scale)?;
-                let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
-                let y = ((y + branch)? + probe.as_tensor())?;
-                tape.lora.push(LoraRecord { name: self.name.clone(), x: x.detach(), u: u.detach(), probe });
+                let grad = GradSlot::default();
+                let y = grad_tap(&(y + branch)?, &grad)?;
+                tape.lora.push(LoraRecord { name: self.name.clone(), x: x.detach(), u: u.detach(), grad });
                 Ok(y)
             }
         }

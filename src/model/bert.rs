@@ -7,7 +7,7 @@
 use super::ops::{gelu_erf, layer_norm, softmax_last};
 use super::ModelError;
 use crate::lora::{linear_nd, HeadRecord, LoraAdapter, LoraLinear, Tape};
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
@@ -366,9 +366,9 @@ impl BertClassifier {
             None => Ok(logits),
             Some(tape) => {
                 let h = pooled.detach();
-                let probe = Var::zeros(logits.shape(), logits.dtype(), logits.device())?;
-                let logits = (logits + probe.as_tensor())?;
-                tape.head = Some(HeadRecord { h, probe });
+                let grad = crate::lora::GradSlot::default();
+                let logits = crate::lora::grad_tap(&logits, &grad)?;
+                tape.head = Some(HeadRecord { h, grad });
                 Ok(logits)
             }
         }

@@ -12,16 +12,15 @@
 
 use crate::lora::Tape;
 use crate::model::BertClassifier;
-use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
-pub fn per_example_grads(model: &BertClassifier, tape: &Tape, grads: &GradStore) -> Result<Tensor> {
-    Tensor::cat(&per_example_grad_parts(model, tape, grads)?, 1)
+pub fn per_example_grads(model: &BertClassifier, tape: &Tape) -> Result<Tensor> {
+    Tensor::cat(&per_example_grad_parts(model, tape)?, 1)
 }
 
 /// The same as one [b, n_k] f32 tensor per trainable tensor (canonical order), without the
 /// concatenation: what the fused norm and clip kernels take.
-pub fn per_example_grad_parts(model: &BertClassifier, tape: &Tape, grads: &GradStore) -> Result<Vec<Tensor>> {
+pub fn per_example_grad_parts(model: &BertClassifier, tape: &Tape) -> Result<Vec<Tensor>> {
     let layers = model.adapted_layers();
     if layers.len() != tape.lora.len() {
         candle_core::bail!("tape has {} LoRA records, model has {} adapted layers", tape.lora.len(), layers.len());
@@ -35,8 +34,9 @@ pub fn per_example_grad_parts(model: &BertClassifier, tape: &Tape, grads: &GradS
         }
         let ad = layer.adapter.as_ref().expect("adapted layer");
         // A missing gradient means the graph was cut (PITFALLS 15): fail, never clip nothing.
-        let g = grads
-            .get(rec.probe.as_tensor())
+        let g = &rec
+            .grad
+            .get()
             .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached LoRA layer {}", rec.name)))?;
         let g_t = g.transpose(1, 2)?.contiguous()?; // [b, out, T]
         let d_b = (g_t.matmul(&rec.u)? * ad.scale)?; // [b, out, r]
@@ -45,8 +45,9 @@ pub fn per_example_grad_parts(model: &BertClassifier, tape: &Tape, grads: &GradS
         parts.push(d_a.reshape((b, ()))?);
         parts.push(d_b.reshape((b, ()))?);
     }
-    let g = grads
-        .get(head.probe.as_tensor())
+    let g = &head
+        .grad
+        .get()
         .ok_or_else(|| candle_core::Error::Msg("no gradient reached the classification head".into()))?;
     let d_w = g.unsqueeze(2)?.matmul(&head.h.unsqueeze(1)?)?; // [b, C, H]
     parts.push(d_w.reshape((b, ()))?);

@@ -67,15 +67,16 @@ pub fn clipped_sum_micro_batch(
     let losses = cross_entropy_per_example(&logits, &batch.labels)?;
     // The summed loss: dL/dy at example i is example i's own gradient.
     let loss_sum = losses.sum_all()?;
-    let grads = loss_sum.backward()?;
+    // The backward fills the tape's gradient slots (the GradStore itself is not needed).
+    loss_sum.backward()?;
     let (sum, sq_norms) = match how {
         ClipImpl::Fused => {
-            let parts = per_example_grad_parts(model, &tape, &grads)?;
+            let parts = per_example_grad_parts(model, &tape)?;
             let sq = per_example_sq_norms(&parts)?;
             (clipped_sum(&parts, &clip_factors(&sq, clip)?)?, sq)
         }
         ClipImpl::CandleOps => {
-            let per_example = crate::privacy::per_example_grads(model, &tape, &grads)?;
+            let per_example = crate::privacy::per_example_grads(model, &tape)?;
             let (sum, stats) = crate::privacy::clip_and_sum(&per_example, clip)?;
             let sq: Vec<f64> = stats.norms.iter().map(|&n| (n as f64) * (n as f64)).collect();
             (sum, Tensor::from_vec(sq, batch.size, &candle_core::Device::Cpu)?)
