@@ -2,12 +2,12 @@
 //! one micro-batch step of a MiniLM-shaped BERT (2 layers, hidden 384, LoRA r = 8 on query/value,
 //! 16 examples × 64 tokens) with (a) plain LoRA backward (no per-example gradients, no clipping)
 //! and (b) the DP path (tape, per-example gradients, clip and sum); plus noise generation and the
-//! accountant. Run: `cargo bench --bench dp_step`.
+//! accountants (RDP; PLD ε and a PLD calibration). Run: `cargo bench --bench dp_step`.
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, Criterion};
-use dptrain::accounting::{DpEvent, RdpAccountant};
+use dptrain::accounting::{calibrate_noise_multiplier, DpEvent, PldAccountant, RdpAccountant};
 use dptrain::data::{Batch, Example};
 use dptrain::model::bert::{cross_entropy_per_example, random_weights, BertClassifier, BertConfig, LoraSpec};
 use dptrain::privacy::GaussianNoise;
@@ -75,6 +75,19 @@ fn bench_noise_and_accounting(c: &mut Criterion) {
     c.bench_function("rdp_epsilon_10000_steps", |b| {
         b.iter(|| acc.epsilon(&DpEvent::dp_sgd(0.01, 1.0, 10_000), 1e-5).unwrap())
     });
+    let mut g = c.benchmark_group("pld");
+    g.sample_size(10);
+    let pld = PldAccountant::default();
+    g.bench_function("pld_epsilon_10000_steps_q0.01_sigma1", |b| {
+        b.iter(|| pld.epsilon(&DpEvent::dp_sgd(0.01, 1.0, 10_000), 1e-5).unwrap())
+    });
+    g.bench_function("pld_calibration_eps3_q0.01_1000_steps", |b| {
+        b.iter(|| {
+            calibrate_noise_multiplier(3.0, 1e-3, |s| Ok(pld.epsilon(&DpEvent::dp_sgd(0.01, s, 1000), 1e-5)?.epsilon))
+                .unwrap()
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench_step, bench_noise_and_accounting);

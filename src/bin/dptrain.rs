@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dptrain::accounting::{calibrate_noise_multiplier, DpEvent, RdpAccountant};
+use dptrain::accounting::{calibrate_noise_multiplier, AccountantKind, DpEvent, PldAccountant, RdpAccountant};
 use dptrain::config::DeviceSpec;
 use dptrain::train::{run, RunOptions};
 use std::io::IsTerminal;
@@ -52,7 +52,8 @@ enum Command {
         steps: u64,
         #[arg(long)]
         delta: f64,
-        #[arg(long, default_value = "rdp")]
+        /// pld (default: tight upper bound) or rdp.
+        #[arg(long, default_value = "pld")]
         accountant: String,
         #[arg(long)]
         json: bool,
@@ -110,18 +111,51 @@ enum Command {
         sample_rate: f64,
         #[arg(long)]
         steps: u64,
-        #[arg(long, default_value = "rdp")]
+        /// pld (default: tight upper bound) or rdp.
+        #[arg(long, default_value = "pld")]
         accountant: String,
         #[arg(long)]
         json: bool,
     },
 }
 
-fn check_accountant(name: &str) -> Result<()> {
-    match name {
-        "rdp" => Ok(()),
-        other => bail!("unknown or unavailable accountant `{other}` (this version has: rdp)"),
+fn accountant(name: &str) -> Result<AccountantKind> {
+    AccountantKind::parse(name).map_err(anyhow::Error::msg).context("--accountant")
+}
+
+fn epsilon_command(q: f64, sigma: f64, steps: u64, delta: f64, kind: AccountantKind, json: bool) -> Result<()> {
+    let event = DpEvent::dp_sgd(q, sigma, steps);
+    let rdp = RdpAccountant::default().epsilon(&event, delta)?;
+    if rdp.order_at_grid_edge && kind == AccountantKind::Rdp {
+        eprintln!("warning: the optimal RDP order {} is at the edge of the grid; ε may be loose", rdp.optimal_order);
     }
+    let mut out = serde_json::json!({"accountant": kind.name(), "delta": delta, "sample_rate": q,
+        "noise_multiplier": sigma, "steps": steps, "epsilon_kind": "upper bound"});
+    match kind {
+        AccountantKind::Pld => {
+            let p = PldAccountant::default().epsilon(&event, delta)?;
+            out["epsilon"] = json_f64(p.epsilon);
+            out["epsilon_remove"] = json_f64(p.epsilon_remove);
+            out["epsilon_add"] = json_f64(p.epsilon_add);
+            out["discretization"] = json_f64(p.discretization);
+            out["epsilon_rdp"] = json_f64(rdp.epsilon);
+        }
+        AccountantKind::Rdp => {
+            out["epsilon"] = json_f64(rdp.epsilon);
+            out["rdp_optimal_order"] = json_f64(rdp.optimal_order);
+        }
+    }
+    if json {
+        println!("{out}");
+    } else {
+        println!("ε = {} ({}, δ = {delta}; upper bound)", out["epsilon"], kind.name());
+    }
+    Ok(())
+}
+
+/// JSON number, or the string "inf" for ε = ∞ (no privacy), which JSON cannot hold.
+fn json_f64(x: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(x).map_or_else(|| serde_json::Value::String(format!("{x}")), serde_json::Value::Number)
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
@@ -263,38 +297,25 @@ fn real_main() -> Result<()> {
         Some(Command::Train(args)) => train(args),
         Some(Command::Selftest { device, json }) => selftest(device, json.as_ref()),
         Some(cmd @ Command::Bench { .. }) => bench(cmd),
-        Some(Command::Epsilon { sample_rate, noise_multiplier, steps, delta, accountant, json }) => {
-            check_accountant(accountant)?;
-            let r =
-                RdpAccountant::default().epsilon(&DpEvent::dp_sgd(*sample_rate, *noise_multiplier, *steps), *delta)?;
-            if r.order_at_grid_edge {
-                eprintln!("warning: the optimal RDP order {} is at the edge of the grid", r.optimal_order);
-            }
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::json!({"epsilon": r.epsilon, "accountant": "rdp", "delta": delta, "sample_rate": sample_rate,
-                        "noise_multiplier": noise_multiplier, "steps": steps, "rdp_optimal_order": r.optimal_order})
-                );
-            } else {
-                println!("ε = {} (rdp, δ = {delta}, optimal order {})", r.epsilon, r.optimal_order);
-            }
-            Ok(())
+        Some(Command::Epsilon { sample_rate, noise_multiplier, steps, delta, accountant: a, json }) => {
+            epsilon_command(*sample_rate, *noise_multiplier, *steps, *delta, accountant(a)?, *json)
         }
-        Some(Command::Calibrate { target_epsilon, delta, sample_rate, steps, accountant, json }) => {
-            check_accountant(accountant)?;
-            let acc = RdpAccountant::default();
-            let (sigma, eps) = calibrate_noise_multiplier(*target_epsilon, 1e-6, |s| {
-                Ok(acc.epsilon(&DpEvent::dp_sgd(*sample_rate, s, *steps), *delta)?.epsilon)
+        Some(Command::Calibrate { target_epsilon, delta, sample_rate, steps, accountant: a, json }) => {
+            let kind = accountant(a)?;
+            // PLD evaluations cost milliseconds each: 1e-4 relative precision on σ is plenty.
+            let tol = if kind == AccountantKind::Pld { 1e-4 } else { 1e-6 };
+            let (sigma, eps) = calibrate_noise_multiplier(*target_epsilon, tol, |s| {
+                dptrain::accounting::epsilon(kind, &DpEvent::dp_sgd(*sample_rate, s, *steps), *delta)
             })?;
             if *json {
                 println!(
                     "{}",
-                    serde_json::json!({"noise_multiplier": sigma, "epsilon": eps, "accountant": "rdp", "delta": delta,
-                        "sample_rate": sample_rate, "steps": steps, "target_epsilon": target_epsilon})
+                    serde_json::json!({"noise_multiplier": sigma, "epsilon": eps, "accountant": kind.name(), "delta": delta,
+                        "sample_rate": sample_rate, "steps": steps, "target_epsilon": target_epsilon,
+                        "relative_precision": tol})
                 );
             } else {
-                println!("σ = {sigma} gives ε = {eps} ≤ {target_epsilon} (rdp, δ = {delta})");
+                println!("σ = {sigma} gives ε = {eps} ≤ {target_epsilon} ({}, δ = {delta})", kind.name());
             }
             Ok(())
         }

@@ -28,18 +28,7 @@ pub enum LrSchedule {
     Linear,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccountantKind {
-    Rdp,
-}
-
-impl AccountantKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            AccountantKind::Rdp => "rdp",
-        }
-    }
-}
+pub use crate::accounting::AccountantKind;
 
 /// Where a run computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,9 +156,9 @@ impl Plan {
         if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
             return Err(bad("privacy.clip-norm", format!("must be a positive number, got {}", p.clip_norm)));
         }
-        let accountant = match p.accountant.as_deref().unwrap_or("rdp") {
-            "rdp" => AccountantKind::Rdp,
-            other => return Err(bad("privacy.accountant", format!("unknown accountant `{other}` (supported: rdp)"))),
+        let accountant = match p.accountant.as_deref() {
+            None => AccountantKind::default(),
+            Some(a) => AccountantKind::parse(a).map_err(|e| bad("privacy.accountant", e))?,
         };
         let t = &raw.training;
         if t.expected_batch_size == 0 {

@@ -68,7 +68,8 @@ pub struct RawPrivacy {
     pub delta: f64,
     /// Per-example clipping norm C (flat L2 norm over all trainable tensors).
     pub clip_norm: f64,
-    /// Accountant used for calibration, the stop rule and the certificate: "rdp".
+    /// Accountant used for calibration, the stop rule and the certificate: "pld" (default) or
+    /// "rdp". The other one is reported beside it.
     pub accountant: Option<String>,
     /// Were hyper-parameters chosen by looking at results on this private data? Stated in the
     /// report (tuning on private data leaks privacy that ε does not cover). Default false.

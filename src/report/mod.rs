@@ -33,7 +33,11 @@ pub enum ReportError {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
     pub non_private: bool,
+    /// ε by the run's accountant (`plan.accountant`): the certified upper bound.
     pub epsilon: Option<f64>,
+    /// ε by each accountant (the other one is the cross-check).
+    pub epsilon_pld: Option<f64>,
+    pub epsilon_rdp: Option<f64>,
     pub rdp_optimal_order: Option<f64>,
     pub target_epsilon: Option<f64>,
     pub delta: f64,
@@ -63,7 +67,9 @@ pub struct StepMetrics {
     pub mean_loss: f64,
     pub clipped_fraction: f64,
     pub nonfinite: usize,
-    pub epsilon: f64,
+    /// ε spent so far by the RDP accountant (cheap to track per step; the final certified ε is in
+    /// the report).
+    pub epsilon_rdp: f64,
     pub learning_rate: f64,
     pub elapsed_s: f64,
 }
@@ -119,6 +125,14 @@ pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
         "epsilon_kind": "upper bound",
         "delta": s.delta,
         "accountant": plan.accountant.name(),
+        "accountant_detail": match plan.accountant {
+            crate::accounting::AccountantKind::Pld => "privacy loss distribution, connect-the-dots discretisation (interval 1e-4), FFT composition, pessimistic tails; both add and remove directions",
+            crate::accounting::AccountantKind::Rdp => "Rényi DP, orders 1.1-10.9 and 12-63, conversion of Balle et al. 2020",
+        },
+        "epsilon_cross_check": {
+            "pld": s.epsilon_pld.map(json_number),
+            "rdp": s.epsilon_rdp.map(json_number),
+        },
         "noise_multiplier": s.noise_multiplier,
         "sample_rate": s.sample_rate,
         "expected_batch_size": s.expected_batch_size,
@@ -209,6 +223,10 @@ pub fn write_outputs(
         "stopped_early": s.stopped_early,
         "expected_batch_size": s.expected_batch_size,
         "rdp_optimal_order": s.rdp_optimal_order,
+        "epsilon_by_accountant": {
+            "pld": s.epsilon_pld.map(json_number),
+            "rdp": s.epsilon_rdp.map(json_number),
+        },
         "neighbouring_relation": NEIGHBOURING,
         "dataset": { "size": s.dataset_size, "sha256": s.dataset_hash, "labels": s.labels },
         "test_dataset": { "size": s.test_size, "sha256": s.test_dataset_hash },

@@ -6,7 +6,7 @@ use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
 use super::params::FlatParams;
 use super::step::{private_gradient, Mechanism};
 use crate::accounting::event::Ledger;
-use crate::accounting::{calibrate_noise_multiplier, RdpAccountant};
+use crate::accounting::{calibrate_noise_multiplier, AccountantKind, PldAccountant, RdpAccountant};
 use crate::config::{NoiseSpec, OptimizerKind, Plan};
 use crate::data::{load_classification, PoissonSampler};
 use crate::kernels::FusedAdamW;
@@ -78,7 +78,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     let q = l as f64 / n as f64;
     let steps = plan.planned_steps(n);
-    let accountant = RdpAccountant::default();
+    let rdp_accountant = RdpAccountant::default();
     let (sigma, target) = if opts.non_private {
         (0.0, None)
     } else {
@@ -86,8 +86,9 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             NoiseSpec::NoiseMultiplier(s) => (s, None),
             NoiseSpec::TargetEpsilon(t) => {
                 let event = |s: f64| crate::accounting::DpEvent::dp_sgd(q, s, steps);
-                let (s, _) =
-                    calibrate_noise_multiplier(t, 1e-4, |s| Ok(accountant.epsilon(&event(s), plan.delta)?.epsilon))?;
+                let (s, _) = calibrate_noise_multiplier(t, 1e-4, |s| {
+                    crate::accounting::epsilon(plan.accountant, &event(s), plan.delta)
+                })?;
                 (s, Some(t))
             }
         }
@@ -130,14 +131,30 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let mut examples_seen = 0usize;
     let mut stopped_early = None;
+    // The most steps the target allows, by the run's accountant: every step is the same
+    // PoissonSampled(q, Gaussian(σ)), so ε grows with the step count and one check of the planned
+    // count suffices (σ was calibrated for it); a shortfall would only stop the run early.
+    let max_steps = match target {
+        Some(target) if !opts.non_private => {
+            let mut k = steps;
+            while k > 0
+                && crate::accounting::epsilon(
+                    plan.accountant,
+                    &crate::accounting::DpEvent::dp_sgd(q, sigma, k),
+                    plan.delta,
+                )? > target
+            {
+                k = k * 9 / 10;
+            }
+            Some(k)
+        }
+        _ => None,
+    };
     for t in 0..steps {
-        if let Some(target) = target {
+        if let Some(limit) = max_steps {
             // Stop rule: never take the step that would exceed the target.
-            let mut next = ledger.clone();
-            next.record_step(q, sigma);
-            let eps_next = accountant.epsilon(&next.as_event(), plan.delta)?.epsilon;
-            if eps_next > target {
-                stopped_early = Some(format!("step {} would spend ε = {eps_next:.4} > target {target}", t + 1));
+            if t >= limit {
+                stopped_early = Some(format!("step {} would spend more than the target ε = {:?}", t + 1, target));
                 break;
             }
         }
@@ -160,20 +177,23 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             ledger.record_step(q, sigma);
         }
         examples_seen += rep.batch_size;
-        let eps =
-            if opts.non_private { f64::INFINITY } else { accountant.epsilon(&ledger.as_event(), plan.delta)?.epsilon };
+        let eps = if opts.non_private {
+            f64::INFINITY
+        } else {
+            rdp_accountant.epsilon(&ledger.as_event(), plan.delta)?.epsilon
+        };
         let m = StepMetrics {
             step: t + 1,
             batch_size: rep.batch_size,
             mean_loss: if rep.batch_size > 0 { rep.loss_sum / rep.batch_size as f64 } else { f64::NAN },
             clipped_fraction: if rep.batch_size > 0 { rep.clipped as f64 / rep.batch_size as f64 } else { 0.0 },
             nonfinite: rep.nonfinite,
-            epsilon: eps,
+            epsilon_rdp: eps,
             learning_rate: lr,
             elapsed_s: started.elapsed().as_secs_f64(),
         };
         let msg = format!(
-            "ε {eps:.3}  loss {:.4}  {:.1} ex/s",
+            "ε(rdp) {eps:.3}  loss {:.4}  {:.1} ex/s",
             m.mean_loss,
             examples_seen as f64 / started.elapsed().as_secs_f64()
         );
@@ -194,7 +214,9 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     if std::env::var_os("DPTRAIN_TIMING").is_some() {
         eprintln!("timing: train {train_seconds:.1}s, eval {:.1}s", eval_started.elapsed().as_secs_f64());
     }
-    let rdp = if opts.non_private { None } else { Some(accountant.epsilon(&ledger.as_event(), plan.delta)?) };
+    let rdp = if opts.non_private { None } else { Some(rdp_accountant.epsilon(&ledger.as_event(), plan.delta)?) };
+    let pld =
+        if opts.non_private { None } else { Some(PldAccountant::default().epsilon(&ledger.as_event(), plan.delta)?) };
     if let Some(r) = &rdp {
         if r.order_at_grid_edge {
             eprintln!(
@@ -205,7 +227,12 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     let summary = RunSummary {
         non_private: opts.non_private,
-        epsilon: rdp.as_ref().map(|r| r.epsilon),
+        epsilon: match plan.accountant {
+            AccountantKind::Pld => pld.as_ref().map(|p| p.epsilon),
+            AccountantKind::Rdp => rdp.as_ref().map(|r| r.epsilon),
+        },
+        epsilon_pld: pld.as_ref().map(|p| p.epsilon),
+        epsilon_rdp: rdp.as_ref().map(|r| r.epsilon),
         rdp_optimal_order: rdp.as_ref().map(|r| r.optimal_order),
         target_epsilon: target,
         delta: plan.delta,
