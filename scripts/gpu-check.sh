@@ -3,6 +3,7 @@
 # scripts/gpu-pack.sh: the kernel-vs-CPU self-test, `dptrain bench` DP vs non-private, and the
 # quickstart trained on the GPU (DP and non-private). Logs go to $OUT (default ./gpu-out).
 set -uo pipefail
+# QUICKSTART_ONLY=N: skip the selftest and benches, run the DP quickstart N times (unseeded).
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 # The binary links the CUDA 13 runtime libraries dynamically: find the machine's copies.
@@ -20,6 +21,20 @@ gunzip -c .gpu/dptrain.gz >"$D" && chmod +x "$D"
   ldd "$D" | grep -E "cuda|cublas|curand|not found"
 } 2>&1 | tee "$OUT/env.txt"
 
+mkdir -p /tmp/data
+gunzip -c .gpu/data/train.jsonl.gz >/tmp/data/train.jsonl
+gunzip -c .gpu/data/test.jsonl.gz >/tmp/data/test.jsonl
+sed -e 's#^path = .*#path = ".gpu/minilm-bf16"#' -e 's#^train = .*#train = "/tmp/data/train.jsonl"#' \
+  -e 's#^test = .*#test = "/tmp/data/test.jsonl"#' configs/quickstart.toml >/tmp/quickstart-gpu.toml
+if [[ -n "${QUICKSTART_ONLY:-}" ]]; then
+  for i in $(seq "$QUICKSTART_ONLY"); do
+    echo "== DP run $i"
+    timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out "/tmp/run-$i" 2>&1 | tail -n 2
+    cp "/tmp/run-$i/privacy_report.json" "$OUT/privacy_report_$i.json"
+  done 2>&1 | tee "$OUT/quickstart.txt"
+  exit 0
+fi
+
 "$D" selftest --device cuda --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt"
 
 B=("$D" bench --device cuda --steps 20 --warmup 3)
@@ -34,11 +49,6 @@ ALL=query,key,value,attention.output.dense,intermediate.dense,output.dense
   "${B[@]}" --model .gpu/minilm-bf16 --batch 32 --seq-len 128
 } 2>&1 | tee "$OUT/bench.txt"
 
-mkdir -p /tmp/data
-gunzip -c .gpu/data/train.jsonl.gz >/tmp/data/train.jsonl
-gunzip -c .gpu/data/test.jsonl.gz >/tmp/data/test.jsonl
-sed -e 's#^path = .*#path = ".gpu/minilm-bf16"#' -e 's#^train = .*#train = "/tmp/data/train.jsonl"#' \
-  -e 's#^test = .*#test = "/tmp/data/test.jsonl"#' configs/quickstart.toml >/tmp/quickstart-gpu.toml
 {
   echo "== DP (configs/quickstart.toml on cuda, base weights bf16)"
   time DPTRAIN_TIMING=1 timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-dp 2>&1
