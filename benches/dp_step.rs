@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, Criterion};
-use dptrain::accounting::{calibrate_noise_multiplier, DpEvent, PldAccountant, RdpAccountant};
+use dptrain::accounting::{calibrate, AccountantKind, DpEvent, PldAccountant, RdpAccountant};
 use dptrain::data::{Batch, Example};
 use dptrain::model::bert::{cross_entropy_per_example, random_weights, BertClassifier, BertConfig, LoraSpec};
 use dptrain::privacy::GaussianNoise;
@@ -82,10 +82,7 @@ fn bench_noise_and_accounting(c: &mut Criterion) {
         b.iter(|| pld.epsilon(&DpEvent::dp_sgd(0.01, 1.0, 10_000), 1e-5).unwrap())
     });
     g.bench_function("pld_calibration_eps3_q0.01_1000_steps", |b| {
-        b.iter(|| {
-            calibrate_noise_multiplier(3.0, 1e-3, |s| Ok(pld.epsilon(&DpEvent::dp_sgd(0.01, s, 1000), 1e-5)?.epsilon))
-                .unwrap()
-        })
+        b.iter(|| calibrate(AccountantKind::Pld, 3.0, 1e-5, 0.01, 1000, 1e-3).unwrap())
     });
     g.finish();
 }

@@ -9,7 +9,7 @@ pub mod event;
 pub mod pld;
 pub mod rdp;
 
-pub use calibrate::calibrate_noise_multiplier;
+pub use calibrate::{calibrate_noise_multiplier, calibrate_noise_multiplier_from};
 pub use event::DpEvent;
 pub use pld::{PldAccountant, PldEpsilon};
 pub use rdp::{RdpAccountant, RdpEpsilon};
@@ -46,6 +46,27 @@ pub fn epsilon(kind: AccountantKind, event: &DpEvent, delta: f64) -> Result<f64,
     match kind {
         AccountantKind::Pld => Ok(PldAccountant::default().epsilon(event, delta)?.epsilon),
         AccountantKind::Rdp => Ok(RdpAccountant::default().epsilon(event, delta)?.epsilon),
+    }
+}
+
+/// The smallest σ (relative precision `rel_tol`, the satisfying end) whose ε by `kind` stays within
+/// `target` for `steps` Poisson-sampled Gaussian steps at rate `q`. For PLD the search starts from
+/// the RDP answer, an upper bound (RDP's ε is never below PLD's).
+pub fn calibrate(
+    kind: AccountantKind,
+    target: f64,
+    delta: f64,
+    q: f64,
+    steps: u64,
+    rel_tol: f64,
+) -> Result<(f64, f64), AccountingError> {
+    let f = |k: AccountantKind| move |s: f64| epsilon(k, &DpEvent::dp_sgd(q, s, steps), delta);
+    match kind {
+        AccountantKind::Rdp => calibrate_noise_multiplier(target, rel_tol, f(AccountantKind::Rdp)),
+        AccountantKind::Pld => {
+            let (start, _) = calibrate_noise_multiplier(target, 1e-3, f(AccountantKind::Rdp))?;
+            calibrate_noise_multiplier_from(target, rel_tol, start, f(AccountantKind::Pld))
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dptrain::accounting::{calibrate_noise_multiplier, AccountantKind, DpEvent, PldAccountant, RdpAccountant};
+use dptrain::accounting::{AccountantKind, DpEvent, PldAccountant, RdpAccountant};
 use dptrain::config::DeviceSpec;
 use dptrain::train::{run, RunOptions};
 use std::io::IsTerminal;
@@ -304,9 +304,8 @@ fn real_main() -> Result<()> {
             let kind = accountant(a)?;
             // PLD evaluations cost milliseconds each: 1e-4 relative precision on σ is plenty.
             let tol = if kind == AccountantKind::Pld { 1e-4 } else { 1e-6 };
-            let (sigma, eps) = calibrate_noise_multiplier(*target_epsilon, tol, |s| {
-                dptrain::accounting::epsilon(kind, &DpEvent::dp_sgd(*sample_rate, s, *steps), *delta)
-            })?;
+            let (sigma, eps) =
+                dptrain::accounting::calibrate(kind, *target_epsilon, *delta, *sample_rate, *steps, tol)?;
             if *json {
                 println!(
                     "{}",

@@ -6,7 +6,7 @@ use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
 use super::params::FlatParams;
 use super::step::{private_gradient, Mechanism};
 use crate::accounting::event::Ledger;
-use crate::accounting::{calibrate_noise_multiplier, AccountantKind, PldAccountant, RdpAccountant};
+use crate::accounting::{AccountantKind, PldAccountant, RdpAccountant};
 use crate::config::{NoiseSpec, OptimizerKind, Plan};
 use crate::data::{load_classification, PoissonSampler};
 use crate::kernels::FusedAdamW;
@@ -85,10 +85,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         match plan.noise {
             NoiseSpec::NoiseMultiplier(s) => (s, None),
             NoiseSpec::TargetEpsilon(t) => {
-                let event = |s: f64| crate::accounting::DpEvent::dp_sgd(q, s, steps);
-                let (s, _) = calibrate_noise_multiplier(t, 1e-4, |s| {
-                    crate::accounting::epsilon(plan.accountant, &event(s), plan.delta)
-                })?;
+                let (s, _) = crate::accounting::calibrate(plan.accountant, t, plan.delta, q, steps, 1e-4)?;
                 (s, Some(t))
             }
         }
