@@ -76,3 +76,27 @@ fn calibrated_sigma_never_overshoots_the_target() {
         assert!(below > target, "σ = {sigma} is not the smallest: {below} ≤ {target}");
     }
 }
+
+#[test]
+fn rdp_calibration_matches_reference_sigma() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/calibration.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let tol = v["rel_tol"].as_f64().unwrap();
+    for r in v["rows"].as_array().unwrap() {
+        let (target, d, q, k) = (
+            r["target_eps"].as_f64().unwrap(),
+            r["delta"].as_f64().unwrap(),
+            r["q"].as_f64().unwrap(),
+            r["steps"].as_u64().unwrap(),
+        );
+        let want = r["rdp_opacus_style"]["sigma"].as_f64().unwrap();
+        let (sigma, eps) =
+            dptrain::accounting::calibrate(dptrain::accounting::AccountantKind::Rdp, target, d, q, k, tol).unwrap();
+        assert!(eps <= target);
+        assert!(
+            (sigma / want - 1.0).abs() <= 2.0 * tol,
+            "target {target} q={q} steps={k}: σ = {sigma}, reference {want}"
+        );
+    }
+}
