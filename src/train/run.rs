@@ -43,7 +43,8 @@ pub enum RunError {
     Accounting(#[from] crate::accounting::AccountingError),
     #[error(transparent)]
     Report(#[from] crate::report::ReportError),
-    #[error("training: {0}")]
+    /// Shown as "training: <cause>" by the CLI's error chain.
+    #[error("training")]
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Plan(String),
@@ -51,6 +52,8 @@ pub enum RunError {
 
 pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     report::check_output_dir(&plan.output_dir, opts.overwrite)?;
+    // Open the device first: a missing GPU or a CPU-only build fails before any data is read.
+    let device = plan.device.open()?;
     let tokenizer = crate::model::bert::load_tokenizer(&plan.model_dir, plan.max_seq_len)?;
     let train = load_classification(&plan.train_path, &tokenizer, plan.labels.as_deref())?;
     let test = load_classification(&plan.test_path, &tokenizer, Some(&train.labels))?;
@@ -103,7 +106,6 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         targets: plan.target_modules.clone(),
         layers: plan.lora_layers.clone(),
     };
-    let device = plan.device.open()?;
     let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init, &device)?
         .with_base_dtype(plan.base_dtype())?;
     let layout = FlatParams::from_named(&model.trainable())?;
