@@ -89,6 +89,9 @@ fn pld_handles_extremes_without_nan_or_negative_values() {
         assert!(e.is_finite() && e >= 0.0, "q={q} σ={s} k={k} δ={d}: ε = {e}");
     }
     assert!(acc.epsilon(&DpEvent::dp_sgd(0.1, 1.0, 10), 0.0).is_err());
+    // A σ too small for the grid is a clear error naming the way out, not an out-of-memory.
+    let e = acc.epsilon(&DpEvent::dp_sgd(0.5, 0.002, 10), 1e-5).unwrap_err().to_string();
+    assert!(e.contains("grid points") && e.contains("rdp"), "{e}");
     assert!(acc.epsilon(&DpEvent::dp_sgd(1.5, 1.0, 10), 1e-5).is_err());
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use dptrain::data::Example;
 use dptrain::privacy::GaussianNoise;
-use dptrain::train::step::{private_gradient, Mechanism};
+use dptrain::train::step::{private_gradient, private_gradient_with, ClipImpl, Mechanism};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -120,5 +120,30 @@ fn cached_frozen_prefix_gives_the_full_forward_gradient() {
     assert!(scale > 0.0);
     for (a, b) in full.iter().zip(&cached) {
         assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn fused_clip_path_equals_candle_ops_path() {
+    // The kernels (here their CPU twins) against the concatenate-then-candle-ops clip, inside the
+    // whole step: clipped or not, with noise (same key and step).
+    let model = common::tiny_bert(9, &["query", "value", "output.dense"], 3);
+    let p = num_params(&model);
+    let exs = examples(13);
+    let idx: Vec<usize> = (0..13).filter(|i| i % 4 != 1).collect();
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(4));
+    for (clip, sigma) in [(Some(0.2), 0.0), (Some(0.2), 1.3), (None, 0.0)] {
+        let mech = Mechanism { clip, noise_multiplier: sigma, expected_batch_size: 10 };
+        let run = |how| {
+            let (g, rep) = private_gradient_with(&model, &exs, None, &idx, 4, p, &mech, &noise, 3, how).unwrap();
+            (vec1(g), rep.clipped)
+        };
+        let ((fused, c1), (slow, c2)) = (run(ClipImpl::Fused), run(ClipImpl::CandleOps));
+        assert_eq!(c1, c2, "clipped counts differ");
+        let scale = slow.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (a, b) in fused.iter().zip(&slow) {
+            assert!((a - b).abs() <= 1e-5 * scale, "C = {clip:?}, σ = {sigma}: {a} vs {b}");
+        }
     }
 }

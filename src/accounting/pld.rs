@@ -160,13 +160,23 @@ impl Pld {
     }
 }
 
+/// Most grid points of one step's PLD and of an FFT window (memory: 8 bytes each, a few copies).
+pub const MAX_GRID_POINTS: usize = 1 << 26;
+
+fn too_large(what: &str, points: f64) -> AccountingError {
+    AccountingError::Unsupported(format!(
+        "the PLD {what} would need {points:.3e} grid points (more than {MAX_GRID_POINTS}): σ is too small or the \
+         steps too many for discretisation interval 1e-4; use the rdp accountant for this case"
+    ))
+}
+
 /// Connect-the-dots PLD of one Poisson-subsampled Gaussian step on the grid ε_i = i·Δ.
-pub fn step_pld(q: f64, sigma: f64, grid: f64, dir: Direction, tail: f64) -> Pld {
+pub fn step_pld(q: f64, sigma: f64, grid: f64, dir: Direction, tail: f64) -> Result<Pld, AccountingError> {
     if q == 0.0 {
-        return Pld::identity();
+        return Ok(Pld::identity());
     }
     if sigma == 0.0 {
-        return Pld::blatant();
+        return Ok(Pld::blatant());
     }
     // Range of the loss that carries all but ~1e-17 of the mass: the loss is monotone in x, so take
     // it at x = −zσ and x = 1 + zσ (z = 8.3: Φ(−z) ≈ 5e-17).
@@ -177,6 +187,10 @@ pub fn step_pld(q: f64, sigma: f64, grid: f64, dir: Direction, tail: f64) -> Pld
         Direction::Remove => (loss_remove(-z * sigma), loss_remove(1.0 + z * sigma)),
         Direction::Add => (-loss_remove(1.0 + z * sigma), -loss_remove(-z * sigma)),
     };
+    let points = (hi - lo) / grid + 2.0;
+    if points.is_nan() || points > MAX_GRID_POINTS as f64 {
+        return Err(too_large("of one step", points));
+    }
     let (i_lo, i_hi) = ((lo / grid).floor() as i64, ((hi / grid).ceil() as i64).max((lo / grid).floor() as i64 + 1));
     let n = (i_hi - i_lo + 1) as usize;
     let eps: Vec<f64> = (0..n).map(|j| (i_lo + j as i64) as f64 * grid).collect();
@@ -192,7 +206,7 @@ pub fn step_pld(q: f64, sigma: f64, grid: f64, dir: Direction, tail: f64) -> Pld
     let pmf: Vec<f64> = (0..n).map(|j| (t[j] * (slope[j + 1] - slope[j])).max(0.0)).collect();
     let mut pld = Pld { lo: i_lo, pmf, inf: delta[n - 1] };
     pld.truncate(tail);
-    pld
+    Ok(pld)
 }
 
 /// FFT convolution of two non-negative sequences.
@@ -251,12 +265,18 @@ fn log_mgf(terms: &[(f64, f64)], mu: f64) -> f64 {
 /// function), raised to the k-th power pointwise, one inverse FFT. Mass outside the window wraps
 /// around into it (it can only add to δ) and the upper-tail bound is added to the mass at +∞, so
 /// the result still dominates.
-fn self_compose(p: &Pld, k: u64, tail: f64, grid: f64, planner: &mut RealFftPlanner<f64>) -> Pld {
+fn self_compose(
+    p: &Pld,
+    k: u64,
+    tail: f64,
+    grid: f64,
+    planner: &mut RealFftPlanner<f64>,
+) -> Result<Pld, AccountingError> {
     if k == 0 {
-        return Pld::identity();
+        return Ok(Pld::identity());
     }
     if k == 1 {
-        return p.clone();
+        return Ok(p.clone());
     }
     let kf = k as f64;
     let inf = 1.0 - (1.0 - p.inf).powf(kf);
@@ -281,7 +301,11 @@ fn self_compose(p: &Pld, k: u64, tail: f64, grid: f64, planner: &mut RealFftPlan
     }
     let hi = ((upper / grid).ceil() as i64).min(hi_trivial);
     let lo = ((lower / grid).floor() as i64).max(lo_trivial);
-    let width = (hi - lo + 1).max(p.pmf.len() as i64) as usize;
+    let width = (hi - lo + 1).max(p.pmf.len() as i64);
+    if width as f64 > MAX_GRID_POINTS as f64 {
+        return Err(too_large(&format!("composition of {k} steps"), width as f64));
+    }
+    let width = width as usize;
     let n = width.next_power_of_two();
     let fwd = planner.plan_fft_forward(n);
     let inv = planner.plan_fft_inverse(n);
@@ -308,7 +332,7 @@ fn self_compose(p: &Pld, k: u64, tail: f64, grid: f64, planner: &mut RealFftPlan
         .collect();
     let mut c = Pld { lo, pmf, inf: (inf + tail).min(1.0) };
     c.truncate(tail);
-    c
+    Ok(c)
 }
 
 /// ε from the PLD accountant.
@@ -350,7 +374,7 @@ impl PldAccountant {
         match event {
             DpEvent::Gaussian { sigma } => {
                 check_sigma(*sigma)?;
-                Ok(step_pld(1.0, *sigma, g, dir, tail))
+                step_pld(1.0, *sigma, g, dir, tail)
             }
             DpEvent::PoissonSampled { q, event } => {
                 if !(0.0..=1.0).contains(q) {
@@ -359,7 +383,7 @@ impl PldAccountant {
                 match &**event {
                     DpEvent::Gaussian { sigma } => {
                         check_sigma(*sigma)?;
-                        Ok(step_pld(*q, *sigma, g, dir, tail))
+                        step_pld(*q, *sigma, g, dir, tail)
                     }
                     other => Err(AccountingError::Unsupported(format!(
                         "the PLD accountant supports Poisson sampling of a Gaussian only, not of {other:?}"
@@ -368,7 +392,7 @@ impl PldAccountant {
             }
             DpEvent::SelfComposed { event, count } => {
                 let p = self.pld(event, dir, tail, planner)?;
-                Ok(self_compose(&p, *count, tail, g, planner))
+                self_compose(&p, *count, tail, g, planner)
             }
             DpEvent::Composed { events } => {
                 let mut acc = Pld::identity();
@@ -451,7 +475,7 @@ mod tests {
     fn discrete_pld_profile_dominates_the_exact_profile() {
         let (q, sigma, g) = (0.02, 0.8, 1e-3);
         for dir in [Direction::Remove, Direction::Add] {
-            let p = step_pld(q, sigma, g, dir, 1e-18);
+            let p = step_pld(q, sigma, g, dir, 1e-18).unwrap();
             let total: f64 = p.pmf.iter().sum::<f64>() + p.inf;
             assert!((total - 1.0).abs() < 1e-9, "mass {total}");
             for i in 0..40 {
@@ -470,7 +494,7 @@ mod tests {
 
     #[test]
     fn epsilon_for_delta_inverts_delta_for_epsilon() {
-        let p = step_pld(0.1, 1.0, 1e-3, Direction::Remove, 1e-18);
+        let p = step_pld(0.1, 1.0, 1e-3, Direction::Remove, 1e-18).unwrap();
         for delta in [1e-2, 1e-4, 1e-6] {
             let eps = p.epsilon_for_delta(delta, 1e-3);
             let back = p.delta_for_epsilon(eps, 1e-3);

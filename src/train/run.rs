@@ -130,30 +130,39 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let mut examples_seen = 0usize;
     let mut stopped_early = None;
-    // The most steps the target allows, by the run's accountant: every step is the same
-    // PoissonSampled(q, Gaussian(σ)), so ε grows with the step count and one check of the planned
-    // count suffices (σ was calibrated for it); a shortfall would only stop the run early.
-    let max_steps = match target {
-        Some(target) if !opts.non_private => {
-            let mut k = steps;
-            while k > 0
-                && crate::accounting::epsilon(
-                    plan.accountant,
-                    &crate::accounting::DpEvent::dp_sgd(q, sigma, k),
-                    plan.delta,
-                )? > target
-            {
-                k = k * 9 / 10;
+    // ε of the planned steps by the run's accountant, before any step: an accountant failure
+    // (e.g. a σ too small for the PLD grid) stops the run here, not after training. Every step is
+    // the same PoissonSampled(q, Gaussian(σ)), so ε grows with the step count: with a target, the
+    // stop rule is the largest step count within it (the planned one when σ was calibrated).
+    let eps_of = |k: u64| {
+        crate::accounting::epsilon(plan.accountant, &crate::accounting::DpEvent::dp_sgd(q, sigma, k), plan.delta)
+    };
+    let max_steps = if opts.non_private {
+        None
+    } else {
+        let planned = eps_of(steps)?;
+        match target {
+            Some(target) if planned > target => {
+                // Largest k with ε(k) ≤ target (bisection on the monotone step count).
+                let (mut ok, mut bad) = (0u64, steps);
+                while bad - ok > 1 {
+                    let mid = ok + (bad - ok) / 2;
+                    if eps_of(mid)? <= target {
+                        ok = mid;
+                    } else {
+                        bad = mid;
+                    }
+                }
+                Some(ok)
             }
-            Some(k)
+            _ => None,
         }
-        _ => None,
     };
     for t in 0..steps {
-        if let Some(limit) = max_steps {
+        if let (Some(limit), Some(target)) = (max_steps, target) {
             // Stop rule: never take the step that would exceed the target.
             if t >= limit {
-                stopped_early = Some(format!("step {} would spend more than the target ε = {:?}", t + 1, target));
+                stopped_early = Some(format!("step {} would spend more than the target ε = {target}", t + 1));
                 break;
             }
         }
