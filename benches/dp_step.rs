@@ -31,7 +31,7 @@ fn model() -> BertClassifier {
 
 fn examples() -> Vec<Example> {
     (0..16)
-        .map(|i| Example { ids: (0..64).map(|j| ((i * 31 + j * 7) % 999 + 1) as u32).collect(), label: i % 2 })
+        .map(|i| Example::classification((0..64).map(|j| ((i * 31 + j * 7) % 999 + 1) as u32).collect(), i % 2))
         .collect()
 }
 

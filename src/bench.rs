@@ -18,7 +18,8 @@
 
 use crate::data::{Batch, Example};
 use crate::kernels::FusedAdamW;
-use crate::model::bert::{cross_entropy_per_example, random_weights, BertClassifier, BertConfig, LoraSpec};
+use crate::model::bert::{random_weights, BertClassifier, BertConfig, LoraSpec};
+use crate::model::{Architecture, DpModel, LlamaConfig, LlamaLm, Task};
 use crate::privacy::GaussianNoise;
 use crate::train::params::FlatParams;
 use crate::train::step::{private_gradient_with, ClipImpl, Mechanism};
@@ -30,7 +31,25 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Built-in model shapes (random weights: throughput does not depend on the values).
-pub const SHAPES: [&str; 3] = ["tiny", "minilm-l6", "bert-base"];
+pub const SHAPES: [&str; 5] = ["tiny", "minilm-l6", "bert-base", "llama-tiny", "smollm2-135m"];
+
+/// The Llama config of a built-in decoder shape (`None` for the BERT shapes).
+pub fn llama_shape_config(name: &str) -> Result<Option<LlamaConfig>> {
+    let (vocab, h, layers, heads, kv, ffn) = match name {
+        "llama-tiny" => (256, 64, 2, 4, 2, 128),
+        // SmolLM2-135M: the published config.
+        "smollm2-135m" => (49152, 576, 30, 9, 3, 1536),
+        _ => return Ok(None),
+    };
+    serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": h, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+        "tie_word_embeddings": true, "hidden_act": "silu"
+    }))
+    .map(Some)
+    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
 
 pub fn shape_config(name: &str) -> Result<BertConfig> {
     let (vocab, h, layers, heads, ffn, pos) = match name {
@@ -90,28 +109,51 @@ pub struct BenchReport {
     pub results: Vec<VariantResult>,
 }
 
-fn build_model(opts: &BenchOptions, device: &Device) -> Result<(BertClassifier, String)> {
+/// The model under test, its name, vocabulary size, position limit and LoRA targets.
+type Built = (Box<dyn DpModel>, String, usize, usize, Vec<String>);
+
+fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let spec = LoraSpec {
-        rank: opts.lora_rank,
-        alpha: 2.0 * opts.lora_rank as f64,
-        targets: opts.targets.clone(),
-        layers: None,
+    let err = |e: crate::model::ModelError| candle_core::Error::Msg(e.to_string());
+    let arch = match (&opts.model_dir, llama_shape_config(&opts.shape)?) {
+        (Some(dir), _) => Architecture::detect(dir).map_err(err)?,
+        (None, Some(_)) => Architecture::Llama,
+        (None, None) => Architecture::Bert,
     };
-    let (model, name) = match &opts.model_dir {
-        Some(dir) => (
-            BertClassifier::load(dir, Some(&spec), 2, &mut rng, device)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-            dir.display().to_string(),
-        ),
-        None => {
-            let cfg = shape_config(&opts.shape)?;
-            let w = random_weights(&cfg, &mut rng, device)?;
-            let vb = VarBuilder::from_tensors(w, DType::F32, device);
-            (BertClassifier::new(vb, cfg, Some(&spec), 2, &mut rng)?, format!("{} (random weights)", opts.shape))
+    let targets = if opts.targets.is_empty() { arch.default_lora_targets() } else { opts.targets.clone() };
+    let spec =
+        LoraSpec { rank: opts.lora_rank, alpha: 2.0 * opts.lora_rank as f64, targets: targets.clone(), layers: None };
+    let name = match &opts.model_dir {
+        Some(dir) => dir.display().to_string(),
+        None => format!("{} (random weights)", opts.shape),
+    };
+    let (mut model, vocab, positions): (Box<dyn DpModel>, usize, usize) = match (arch, &opts.model_dir) {
+        (Architecture::Bert, dir) => {
+            let m = match dir {
+                Some(dir) => BertClassifier::load(dir, Some(&spec), 2, &mut rng, device).map_err(err)?,
+                None => {
+                    let cfg = shape_config(&opts.shape)?;
+                    let w = random_weights(&cfg, &mut rng, device)?;
+                    BertClassifier::new(VarBuilder::from_tensors(w, DType::F32, device), cfg, Some(&spec), 2, &mut rng)?
+                }
+            }
+            .with_base_dtype(opts.base_dtype)?;
+            let (v, p) = (m.config.vocab_size, m.config.max_position_embeddings);
+            (Box::new(m), v, p)
+        }
+        (Architecture::Llama, Some(dir)) => {
+            let m = LlamaLm::load(dir, Some(&spec), &mut rng, device, opts.base_dtype).map_err(err)?;
+            let v = m.config.vocab_size;
+            (Box::new(m), v, usize::MAX)
+        }
+        (Architecture::Llama, None) => {
+            let cfg = llama_shape_config(&opts.shape)?.expect("a llama shape");
+            let w = crate::model::llama::random_weights(&cfg, &mut rng, device)?;
+            let m = LlamaLm::new(VarBuilder::from_tensors(w, opts.base_dtype, device), cfg, Some(&spec), &mut rng)?;
+            let v = m.config.vocab_size;
+            (Box::new(m), v, usize::MAX)
         }
     };
-    let mut model = model.with_base_dtype(opts.base_dtype)?;
     // Non-zero LoRA B and head, as after some training (B = 0 would make A's gradient zero).
     let init = model
         .trainable()
@@ -119,7 +161,7 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<(BertClassifier, 
         .map(|(_, t)| crate::model::bert::uniform_tensor(&mut rng, t.dims(), 0.05, device))
         .collect::<Result<Vec<_>>>()?;
     model.set_trainable(&init)?;
-    Ok((model, name))
+    Ok((model, name, vocab, positions, targets))
 }
 
 fn time_steps(
@@ -150,19 +192,20 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             candle_core::bail!("bench: unknown variant `{v}` (expected some of {VARIANTS:?})");
         }
     }
-    let (mut model, model_name) = build_model(opts, device)?;
-    if opts.seq_len > model.config.max_position_embeddings {
-        candle_core::bail!(
-            "bench: seq-len {} exceeds the model's {} positions",
-            opts.seq_len,
-            model.config.max_position_embeddings
-        );
+    let (mut model, model_name, vocab, positions, targets) = build_model(opts, device)?;
+    if opts.seq_len > positions {
+        candle_core::bail!("bench: seq-len {} exceeds the model's {positions} positions", opts.seq_len);
     }
     let mut rng = ChaCha20Rng::seed_from_u64(2);
-    let vocab = model.config.vocab_size as u32;
+    let lm = model.task() == Task::CausalLm;
     let examples: Vec<Example> = (0..opts.batch)
-        .map(|i| Example { ids: (0..opts.seq_len).map(|_| rng.random_range(1..vocab)).collect(), label: i % 2 })
+        .map(|i| {
+            let ids = (0..opts.seq_len).map(|_| rng.random_range(1..vocab as u32)).collect();
+            // Language modelling: every token after the first is a target.
+            Example { ids, label: i % 2, target_start: lm.then_some(1) }
+        })
         .collect();
+
     let all: Vec<usize> = (0..opts.batch).collect();
     let layout = FlatParams::from_named(&model.trainable())?;
     let initial = model.trainable().into_iter().map(|(_, t)| t).collect::<Vec<_>>();
@@ -182,8 +225,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
                 let t = time_steps(device, opts.warmup, opts.steps, |_| {
                     // Built per step, as the DP variants (and training) do.
                     let batch = Batch::gather(&examples, &all, None, device)?;
-                    let logits = model.batch_logits(&batch, None)?;
-                    let loss = (cross_entropy_per_example(&logits, &batch.labels)?.sum_all()? / opts.batch as f64)?;
+                    let loss = (model.example_losses(&batch, None)?.sum_all()? / opts.batch as f64)?;
                     let grads = loss.backward()?;
                     let flat = vars
                         .iter()
@@ -207,8 +249,18 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
                 let how = if dp == "dp" { ClipImpl::Fused } else { ClipImpl::CandleOps };
                 time_steps(device, opts.warmup, opts.steps, |s| {
                     let n = layout.len();
-                    let (g, _) =
-                        private_gradient_with(&model, &examples, None, &all, opts.batch, n, &mech, &noise, s, how)?;
+                    let (g, _) = private_gradient_with(
+                        model.as_ref(),
+                        &examples,
+                        None,
+                        &all,
+                        opts.batch,
+                        n,
+                        &mech,
+                        &noise,
+                        s,
+                        how,
+                    )?;
                     opt.step(&params, &g, lr)?;
                     model.set_trainable(&layout.split(&params)?)
                 })?
@@ -235,7 +287,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         steps: opts.steps,
         warmup: opts.warmup,
         lora_rank: opts.lora_rank,
-        targets: opts.targets.clone(),
+        targets,
         trainable_params: layout.len(),
         results,
     })

@@ -8,6 +8,7 @@
 pub mod accounting;
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod kernels;
 pub mod lora;

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha20Rng;
 
 fn examples(n: usize) -> Vec<Example> {
     (0..n)
-        .map(|i| Example { ids: (0..(3 + i % 7)).map(|j| ((i * 7 + j * 3) % 49 + 1) as u32).collect(), label: i % 2 })
+        .map(|i| Example::classification((0..(3 + i % 7)).map(|j| ((i * 7 + j * 3) % 49 + 1) as u32).collect(), i % 2))
         .collect()
 }
 

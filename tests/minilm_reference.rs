@@ -34,7 +34,7 @@ fn real_minilm_reproduces_reference_tokens_hidden_states_and_embeddings() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/models.json")).unwrap();
     let r: Value = serde_json::from_str(&text).unwrap();
     let r = &r["minilm"];
-    let tok = load_tokenizer(&dir, 128).unwrap();
+    let tok = load_tokenizer(&dir, Some(128)).unwrap();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
     let model = BertClassifier::load(&dir, None, 2, &mut rng, &candle_core::Device::Cpu).unwrap();
     let sentences: Vec<&str> = r["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
@@ -73,13 +73,13 @@ fn real_minilm_reproduces_reference_tokens_hidden_states_and_embeddings() {
 #[test]
 fn real_minilm_padded_batch_matches_single_sentences() {
     let Some(dir) = model_dir() else { return };
-    let tok = load_tokenizer(&dir, 128).unwrap();
+    let tok = load_tokenizer(&dir, Some(128)).unwrap();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
     let model = BertClassifier::load(&dir, None, 2, &mut rng, &candle_core::Device::Cpu).unwrap();
     let exs: Vec<dptrain::data::Example> =
         ["A man is playing a guitar.", "Hi.", "The stock market fell sharply today, analysts said."]
             .iter()
-            .map(|s| dptrain::data::Example { ids: tok.encode(*s, true).unwrap().get_ids().to_vec(), label: 0 })
+            .map(|s| dptrain::data::Example::classification(tok.encode(*s, true).unwrap().get_ids().to_vec(), 0))
             .collect();
     let refs: Vec<&dptrain::data::Example> = exs.iter().collect();
     let b = dptrain::data::Batch::from_examples(&refs, &Device::Cpu).unwrap();

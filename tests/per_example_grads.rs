@@ -27,7 +27,7 @@ fn examples() -> Vec<Example> {
                     (s >> 16) % 50
                 })
                 .collect();
-            Example { ids, label: i % 3 }
+            Example::classification(ids, i % 3)
         })
         .collect()
 }

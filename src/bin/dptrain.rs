@@ -75,7 +75,7 @@ enum Command {
         /// A model folder with real weights; otherwise --shape with random weights.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Built-in model shape: tiny, minilm-l6, bert-base.
+        /// Built-in model shape: tiny, minilm-l6, bert-base, llama-tiny, smollm2-135m.
         #[arg(long, default_value = "minilm-l6")]
         shape: String,
         /// dtype of the frozen base weights: f32, bf16, f16 (default: f32 on cpu, bf16 on cuda).
@@ -91,8 +91,8 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 8)]
         lora_rank: usize,
-        /// Comma-separated LoRA target modules.
-        #[arg(long, default_value = "query,value")]
+        /// Comma-separated LoRA target modules (default: query,value for BERT, q_proj,v_proj for Llama).
+        #[arg(long, default_value = "")]
         targets: String,
         /// Comma-separated variants: non-private, dp, dp-candle-ops.
         #[arg(long, default_value = "non-private,dp,dp-candle-ops")]
@@ -100,6 +100,52 @@ enum Command {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Convert a Llama-architecture GGUF file into a Hugging Face folder (f32 model.safetensors,
+    /// config.json, tokenizer.json).
+    Convert {
+        /// The GGUF file (general.architecture = llama, byte-level BPE tokenizer).
+        #[arg(long)]
+        gguf: PathBuf,
+        /// The output folder; refused when it exists and is not empty, unless --overwrite.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a non-empty output folder.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Held-out accuracy (classification) or perplexity (language model) of a base model or base +
+    /// adapter on a JSONL file, with a few greedy continuations for a language model.
+    Eval {
+        /// The base model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter folder written by dptrain (required for classification).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL in the training format of the model's task.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        max_seq_len: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// A prompt to continue (repeatable); default: the first tokens of the first records.
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Continuations to show when no --prompt is given.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+        #[arg(long, default_value_t = 24)]
+        max_new_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// dtype of the frozen base weights: f32, bf16, f16 (default: f32 on cpu, bf16 on cuda).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The smallest noise multiplier whose ε stays within a target.
     Calibrate {
@@ -173,25 +219,88 @@ fn train(args: &TrainArgs) -> Result<()> {
     let opts = RunOptions { non_private: args.non_private, overwrite: args.overwrite, progress, log_lines: !progress };
     let outcome = run(&plan, &opts).with_context(|| format!("run of {}", path.display()))?;
     let s = &outcome.summary;
+    let metric = metric_text(&s.test_metric);
+    let before = s.base_test_metric.map(|m| format!(" (base model: {})", metric_text(&m))).unwrap_or_default();
     match s.epsilon {
         Some(e) => println!(
-            "trained {} steps: ε = {e:.4} (δ = {:e}, {} accountant), σ = {:.4}, test accuracy {:.4}; outputs in {}",
+            "trained {} steps: ε = {e:.4} (δ = {:e}, {} accountant), σ = {:.4}, {metric}{before}; outputs in {}",
             s.steps,
             s.delta,
             plan.accountant.name(),
             s.noise_multiplier,
-            s.test_accuracy,
             plan.output_dir.display()
         ),
         None => println!(
-            "trained {} steps WITHOUT privacy (non-private reference), test accuracy {:.4}; outputs in {}",
+            "trained {} steps WITHOUT privacy (non-private reference), {metric}{before}; outputs in {}",
             s.steps,
-            s.test_accuracy,
             plan.output_dir.display()
         ),
     }
     if s.seeded {
         println!("note: this run was seeded: its certificate says \"not for release\"");
+    }
+    Ok(())
+}
+
+fn metric_text(m: &dptrain::model::EvalResult) -> String {
+    match m {
+        dptrain::model::EvalResult::Accuracy(a) => format!("test accuracy {a:.4}"),
+        dptrain::model::EvalResult::Perplexity { perplexity, tokens, .. } => {
+            format!("test perplexity {perplexity:.3} over {tokens} tokens")
+        }
+    }
+}
+
+fn eval(cmd: &Command) -> Result<()> {
+    let Command::Eval {
+        model,
+        adapter,
+        data,
+        max_seq_len,
+        batch,
+        prompt,
+        samples,
+        max_new_tokens,
+        device,
+        dtype,
+        json,
+    } = cmd
+    else {
+        unreachable!("called with the eval command")
+    };
+    let (spec, dev) = open_device(device)?;
+    let base_dtype = match dtype {
+        Some(d) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
+        None => spec.default_base_dtype(),
+    };
+    let opts = dptrain::train::eval::EvalOptions {
+        model_dir: model.clone(),
+        adapter: adapter.clone(),
+        data: data.clone(),
+        max_seq_len: *max_seq_len,
+        batch: (*batch).max(1),
+        prompts: prompt.clone(),
+        samples: *samples,
+        max_new_tokens: *max_new_tokens,
+        base_dtype,
+    };
+    let r = dptrain::train::eval::eval_command(&opts, &dev).context("eval")?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({} records): {}",
+        match &r.adapter {
+            Some(a) => format!("{} + adapter {a}", r.model),
+            None => format!("{} (base)", r.model),
+        },
+        r.data,
+        r.records,
+        metric_text(&r.metric)
+    );
+    for s in &r.samples {
+        println!("--- {:?} → {:?}", s.prompt, s.continuation);
     }
     Ok(())
 }
@@ -297,6 +406,20 @@ fn real_main() -> Result<()> {
         Some(Command::Train(args)) => train(args),
         Some(Command::Selftest { device, json }) => selftest(device, json.as_ref()),
         Some(cmd @ Command::Bench { .. }) => bench(cmd),
+        Some(cmd @ Command::Eval { .. }) => eval(cmd),
+        Some(Command::Convert { gguf, out, overwrite }) => {
+            let s = dptrain::convert::convert_gguf(gguf, out, *overwrite)
+                .with_context(|| format!("converting {}", gguf.display()))?;
+            println!(
+                "converted {} tensors ({} parameters, f32, {} embeddings) from {} into {}",
+                s.tensors,
+                s.parameters,
+                if s.tied_embeddings { "tied" } else { "untied" },
+                gguf.display(),
+                s.out_dir.display()
+            );
+            Ok(())
+        }
         Some(Command::Epsilon { sample_rate, noise_multiplier, steps, delta, accountant: a, json }) => {
             epsilon_command(*sample_rate, *noise_multiplier, *steps, *delta, accountant(a)?, *json)
         }

@@ -92,6 +92,8 @@ pub fn parse_base_dtype(s: &str) -> Result<candle_core::DType, String> {
     }
 }
 
+pub use crate::model::llama::LLAMA_LORA_MODULES;
+
 /// Module names a BERT layer exposes to LoRA.
 pub const BERT_LORA_MODULES: [&str; 6] =
     ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
@@ -109,7 +111,9 @@ pub struct Plan {
     pub labels: Option<Vec<String>>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
-    pub target_modules: Vec<String>,
+    /// LoRA targets as configured; `None` = the architecture's default (see
+    /// `model::Architecture::default_lora_targets`).
+    pub target_modules: Option<Vec<String>>,
     pub lora_layers: Option<Vec<usize>>,
     pub noise: NoiseSpec,
     pub delta: f64,
@@ -237,16 +241,23 @@ impl Plan {
         if !(lora_alpha > 0.0 && lora_alpha.is_finite()) {
             return Err(bad("lora.alpha", format!("must be a positive number, got {lora_alpha}")));
         }
-        let target_modules = l.target_modules.clone().unwrap_or_else(|| vec!["query".into(), "value".into()]);
-        if target_modules.is_empty() {
-            return Err(bad("lora.target-modules", "must name at least one module".into()));
-        }
-        for m in &target_modules {
-            if !BERT_LORA_MODULES.contains(&m.as_str()) {
-                return Err(bad(
-                    "lora.target-modules",
-                    format!("`{m}` matches no BERT linear layer (known: {})", BERT_LORA_MODULES.join(", ")),
-                ));
+        let target_modules = l.target_modules.clone();
+        if let Some(targets) = &target_modules {
+            if targets.is_empty() {
+                return Err(bad("lora.target-modules", "must name at least one module".into()));
+            }
+            // Checked against the model's own list when it is loaded; here, names no family has.
+            for m in targets {
+                if !BERT_LORA_MODULES.contains(&m.as_str()) && !LLAMA_LORA_MODULES.contains(&m.as_str()) {
+                    return Err(bad(
+                        "lora.target-modules",
+                        format!(
+                            "`{m}` matches no linear layer (BERT: {}; Llama: {})",
+                            BERT_LORA_MODULES.join(", "),
+                            LLAMA_LORA_MODULES.join(", ")
+                        ),
+                    ));
+                }
             }
         }
         let lora_layers = match &l.layers {
@@ -364,7 +375,7 @@ dir = "out"
     fn defaults_are_resolved() {
         let p = plan(BASE).unwrap();
         assert_eq!(p.lora_rank, 8);
-        assert_eq!(p.target_modules, vec!["query", "value"]);
+        assert_eq!(p.target_modules, None);
         assert_eq!(p.max_seq_len, 128);
         assert_eq!(p.noise, NoiseSpec::TargetEpsilon(3.0));
         assert_eq!(p.planned_steps(1000), 3);

@@ -26,6 +26,57 @@ pub struct Batch {
     pub tokens: usize,
     /// With a feature cache: (start layer, [b, T, H] hidden states entering it, zero-padded).
     pub hidden: Option<(usize, Tensor)>,
+    /// Language-modelling targets (when the examples have `target_start`).
+    pub lm: Option<LmTargets>,
+}
+
+/// The next-token prediction targets of a padded language-modelling micro-batch. Only real
+/// (non-padding) positions whose next token is a target appear, so padding and prompt tokens
+/// can contribute nothing to the loss.
+pub struct LmTargets {
+    /// [n] flat positions `row · T + t` that predict a target.
+    pub positions: Tensor,
+    /// [n] the token each of them predicts (the id at `t + 1`).
+    pub targets: Tensor,
+    /// [b, n]: 1 / (targets of example i) where column j belongs to example i, else 0; so
+    /// `weights · nll` is each example's mean token loss.
+    pub weights: Tensor,
+    /// Targets per example.
+    pub counts: Vec<usize>,
+}
+
+impl LmTargets {
+    fn build(examples: &[&Example], t: usize, device: &Device) -> Result<Option<LmTargets>> {
+        let starts: Vec<Option<usize>> = examples.iter().map(|e| e.target_start).collect();
+        if starts.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let mut counts = vec![0usize; examples.len()];
+        for (row, e) in examples.iter().enumerate() {
+            let Some(start) = e.target_start else {
+                candle_core::bail!("a batch mixes classification and language-modelling examples")
+            };
+            // Position p predicts token p + 1; targets are the tokens at start.max(1)..len.
+            for next in start.max(1)..e.ids.len() {
+                positions.push((row * t + next - 1) as u32);
+                targets.push(e.ids[next]);
+                owner.push(row);
+                counts[row] += 1;
+            }
+        }
+        let n = positions.len();
+        let mut weights = vec![0f32; examples.len() * n];
+        for (j, &row) in owner.iter().enumerate() {
+            weights[row * n + j] = 1.0 / counts[row] as f32;
+        }
+        Ok(Some(LmTargets {
+            positions: Tensor::from_vec(positions, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+            weights: Tensor::from_vec(weights, (examples.len(), n), device)?,
+            counts,
+        }))
+    }
 }
 
 impl Batch {
@@ -39,6 +90,7 @@ impl Batch {
             mask[i * t..i * t + e.ids.len()].iter_mut().for_each(|m| *m = 1.0);
         }
         let labels: Vec<u32> = examples.iter().map(|e| e.label as u32).collect();
+        let lm = LmTargets::build(examples, t, device)?;
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
             attention_mask: Tensor::from_vec(mask, (b, t), device)?,
@@ -46,6 +98,7 @@ impl Batch {
             size: b,
             tokens: examples.iter().map(|e| e.ids.len()).sum(),
             hidden: None,
+            lm,
         })
     }
 

@@ -7,8 +7,8 @@ mod batch;
 mod jsonl;
 mod sampler;
 
-pub use batch::{make_micro_batches, Batch, FeatureCache};
-pub use jsonl::{load_classification, ClassificationSet, Example};
+pub use batch::{make_micro_batches, Batch, FeatureCache, LmTargets};
+pub use jsonl::{load_classification, load_lm, Dataset, Example};
 pub use sampler::PoissonSampler;
 
 use std::path::PathBuf;

@@ -5,6 +5,8 @@
 //! records what per-example gradients need: the input X, U = X Aᵀ, and (through a `grad_tap` on
 //! the output) G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
 
+pub mod peft;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, Var};
 use std::sync::{Arc, Mutex};
@@ -214,6 +216,31 @@ impl LoraLinear {
             }
         }
     }
+}
+
+/// (PEFT name, tensor) of lora_A then lora_B for each adapted layer, in the given order.
+pub fn adapter_tensors(layers: &[&LoraLinear]) -> Vec<(String, Tensor)> {
+    let mut out = Vec::with_capacity(2 * layers.len());
+    for l in layers {
+        let ad = l.adapter.as_ref().expect("adapted layer");
+        let (na, nb) = peft_names(&l.name);
+        out.push((na, ad.a.clone()));
+        out.push((nb, ad.b.clone()));
+    }
+    out
+}
+
+/// `tensors` has the count and shapes of `expected` (for `set_trainable`).
+pub fn check_shapes(expected: &[(String, Tensor)], tensors: &[Tensor]) -> Result<()> {
+    if tensors.len() != expected.len() {
+        candle_core::bail!("set_trainable: {} tensors given, {} expected", tensors.len(), expected.len());
+    }
+    for ((name, old), new) in expected.iter().zip(tensors) {
+        if old.dims() != new.dims() {
+            candle_core::bail!("set_trainable: {name}: shape {:?}, expected {:?}", new.dims(), old.dims());
+        }
+    }
+    Ok(())
 }
 
 /// PEFT tensor names of one adapted module.

@@ -107,6 +107,14 @@ impl BertClassifier {
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
         let ln = |vb: VarBuilder| -> Result<(Tensor, Tensor)> { Ok((vb.get(h, "weight")?, vb.get(h, "bias")?)) };
+        if let Some(bad) =
+            lora.iter().flat_map(|s| &s.targets).find(|t| !crate::config::BERT_LORA_MODULES.contains(&t.as_str()))
+        {
+            candle_core::bail!(
+                "lora.target-modules: `{bad}` matches no linear layer of a BERT-family model (known: {})",
+                crate::config::BERT_LORA_MODULES.join(", ")
+            );
+        }
         if let Some(layers) = lora.and_then(|s| s.layers.as_ref()) {
             if let Some(bad) = layers.iter().find(|&&l| l >= config.num_hidden_layers) {
                 candle_core::bail!(
@@ -230,13 +238,7 @@ impl BertClassifier {
     /// Trainable tensors in canonical order, with their PEFT names: for every adapted layer
     /// lora_A then lora_B, then the head's weight and bias.
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for l in self.adapted_layers() {
-            let ad = l.adapter.as_ref().expect("adapted");
-            let (na, nb) = crate::lora::peft_names(&l.name);
-            out.push((na, ad.a.clone()));
-            out.push((nb, ad.b.clone()));
-        }
+        let mut out = crate::lora::adapter_tensors(&self.adapted_layers());
         out.push((format!("base_model.model.{HEAD_MODULE}.weight"), self.head_w.clone()));
         out.push((format!("base_model.model.{HEAD_MODULE}.bias"), self.head_b.clone()));
         out
@@ -244,15 +246,7 @@ impl BertClassifier {
 
     /// Replace the trainable tensors (same order and shapes as `trainable`).
     pub fn set_trainable(&mut self, tensors: &[Tensor]) -> Result<()> {
-        let expected = self.trainable();
-        if tensors.len() != expected.len() {
-            candle_core::bail!("set_trainable: {} tensors given, {} expected", tensors.len(), expected.len());
-        }
-        for ((name, old), new) in expected.iter().zip(tensors) {
-            if old.dims() != new.dims() {
-                candle_core::bail!("set_trainable: {name}: shape {:?}, expected {:?}", new.dims(), old.dims());
-            }
-        }
+        crate::lora::check_shapes(&self.trainable(), tensors)?;
         let mut it = tensors.iter();
         for l in self.all_linears_mut() {
             if let Some(ad) = l.adapter.as_mut() {
@@ -375,6 +369,42 @@ impl BertClassifier {
     }
 }
 
+impl super::DpModel for BertClassifier {
+    fn device(&self) -> &Device {
+        BertClassifier::device(self)
+    }
+    fn base_dtype(&self) -> DType {
+        BertClassifier::base_dtype(self)
+    }
+    fn adapted_layers(&self) -> Vec<&LoraLinear> {
+        BertClassifier::adapted_layers(self)
+    }
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        BertClassifier::trainable(self)
+    }
+    fn set_trainable(&mut self, tensors: &[Tensor]) -> Result<()> {
+        BertClassifier::set_trainable(self, tensors)
+    }
+    fn example_losses(&self, batch: &crate::data::Batch, tape: Option<&mut Tape>) -> Result<Tensor> {
+        cross_entropy_per_example(&self.batch_logits(batch, tape)?, &batch.labels)
+    }
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+    fn first_adapted_layer(&self) -> usize {
+        BertClassifier::first_adapted_layer(self)
+    }
+    fn prefix_hidden(&self, batch: &crate::data::Batch, upto: usize) -> Result<Tensor> {
+        self.run_layers(self.embed(&batch.input_ids)?, &batch.attention_mask, 0..upto, None)
+    }
+    fn task(&self) -> super::Task {
+        super::Task::Classification
+    }
+    fn evaluate(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<super::EvalResult> {
+        Ok(super::EvalResult::Accuracy(crate::train::eval::accuracy(self, examples, batch_size)?))
+    }
+}
+
 /// Σ_t mask_t h_t / Σ_t mask_t.
 pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.unsqueeze(D::Minus1)?;
@@ -390,8 +420,8 @@ pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor) -> Result<Ten
 }
 
 /// Load `tokenizer.json` from a model folder with padding off (batches pad themselves) and
-/// truncation at `max_len` tokens (the MiniLM file ships with fixed padding to 128).
-pub fn load_tokenizer(dir: &Path, max_len: usize) -> std::result::Result<tokenizers::Tokenizer, ModelError> {
+/// truncation at `max_len` tokens (the MiniLM file ships with fixed padding to 128), or none.
+pub fn load_tokenizer(dir: &Path, max_len: Option<usize>) -> std::result::Result<tokenizers::Tokenizer, ModelError> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
         return Err(ModelError::MissingFile(path));
@@ -399,7 +429,7 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> std::result::Result<tokeniz
     let err = |message: String| ModelError::Tokenizer { path: path.clone(), message };
     let mut tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
     tok.with_padding(None);
-    tok.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+    tok.with_truncation(max_len.map(|max_length| tokenizers::TruncationParams { max_length, ..Default::default() }))
         .map_err(|e| err(e.to_string()))?;
     Ok(tok)
 }

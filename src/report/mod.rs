@@ -8,7 +8,7 @@
 use crate::accounting::event::Ledger;
 use crate::config::{hex_sha256, Plan};
 use crate::model::bert::HEAD_MODULE;
-use crate::model::BertClassifier;
+use crate::model::{DpModel, EvalResult, Task};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,7 +53,13 @@ pub struct RunSummary {
     pub test_dataset_hash: String,
     pub test_size: usize,
     pub labels: Vec<String>,
-    pub test_accuracy: f64,
+    pub task: Task,
+    /// LoRA target modules as trained (the configured ones or the architecture's default).
+    pub target_modules: Vec<String>,
+    /// Held-out metric after training: accuracy (classification) or perplexity (LM).
+    pub test_metric: EvalResult,
+    /// The same metric of the base model before training (LM runs; B = 0 is the base model).
+    pub base_test_metric: Option<EvalResult>,
     pub train_seconds: f64,
     pub examples_per_second: f64,
     pub stopped_early: Option<String>,
@@ -111,6 +117,32 @@ fn json_number(x: f64) -> serde_json::Value {
         .unwrap_or_else(|| serde_json::Value::String(format!("{x}")))
 }
 
+/// What the guarantee does not cover, for this run.
+fn not_protected(plan: &Plan, s: &RunSummary) -> Vec<&'static str> {
+    let mut v = vec![
+        "training losses, gradient norms and clip fractions in metrics.jsonl and this report are computed on the private data without noise",
+    ];
+    if s.task == Task::Classification {
+        v.push(if plan.labels.is_some() {
+            "the label set is given in the config (public)"
+        } else {
+            "the label set is read from the training data"
+        });
+    }
+    v.push("the base model's own training data");
+    v
+}
+
+/// `{perplexity, mean_nll, tokens}` of a perplexity result, else null.
+fn perplexity_json(m: Option<EvalResult>) -> serde_json::Value {
+    match m {
+        Some(EvalResult::Perplexity { perplexity, mean_nll, tokens }) => {
+            serde_json::json!({ "perplexity": json_number(perplexity), "mean_nll": json_number(mean_nll), "tokens": tokens })
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// The certificate: the facts an auditor needs, stored in the adapter file itself.
 pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
     serde_json::json!({
@@ -150,18 +182,21 @@ pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
     })
 }
 
-fn adapter_config(plan: &Plan) -> serde_json::Value {
+fn adapter_config(plan: &Plan, s: &RunSummary) -> serde_json::Value {
     serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": s.task.peft_task_type(),
         "base_model_name_or_path": plan.model_dir.display().to_string(),
         "r": plan.lora_rank,
         "lora_alpha": plan.lora_alpha,
         "lora_dropout": 0.0,
-        "target_modules": plan.target_modules,
+        "target_modules": s.target_modules,
         "bias": "none",
         "fan_in_fan_out": false,
-        "modules_to_save": [HEAD_MODULE],
+        "modules_to_save": match s.task {
+            Task::Classification => serde_json::json!([HEAD_MODULE]),
+            Task::CausalLm => serde_json::Value::Null,
+        },
         "inference_mode": true,
         "init_lora_weights": true,
         "use_rslora": false,
@@ -171,7 +206,7 @@ fn adapter_config(plan: &Plan) -> serde_json::Value {
 }
 
 /// The adapter tensors as safetensors bytes, with `metadata`.
-pub fn adapter_bytes(model: &BertClassifier, metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
+pub fn adapter_bytes(model: &dyn DpModel, metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
     let named = model.trainable();
     let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
     for (name, t) in &named {
@@ -190,7 +225,7 @@ pub fn adapter_bytes(model: &BertClassifier, metadata: HashMap<String, String>) 
 
 pub fn write_outputs(
     plan: &Plan,
-    model: &BertClassifier,
+    model: &dyn DpModel,
     s: &RunSummary,
     metrics: &[StepMetrics],
 ) -> Result<(), ReportError> {
@@ -231,18 +266,16 @@ pub fn write_outputs(
         "dataset": { "size": s.dataset_size, "sha256": s.dataset_hash, "labels": s.labels },
         "test_dataset": { "size": s.test_size, "sha256": s.test_dataset_hash },
         "hyperparameters_tuned_on_private_data": plan.tuned_on_private_data,
-        "not_protected": [
-            "training losses, gradient norms and clip fractions in metrics.jsonl and this report are computed on the private data without noise",
-            if plan.labels.is_some() { "the label set is given in the config (public)" } else { "the label set is read from the training data" },
-            "the base model's own training data",
-        ],
+        "not_protected": not_protected(plan, s),
         "compute": {
             "device": plan.device.name(),
             "base_weights_dtype": format!("{:?}", plan.base_dtype()).to_lowercase(),
             "per_example_gradients_clipping_noise_dtype": "f32 (noise and clip sums in f64)",
         },
         "metrics": {
-            "test_accuracy": s.test_accuracy,
+            "test_accuracy": match s.test_metric { EvalResult::Accuracy(a) => json_number(a), _ => serde_json::Value::Null },
+            "test_perplexity": perplexity_json(Some(s.test_metric)),
+            "base_test_perplexity": perplexity_json(s.base_test_metric),
             "train_seconds": s.train_seconds,
             "examples_per_second": s.examples_per_second,
         },
@@ -254,7 +287,7 @@ pub fn write_outputs(
     write_atomic(&adapter_path, &bytes)?;
     write_atomic(
         &dir.join("adapter_config.json"),
-        serde_json::to_string_pretty(&adapter_config(plan)).expect("json").as_bytes(),
+        serde_json::to_string_pretty(&adapter_config(plan, s)).expect("json").as_bytes(),
     )?;
     write_atomic(&dir.join("metrics.jsonl"), lines.as_bytes())?;
     write_atomic(&dir.join("privacy_report.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;

@@ -1,17 +1,17 @@
 //! The run loop: plan → data → model → steps (each recorded in the ledger, the step that would
 //! exceed the target ε never taken) → evaluation → outputs.
 
-use super::eval::{accuracy, feature_cache};
+use super::eval::feature_cache;
 use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
 use super::params::FlatParams;
 use super::step::{private_gradient, Mechanism};
 use crate::accounting::event::Ledger;
 use crate::accounting::{AccountantKind, PldAccountant, RdpAccountant};
 use crate::config::{NoiseSpec, OptimizerKind, Plan};
-use crate::data::{load_classification, PoissonSampler};
+use crate::data::{load_classification, load_lm, Dataset, PoissonSampler};
 use crate::kernels::FusedAdamW;
-use crate::model::bert::LoraSpec;
-use crate::model::BertClassifier;
+use crate::model::bert::{load_tokenizer, LoraSpec};
+use crate::model::{Architecture, BertClassifier, DpModel, LlamaConfig, LlamaLm, Task};
 use crate::privacy::{GaussianNoise, RandomStreams};
 use crate::report::{self, RunSummary, StepMetrics};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -46,6 +46,8 @@ pub enum RunError {
     /// Shown as "training: <cause>" by the CLI's error chain.
     #[error("training")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Adapter(#[from] crate::lora::peft::AdapterError),
     #[error("{0}")]
     Plan(String),
 }
@@ -54,9 +56,8 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     report::check_output_dir(&plan.output_dir, opts.overwrite)?;
     // Open the device first: a missing GPU or a CPU-only build fails before any data is read.
     let device = plan.device.open()?;
-    let tokenizer = crate::model::bert::load_tokenizer(&plan.model_dir, plan.max_seq_len)?;
-    let train = load_classification(&plan.train_path, &tokenizer, plan.labels.as_deref())?;
-    let test = load_classification(&plan.test_path, &tokenizer, Some(&train.labels))?;
+    let arch = Architecture::detect(&plan.model_dir)?;
+    let (train, test) = load_data(plan, arch)?;
     let n = train.len();
     let l = plan.expected_batch_size;
     if l > n {
@@ -100,18 +101,32 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     };
 
     let mut streams = RandomStreams::new(plan.seed);
+    let target_modules = plan.target_modules.clone().unwrap_or_else(|| arch.default_lora_targets());
     let spec = LoraSpec {
         rank: plan.lora_rank,
         alpha: plan.lora_alpha,
-        targets: plan.target_modules.clone(),
+        targets: target_modules.clone(),
         layers: plan.lora_layers.clone(),
     };
-    let mut model = BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init, &device)?
-        .with_base_dtype(plan.base_dtype())?;
+    let mut model: Box<dyn DpModel> = match arch {
+        Architecture::Bert => Box::new(
+            BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init, &device)?
+                .with_base_dtype(plan.base_dtype())?,
+        ),
+        Architecture::Llama => {
+            Box::new(LlamaLm::load(&plan.model_dir, Some(&spec), &mut streams.init, &device, plan.base_dtype())?)
+        }
+    };
+    let eval_batch = plan.max_physical_batch.max(1);
+    // The base model's held-out perplexity (B = 0: the adapters add exactly nothing yet).
+    let base_test_metric = match model.task() {
+        Task::CausalLm => Some(model.evaluate(&test.examples, eval_batch)?),
+        Task::Classification => None,
+    };
     let layout = FlatParams::from_named(&model.trainable())?;
     let params = layout.to_tensor(model.device())?;
     // Frozen lower layers: computed once per record (a function of that record alone).
-    let cache = feature_cache(&model, &train.examples, plan.max_physical_batch)?;
+    let cache = feature_cache(model.as_ref(), &train.examples, plan.max_physical_batch)?;
     let mut opt = match plan.optimizer {
         OptimizerKind::AdamW { eps } => Optimizer::AdamW(FusedAdamW::new(plan.weight_decay, eps)),
         OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(momentum, plan.weight_decay)),
@@ -168,7 +183,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         }
         let indices = sampler.sample(n);
         let (grad, rep) = private_gradient(
-            &model,
+            model.as_ref(),
             &train.examples,
             cache.as_ref(),
             &indices,
@@ -218,7 +233,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     let train_seconds = started.elapsed().as_secs_f64();
     let eval_started = Instant::now();
-    let test_accuracy = accuracy(&model, &test.examples, 64)?;
+    let test_metric = model.evaluate(&test.examples, eval_batch)?;
     if std::env::var_os("DPTRAIN_TIMING").is_some() {
         eprintln!("timing: train {train_seconds:.1}s, eval {:.1}s", eval_started.elapsed().as_secs_f64());
     }
@@ -256,12 +271,39 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         test_dataset_hash: test.content_hash.clone(),
         test_size: test.len(),
         labels: train.labels.clone(),
-        test_accuracy,
+        task: model.task(),
+        target_modules,
+        test_metric,
+        base_test_metric,
         train_seconds,
         examples_per_second: examples_seen as f64 / train_seconds,
         stopped_early,
         ledger,
     };
-    report::write_outputs(plan, &model, &summary, &metrics)?;
+    report::write_outputs(plan, model.as_ref(), &summary, &metrics)?;
     Ok(RunOutcome { summary })
+}
+
+/// Training and held-out data in the format of the model's task.
+pub(crate) fn load_data(plan: &Plan, arch: Architecture) -> Result<(Dataset, Dataset), RunError> {
+    match arch {
+        Architecture::Bert => {
+            let tokenizer = load_tokenizer(&plan.model_dir, Some(plan.max_seq_len))?;
+            let train = load_classification(&plan.train_path, &tokenizer, plan.labels.as_deref())?;
+            let test = load_classification(&plan.test_path, &tokenizer, Some(&train.labels))?;
+            Ok((train, test))
+        }
+        Architecture::Llama => {
+            if plan.labels.is_some() {
+                return Err(RunError::Plan(
+                    "data.labels: a Llama-family model trains language modelling, which has no labels".into(),
+                ));
+            }
+            let cfg = LlamaConfig::from_file(&plan.model_dir.join("config.json"))?;
+            let tokenizer = load_tokenizer(&plan.model_dir, None)?;
+            let train = load_lm(&plan.train_path, &tokenizer, plan.max_seq_len, cfg.eos_token())?;
+            let test = load_lm(&plan.test_path, &tokenizer, plan.max_seq_len, cfg.eos_token())?;
+            Ok((train, test))
+        }
+    }
 }

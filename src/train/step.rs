@@ -4,8 +4,7 @@
 use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
 use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
 use crate::lora::Tape;
-use crate::model::bert::cross_entropy_per_example;
-use crate::model::BertClassifier;
+use crate::model::DpModel;
 use crate::privacy::{per_example_grad_parts, GaussianNoise};
 use candle_core::{DType, Result, Tensor};
 
@@ -57,14 +56,13 @@ pub struct MicroBatchSum {
 /// Sum over one micro-batch of the clipped per-example gradients (`clip = None`: unclipped, for
 /// the non-private baseline; non-finite examples are dropped either way).
 pub fn clipped_sum_micro_batch(
-    model: &BertClassifier,
+    model: &dyn DpModel,
     batch: &Batch,
     clip: Option<f64>,
     how: ClipImpl,
 ) -> Result<MicroBatchSum> {
     let mut tape = Tape::default();
-    let logits = model.batch_logits(batch, Some(&mut tape))?;
-    let losses = cross_entropy_per_example(&logits, &batch.labels)?;
+    let losses = model.example_losses(batch, Some(&mut tape))?;
     // The summed loss: dL/dy at example i is example i's own gradient.
     let loss_sum = losses.sum_all()?;
     // The backward fills the tape's gradient slots (the GradStore itself is not needed).
@@ -86,13 +84,13 @@ pub fn clipped_sum_micro_batch(
 }
 
 /// The privatised gradient of one logical batch (`indices` into `examples`), as a flat [P]
-/// tensor on the model's device in the order of `BertClassifier::trainable`. `step` (0-based)
+/// tensor on the model's device in the order of `DpModel::trainable`. `step` (0-based)
 /// selects the noise stream: each step must have its own. With `cache`, the frozen lower layers
 /// are read from it instead of recomputed. The device is synchronised once, at the end, for the
 /// step's statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn private_gradient(
-    model: &BertClassifier,
+    model: &dyn DpModel,
     examples: &[Example],
     cache: Option<&FeatureCache>,
     indices: &[usize],
@@ -119,7 +117,7 @@ pub fn private_gradient(
 /// `private_gradient` with a chosen clip implementation.
 #[allow(clippy::too_many_arguments)]
 pub fn private_gradient_with(
-    model: &BertClassifier,
+    model: &dyn DpModel,
     examples: &[Example],
     cache: Option<&FeatureCache>,
     indices: &[usize],

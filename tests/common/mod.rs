@@ -83,3 +83,58 @@ pub fn write_tiny_model_dir(dir: &std::path::Path, seed: u64) {
     });
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
 }
+
+/// A 2-layer Llama config: hidden 32, 4 query heads over 2 key/value heads (GQA), vocab 50.
+pub fn tiny_llama_config(tied: bool, model_type: &str) -> dptrain::model::LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "model_type": model_type, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "tie_word_embeddings": tied, "hidden_act": "silu", "eos_token_id": 3
+    }))
+    .unwrap()
+}
+
+/// A tiny random Llama with LoRA on `targets` and random (non-zero) LoRA B, so that every
+/// per-example gradient is non-trivial.
+pub fn tiny_llama(seed: u64, targets: &[&str], cfg: dptrain::model::LlamaConfig) -> dptrain::model::LlamaLm {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let w = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+    let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    let spec = LoraSpec { rank: 3, alpha: 6.0, targets: targets.iter().map(|s| s.to_string()).collect(), layers: None };
+    let mut model = dptrain::model::LlamaLm::new(vb, cfg, Some(&spec), &mut rng).unwrap();
+    let random: Vec<Tensor> =
+        dptrain::model::DpModel::trainable(&model).iter().map(|(_, t)| rand_tensor(&mut rng, t.dims(), 0.5)).collect();
+    dptrain::model::DpModel::set_trainable(&mut model, &random).unwrap();
+    model
+}
+
+/// Write a tiny Llama model folder (config.json, model.safetensors, a WordLevel tokenizer.json
+/// without special tokens: "w4".."w49" are ids 4..49, id 3 is the end of sequence).
+pub fn write_tiny_llama_dir(dir: &std::path::Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let cfg = tiny_llama_config(true, "llama");
+    let w = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "tie_word_embeddings": true, "hidden_act": "silu", "eos_token_id": 3, "bos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<pad>", "<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for (i, t) in tiny_words().iter().enumerate() {
+        vocab.insert(t.clone(), (i + 4).into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}

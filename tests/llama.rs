@@ -1,0 +1,258 @@
+//! Claims about the Llama-family model: per-example gradients of every LoRA tensor equal
+//! one-example-at-a-time backward passes (GQA, tied and untied embeddings, Qwen2 biases, padded
+//! variable-length batches, prompt tokens excluded from the loss); padding and prompt positions
+//! get exactly zero gradient; GQA equals full attention with duplicated key/value heads; RoPE is
+//! the rotate-half rotation; B = 0 gives the base model.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use dptrain::data::{Batch, Example};
+use dptrain::lora::Tape;
+use dptrain::model::llama::{rope, rope_tables, LLAMA_LORA_MODULES};
+use dptrain::model::{DpModel, LlamaLm};
+use dptrain::privacy::per_example_grads;
+
+/// Variable lengths (padded batch); some records score every token after the first (plain
+/// text), others only a completion after a prompt.
+fn examples() -> Vec<Example> {
+    let lens_starts = [(5usize, 1usize), (3, 1), (11, 4), (8, 2), (6, 1)];
+    let mut s = 29u32;
+    lens_starts
+        .iter()
+        .map(|&(len, start)| {
+            let ids = (0..len)
+                .map(|_| {
+                    s = s.wrapping_mul(1103515245).wrapping_add(12345);
+                    (s >> 16) % 50
+                })
+                .collect();
+            Example { ids, label: 0, target_start: Some(start) }
+        })
+        .collect()
+}
+
+fn one_at_a_time(model: &mut LlamaLm, e: &Example) -> Vec<Vec<f32>> {
+    let originals: Vec<Tensor> = model.trainable().into_iter().map(|(_, t)| t).collect();
+    let vars: Vec<Var> = originals.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    model.set_trainable(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>()).unwrap();
+    let batch = Batch::from_examples(&[e], &Device::Cpu).unwrap();
+    let loss = model.example_losses(&batch, None).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let out = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .expect("every LoRA tensor gets a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    model.set_trainable(&originals).unwrap();
+    out
+}
+
+fn check(targets: &[&str], cfg: dptrain::model::LlamaConfig, seed: u64) {
+    let mut model = common::tiny_llama(seed, targets, cfg);
+    let exs = examples();
+    let refs: Vec<&Example> = exs.iter().collect();
+    let batch = Batch::from_examples(&refs, &Device::Cpu).unwrap();
+    let mut tape = Tape::default();
+    model.example_losses(&batch, Some(&mut tape)).unwrap().sum_all().unwrap().backward().unwrap();
+    let fast: Vec<Vec<f32>> = per_example_grads(&model, &tape).unwrap().to_vec2().unwrap();
+    let names: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(!names.is_empty());
+    for (i, e) in exs.iter().enumerate() {
+        let slow = one_at_a_time(&mut model, e);
+        let mut offset = 0;
+        for (k, s) in slow.iter().enumerate() {
+            let f = &fast[i][offset..offset + s.len()];
+            offset += s.len();
+            let scale = s.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "example {i}, {}: zero reference gradient makes the test vacuous", names[k]);
+            let err = f.iter().zip(s).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-5 * scale, "example {i}, {}: max error {err} vs scale {scale}", names[k]);
+        }
+        assert_eq!(offset, fast[i].len());
+    }
+}
+
+#[test]
+fn per_example_grads_match_one_at_a_time_on_every_module_with_gqa_and_tied_embeddings() {
+    check(&LLAMA_LORA_MODULES, common::tiny_llama_config(true, "llama"), 1);
+}
+
+#[test]
+fn per_example_grads_match_one_at_a_time_untied_qwen2_with_qkv_biases() {
+    check(&["q_proj", "v_proj", "down_proj"], common::tiny_llama_config(false, "qwen2"), 2);
+}
+
+#[test]
+fn padding_does_not_change_an_examples_loss() {
+    let model = common::tiny_llama(3, &LLAMA_LORA_MODULES, common::tiny_llama_config(true, "llama"));
+    let exs = examples();
+    let refs: Vec<&Example> = exs.iter().collect();
+    let padded: Vec<f32> =
+        model.example_losses(&Batch::from_examples(&refs, &Device::Cpu).unwrap(), None).unwrap().to_vec1().unwrap();
+    for (i, e) in exs.iter().enumerate() {
+        let alone: Vec<f32> =
+            model.example_losses(&Batch::from_examples(&[e], &Device::Cpu).unwrap(), None).unwrap().to_vec1().unwrap();
+        assert!((padded[i] - alone[0]).abs() < 1e-5, "example {i}: {} vs {}", padded[i], alone[0]);
+        assert!(alone[0] > 0.1, "a random model's loss should be far from 0");
+    }
+}
+
+#[test]
+fn padding_and_positions_after_the_last_target_get_exactly_zero_output_gradient() {
+    let model = common::tiny_llama(4, &["q_proj", "o_proj", "down_proj"], common::tiny_llama_config(true, "llama"));
+    let exs = examples();
+    let refs: Vec<&Example> = exs.iter().collect();
+    let batch = Batch::from_examples(&refs, &Device::Cpu).unwrap();
+    let t = batch.input_ids.dim(1).unwrap();
+    let mut tape = Tape::default();
+    model.example_losses(&batch, Some(&mut tape)).unwrap().sum_all().unwrap().backward().unwrap();
+    for rec in &tape.lora {
+        let g: Vec<Vec<Vec<f32>>> = rec.grad.get().unwrap().to_vec3().unwrap();
+        for (i, e) in exs.iter().enumerate() {
+            // Position len-1 predicts nothing and positions ≥ len are padding: no loss reads them,
+            // and causal attention keeps every earlier position from reading them.
+            for (pos, row) in g[i].iter().enumerate().take(t).skip(e.ids.len() - 1) {
+                assert!(row.iter().all(|&v| v == 0.0), "{}: example {i} position {pos} has gradient", rec.name);
+            }
+            // (Position 0's query has none either: it attends to itself alone, softmax of one score.)
+            assert!(
+                g[i][1..e.ids.len() - 1].iter().any(|row| row.iter().any(|&v| v != 0.0)),
+                "{}: example {i} has no gradient at any target position",
+                rec.name
+            );
+        }
+    }
+}
+
+#[test]
+fn prompt_tokens_are_not_scored_but_condition_the_completion() {
+    let model = common::tiny_llama(5, &["v_proj"], common::tiny_llama_config(true, "llama"));
+    let ids: Vec<u32> = vec![7, 12, 9, 30, 41, 8];
+    let loss = |start: usize, ids: Vec<u32>| -> f32 {
+        let e = Example { ids, label: 0, target_start: Some(start) };
+        model
+            .example_losses(&Batch::from_examples(&[&e], &Device::Cpu).unwrap(), None)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+    };
+    // Mean over targets 3..6 by hand from the full logits.
+    let logits: Vec<Vec<f32>> = model
+        .logits(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+        .unwrap()
+        .i(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let nll = |p: usize| {
+        let row = &logits[p];
+        let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        lse - row[ids[p + 1] as usize] as f64
+    };
+    let hand = (nll(2) + nll(3) + nll(4)) / 3.0;
+    assert!((loss(3, ids.clone()) as f64 - hand).abs() < 1e-5, "{} vs {hand}", loss(3, ids.clone()));
+    // Changing a prompt token changes the completion's loss (it is context, not ignored)...
+    let mut other = ids.clone();
+    other[1] = 13;
+    assert!((loss(3, other) - loss(3, ids.clone())).abs() > 1e-6);
+}
+
+#[test]
+fn lora_with_b_zero_gives_the_base_model_exactly() {
+    let cfg = common::tiny_llama_config(true, "llama");
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(6);
+    let w = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+    let spec = dptrain::model::bert::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: LLAMA_LORA_MODULES.iter().map(|s| s.to_string()).collect(),
+        layers: None,
+    };
+    let vb = || candle_nn::VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    let adapted = LlamaLm::new(vb(), cfg.clone(), Some(&spec), &mut rng).unwrap();
+    let base = LlamaLm::new(vb(), cfg, None, &mut rng).unwrap();
+    let ids = Tensor::new(&[[4u32, 9, 17, 22, 3]], &Device::Cpu).unwrap();
+    let d = (adapted.logits(&ids).unwrap() - base.logits(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+}
+
+#[test]
+fn grouped_query_attention_equals_full_attention_with_duplicated_kv_heads() {
+    // 4 query heads over 2 kv heads == 4 kv heads where kv head j is a copy of head j / 2.
+    let gqa_cfg = common::tiny_llama_config(false, "llama");
+    let mut full_cfg = gqa_cfg.clone();
+    full_cfg.num_key_value_heads = Some(4);
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(7);
+    let w = dptrain::model::llama::random_weights(&gqa_cfg, &mut rng, &Device::Cpu).unwrap();
+    let mut wf = w.clone();
+    for i in 0..2 {
+        for m in ["k_proj", "v_proj"] {
+            let name = format!("model.layers.{i}.self_attn.{m}.weight");
+            let t = &w[&name]; // [2 · 8, 32]
+            let heads: Vec<Tensor> = (0..4).map(|j| t.narrow(0, (j / 2) * 8, 8).unwrap()).collect();
+            wf.insert(name, Tensor::cat(&heads, 0).unwrap());
+        }
+    }
+    let gqa = LlamaLm::new(candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), gqa_cfg, None, &mut rng)
+        .unwrap();
+    let full =
+        LlamaLm::new(candle_nn::VarBuilder::from_tensors(wf, DType::F32, &Device::Cpu), full_cfg, None, &mut rng)
+            .unwrap();
+    let ids = Tensor::new(&[[5u32, 8, 13, 21, 34, 2, 6]], &Device::Cpu).unwrap();
+    let d = (gqa.logits(&ids).unwrap() - full.logits(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "max difference {d}");
+}
+
+#[test]
+fn rope_rotates_each_pair_j_and_j_plus_half_by_position_times_frequency() {
+    let (t, d, theta) = (5usize, 8usize, 10_000f64);
+    let (cos, sin) = rope_tables(t, d, theta, &Device::Cpu).unwrap();
+    let x: Vec<f32> = (0..t * d).map(|k| ((k * 37 % 11) as f32 - 5.0) / 3.0).collect();
+    let xt = Tensor::from_vec(x.clone(), (1, 1, t, d), &Device::Cpu).unwrap();
+    let y: Vec<f32> = rope(&xt, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for p in 0..t {
+        for j in 0..d / 2 {
+            let a = p as f64 * theta.powf(-2.0 * j as f64 / d as f64);
+            let (x1, x2) = (x[p * d + j] as f64, x[p * d + j + d / 2] as f64);
+            let (y1, y2) = (x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin());
+            assert!((y[p * d + j] as f64 - y1).abs() < 1e-5 && (y[p * d + j + d / 2] as f64 - y2).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn unknown_llama_lora_target_is_an_error_naming_the_known_modules() {
+    let cfg = common::tiny_llama_config(true, "llama");
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(8);
+    let w = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+    let spec = dptrain::model::bert::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["query".into()], layers: None };
+    let err =
+        LlamaLm::new(candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), cfg, Some(&spec), &mut rng)
+            .err()
+            .expect("query is a BERT module")
+            .to_string();
+    assert!(err.contains("`query`") && err.contains("q_proj"), "{err}");
+}
