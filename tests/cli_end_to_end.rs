@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 struct Fixture {
     dir: PathBuf,
@@ -17,16 +16,7 @@ impl Fixture {
         let dir = std::env::temp_dir().join(format!("dptrain-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         common::write_tiny_model_dir(&dir.join("model"), 4);
-        let words = common::tiny_words();
-        let mut lines = Vec::new();
-        for i in 0..60 {
-            // label a: words from the first half of the vocabulary, b: from the second half.
-            let (label, base) = if i % 2 == 0 { ("a", 0) } else { ("b", 23) };
-            let text: Vec<&str> = (0..(3 + i % 5)).map(|j| words[base + (i * 3 + j * 7) % 23].as_str()).collect();
-            lines.push(serde_json::json!({"text": text.join(" "), "label": label}).to_string());
-        }
-        std::fs::write(dir.join("train.jsonl"), lines[..48].join("\n") + "\n").unwrap();
-        std::fs::write(dir.join("test.jsonl"), lines[48..].join("\n") + "\n").unwrap();
+        common::write_tiny_classification_data(&dir);
         Fixture { dir }
     }
 
@@ -50,10 +40,7 @@ impl Drop for Fixture {
     }
 }
 
-fn dptrain(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dptrain")).args(args).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
+use common::dptrain;
 
 fn read_adapter(path: &Path) -> (Vec<String>, serde_json::Value) {
     let bytes = std::fs::read(path).unwrap();
@@ -366,4 +353,40 @@ fn cuda_device_in_a_cpu_build_is_a_clear_error() {
         dptrain(&["--config", f.config("target-epsilon = 2.0", "out").to_str().unwrap(), "--device", "cuda:0"]);
     assert!(!ok);
     assert!(out.contains("built without CUDA support"), "{out}");
+}
+
+#[test]
+fn empty_data_unsupported_architecture_missing_tensor_and_small_dataset_are_clear_errors() {
+    let f = Fixture::new("badinputs");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let run = |what: &str, want: &[&str]| {
+        let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+        assert!(!ok, "{what}: {log}");
+        for w in want {
+            assert!(log.contains(w), "{what}: expected `{w}` in: {log}");
+        }
+        assert!(!f.dir.join("run/adapter_model.safetensors").exists(), "{what}: wrote an adapter");
+    };
+    // An empty training file.
+    let train = f.dir.join("train.jsonl");
+    let data = std::fs::read_to_string(&train).unwrap();
+    std::fs::write(&train, "\n\n").unwrap();
+    run("empty", &["train.jsonl", "no records"]);
+    // Fewer records than the expected batch.
+    let few: Vec<&str> = data.lines().take(5).collect();
+    std::fs::write(&train, few.join("\n")).unwrap();
+    run("small", &["expected-batch-size 8 exceeds the 5 records"]);
+    std::fs::write(&train, &data).unwrap();
+    // An architecture dptrain does not implement.
+    let cfg_json = f.dir.join("model/config.json");
+    let original = std::fs::read_to_string(&cfg_json).unwrap();
+    std::fs::write(&cfg_json, original.replace("\"model_type\":\"bert\"", "\"model_type\":\"gpt2\"")).unwrap();
+    run("architecture", &["config.json", "unsupported architecture", "gpt2"]);
+    std::fs::write(&cfg_json, &original).unwrap();
+    // A weight file without one of the model's tensors.
+    let st = f.dir.join("model/model.safetensors");
+    let mut w = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
+    w.remove("encoder.layer.1.attention.self.value.weight");
+    candle_core::safetensors::save(&w, &st).unwrap();
+    run("missing tensor", &["model.safetensors", "encoder.layer.1.attention.self.value.weight"]);
 }

@@ -71,9 +71,11 @@ fn micro_batches_give_the_one_shot_result() {
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
     let one = vec1(private_gradient(&model, &exs, None, &idx, 64, p, &mech, &noise, 0).unwrap().0);
     let many = vec1(private_gradient(&model, &exs, None, &idx, 3, p, &mech, &noise, 0).unwrap().0);
+    let limits = dptrain::data::MicroBatchLimits { examples: 64, tokens: Some(20) };
+    let by_tokens = vec1(private_gradient(&model, &exs, None, &idx, limits, p, &mech, &noise, 0).unwrap().0);
     let scale = one.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for (a, b) in one.iter().zip(&many) {
-        assert!((a - b).abs() <= 1e-5 * scale);
+    for ((a, b), c) in one.iter().zip(&many).zip(&by_tokens) {
+        assert!((a - b).abs() <= 1e-5 * scale && (a - c).abs() <= 1e-5 * scale);
     }
 }
 

@@ -112,10 +112,10 @@ fn padding_and_positions_after_the_last_target_get_exactly_zero_output_gradient(
     let refs: Vec<&Example> = exs.iter().collect();
     let batch = Batch::from_examples(&refs, &Device::Cpu).unwrap();
     let t = batch.input_ids.dim(1).unwrap();
-    let mut tape = Tape::default();
+    let mut tape = Tape { keep_output_grads: true, ..Tape::default() };
     model.example_losses(&batch, Some(&mut tape)).unwrap().sum_all().unwrap().backward().unwrap();
     for rec in &tape.lora {
-        let g: Vec<Vec<Vec<f32>>> = rec.grad.get().unwrap().to_vec3().unwrap();
+        let g: Vec<Vec<Vec<f32>>> = rec.grad.as_ref().unwrap().get().unwrap().to_vec3().unwrap();
         for (i, e) in exs.iter().enumerate() {
             // Position len-1 predicts nothing and positions ≥ len are padding: no loss reads them,
             // and causal attention keeps every earlier position from reading them.
@@ -255,4 +255,89 @@ fn unknown_llama_lora_target_is_an_error_naming_the_known_modules() {
             .expect("query is a BERT module")
             .to_string();
     assert!(err.contains("`query`") && err.contains("q_proj"), "{err}");
+}
+
+#[test]
+fn sharded_safetensors_with_an_index_load_the_same_model() {
+    let cfg = common::tiny_llama_config(true, "llama");
+    let one = std::env::temp_dir().join(format!("dptrain-shard-one-{}", std::process::id()));
+    let two = std::env::temp_dir().join(format!("dptrain-shard-two-{}", std::process::id()));
+    common::write_tiny_llama_dir(&one, 12);
+    std::fs::create_dir_all(&two).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(one.join(f), two.join(f)).unwrap();
+    }
+    let all = candle_core::safetensors::load(one.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut a, mut b) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let mut map = serde_json::Map::new();
+    for (k, t) in all {
+        let file = if k.contains("layers.1.") || k.contains("norm.weight") && !k.contains("layers") {
+            b.insert(k.clone(), t);
+            "model-00002-of-00002.safetensors"
+        } else {
+            a.insert(k.clone(), t);
+            "model-00001-of-00002.safetensors"
+        };
+        map.insert(k, file.into());
+    }
+    candle_core::safetensors::save(&a, two.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, two.join("model-00002-of-00002.safetensors")).unwrap();
+    std::fs::write(two.join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string())
+        .unwrap();
+    let load = |dir: &std::path::Path| {
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+        LlamaLm::load(dir, None, &mut rng, &Device::Cpu, DType::F32).unwrap()
+    };
+    let ids = Tensor::new(&[[4u32, 9, 17, 22, 3, 30]], &Device::Cpu).unwrap();
+    let (l1, l2) = (load(&one).logits(&ids).unwrap(), load(&two).logits(&ids).unwrap());
+    assert_eq!(
+        l1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        l2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    // A shard listed in the index but absent is an error naming it.
+    std::fs::remove_file(two.join("model-00002-of-00002.safetensors")).unwrap();
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+    let err = LlamaLm::load(&two, None, &mut rng, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    let _ = (std::fs::remove_dir_all(&one), std::fs::remove_dir_all(&two), cfg);
+}
+
+#[test]
+fn cached_frozen_prefix_gives_the_full_forward_losses_and_gradients() {
+    // LoRA only in layer 1: layer 0's output is a fixed function of each record.
+    let cfg = common::tiny_llama_config(true, "llama");
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(13);
+    let w = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+    let spec = dptrain::model::bert::LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+        layers: Some(vec![1]),
+    };
+    let mut model =
+        LlamaLm::new(candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), cfg, Some(&spec), &mut rng)
+            .unwrap();
+    let random: Vec<Tensor> =
+        model.trainable().iter().map(|(_, t)| common::rand_tensor(&mut rng, t.dims(), 0.5)).collect();
+    model.set_trainable(&random).unwrap();
+    assert_eq!(model.first_adapted_layer(), 1);
+    let exs = examples();
+    let cache = dptrain::train::eval::feature_cache(&model, &exs, 2).unwrap().expect("layer 0 is cacheable");
+    let idx: Vec<usize> = (0..exs.len()).collect();
+    let grads = |cache: Option<&dptrain::data::FeatureCache>| -> (Vec<f32>, Vec<Vec<f32>>) {
+        let batch = Batch::gather(&exs, &idx, cache, &Device::Cpu).unwrap();
+        let mut tape = Tape::default();
+        let losses = model.example_losses(&batch, Some(&mut tape)).unwrap();
+        losses.sum_all().unwrap().backward().unwrap();
+        (losses.to_vec1().unwrap(), per_example_grads(&model, &tape).unwrap().to_vec2().unwrap())
+    };
+    let (full_l, full_g) = grads(None);
+    let (cached_l, cached_g) = grads(Some(&cache));
+    for (a, b) in full_l.iter().zip(&cached_l) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let scale = full_g.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in full_g.iter().flatten().zip(cached_g.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-5 * scale);
+    }
 }

@@ -36,6 +36,13 @@ struct TrainArgs {
     /// Compute on this device instead of the config's training.device: cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
+    /// Continue an interrupted run: its output folder (newest checkpoint) or a checkpoint folder.
+    /// The config, base model and data must be the ones the checkpoint was made with.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Stop as if interrupted after N steps, writing a checkpoint (to try out --resume).
+    #[arg(long)]
+    stop_after_step: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +154,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a run's outputs: the adapter's hash, the certificate against the report, and ε
+    /// recomputed from the stored ledger. Exits non-zero on any mismatch or a non-private run.
+    Verify {
+        /// The run's output folder.
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The smallest noise multiplier whose ε stays within a target.
     Calibrate {
         #[arg(long)]
@@ -216,7 +231,16 @@ fn train(args: &TrainArgs) -> Result<()> {
         plan.device = DeviceSpec::parse(d).map_err(anyhow::Error::msg).context("--device")?;
     }
     let progress = std::io::stderr().is_terminal();
-    let opts = RunOptions { non_private: args.non_private, overwrite: args.overwrite, progress, log_lines: !progress };
+    let opts = RunOptions {
+        non_private: args.non_private,
+        overwrite: args.overwrite,
+        progress,
+        log_lines: !progress,
+        resume: args.resume.clone(),
+        stop_after: args.stop_after_step,
+    };
+    // Ctrl-C / SIGTERM: finish the step, checkpoint, exit non-zero with how to resume.
+    dptrain::train::interrupt::install();
     let outcome = run(&plan, &opts).with_context(|| format!("run of {}", path.display()))?;
     let s = &outcome.summary;
     let metric = metric_text(&s.test_metric);
@@ -407,6 +431,25 @@ fn real_main() -> Result<()> {
         Some(Command::Selftest { device, json }) => selftest(device, json.as_ref()),
         Some(cmd @ Command::Bench { .. }) => bench(cmd),
         Some(cmd @ Command::Eval { .. }) => eval(cmd),
+        Some(Command::Verify { dir, json }) => {
+            let v = dptrain::report::verify::verify(dir).map_err(anyhow::Error::msg).context("verify")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for c in &v.checks {
+                    println!("{:<5} {:<36} {}", if c.pass { "ok" } else { "FAIL" }, c.name, c.detail);
+                }
+            }
+            let failed = v.checks.iter().filter(|c| !c.pass).count();
+            if failed > 0 {
+                bail!("{}: {failed} of {} checks failed", dir.display(), v.checks.len());
+            }
+            if !v.private {
+                bail!("{}: a non-private run certifies nothing", dir.display());
+            }
+            println!("verified: {} checks passed for {}", v.checks.len(), dir.display());
+            Ok(())
+        }
         Some(Command::Convert { gguf, out, overwrite }) => {
             let s = dptrain::convert::convert_gguf(gguf, out, *overwrite)
                 .with_context(|| format!("converting {}", gguf.display()))?;

@@ -122,6 +122,8 @@ pub struct Plan {
     pub tuned_on_private_data: bool,
     pub expected_batch_size: usize,
     pub max_physical_batch: usize,
+    /// Padded-token bound per micro-batch (`training.max-tokens`).
+    pub max_tokens: Option<usize>,
     pub steps: Option<u64>,
     pub epochs: Option<f64>,
     pub optimizer: OptimizerKind,
@@ -133,6 +135,9 @@ pub struct Plan {
     pub device: DeviceSpec,
     /// dtype of the frozen linear weights as configured (`model.dtype`); see `base_dtype()`.
     pub model_dtype: Option<candle_core::DType>,
+    /// Checkpoint interval in steps (0: only after the last step).
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
     pub output_dir: PathBuf,
 }
 
@@ -306,6 +311,10 @@ impl Plan {
             tuned_on_private_data: p.hyperparameters_tuned_on_private_data.unwrap_or(false),
             expected_batch_size: t.expected_batch_size,
             max_physical_batch,
+            max_tokens: match t.max_tokens {
+                Some(0) => return Err(bad("training.max-tokens", "must be at least 1".into())),
+                m => m,
+            },
             steps: t.steps,
             epochs: t.epochs,
             optimizer,
@@ -316,6 +325,11 @@ impl Plan {
             seed: t.seed,
             device,
             model_dtype,
+            checkpoint_every: t.checkpoint_every.unwrap_or(50),
+            keep_checkpoints: match t.keep_checkpoints {
+                Some(0) => return Err(bad("training.keep-checkpoints", "must be at least 1".into())),
+                k => k.unwrap_or(2),
+            },
             output_dir: raw.output.dir,
         })
     }
@@ -323,6 +337,11 @@ impl Plan {
     /// dtype of the frozen base weights: as configured, else the device's default.
     pub fn base_dtype(&self) -> candle_core::DType {
         self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype())
+    }
+
+    /// The micro-batch bounds of training and evaluation.
+    pub fn micro_batch_limits(&self) -> crate::data::MicroBatchLimits {
+        crate::data::MicroBatchLimits { examples: self.max_physical_batch, tokens: self.max_tokens }
     }
 
     /// Planned logical steps for a training set of `n` records.

@@ -84,6 +84,9 @@ pub struct RawTraining {
     pub expected_batch_size: usize,
     /// Largest number of examples run through the model at once (memory bound). Default 32.
     pub max_physical_batch: Option<usize>,
+    /// Largest number of padded tokens (examples × longest length) run through the model at once;
+    /// a longer single record still runs alone. Default: no token bound.
+    pub max_tokens: Option<usize>,
     /// Number of logical steps. Give this or `epochs`.
     pub steps: Option<u64>,
     /// Epochs: steps = round(epochs · N / L).
@@ -110,6 +113,11 @@ pub struct RawTraining {
     pub seed: Option<u64>,
     /// "cpu" (default), "cuda" or "cuda:N" (a build with `--features cuda`).
     pub device: Option<String>,
+    /// Write a checkpoint every this many steps (and always after the last one), under
+    /// `<output.dir>/checkpoints/`. 0 = only after the last step. Default 50.
+    pub checkpoint_every: Option<u64>,
+    /// How many of the newest checkpoints to keep. Default 2.
+    pub keep_checkpoints: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -131,11 +131,72 @@ impl Batch {
     }
 }
 
-/// Split the logical batch `indices` into micro-batches (of indices) of at most `max_physical`
-/// examples, grouping similar lengths together to reduce padding. An empty logical batch gives no
-/// micro-batches (the step then adds noise only).
-pub fn make_micro_batches(examples: &[Example], indices: &[usize], max_physical: usize) -> Vec<Vec<usize>> {
+/// Bounds on one physical micro-batch: at most `examples` examples and, when set, at most
+/// `tokens` padded tokens (examples × the longest member's length). A single example longer than
+/// `tokens` forms a micro-batch of its own (a record is never split).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroBatchLimits {
+    pub examples: usize,
+    pub tokens: Option<usize>,
+}
+
+impl From<usize> for MicroBatchLimits {
+    fn from(examples: usize) -> Self {
+        MicroBatchLimits { examples, tokens: None }
+    }
+}
+
+/// Split the logical batch `indices` into micro-batches (of indices) within `limits`, grouping
+/// similar lengths together to reduce padding. An empty logical batch gives no micro-batches (the
+/// step then adds noise only). Every index appears in exactly one micro-batch.
+pub fn make_micro_batches(
+    examples: &[Example],
+    indices: &[usize],
+    limits: impl Into<MicroBatchLimits>,
+) -> Vec<Vec<usize>> {
+    let limits = limits.into();
     let mut sorted: Vec<usize> = indices.to_vec();
     sorted.sort_by_key(|&i| (examples[i].ids.len(), i));
-    sorted.chunks(max_physical.max(1)).map(|c| c.to_vec()).collect()
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    for i in sorted {
+        // Sorted by length: example i is the longest of `cur` plus itself.
+        let padded = (cur.len() + 1) * examples[i].ids.len();
+        let full = cur.len() + 1 > limits.examples.max(1) || limits.tokens.is_some_and(|m| padded > m);
+        if full && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_respect_both_limits_and_cover_every_index_once() {
+        let exs: Vec<Example> = (0..40).map(|i| Example::classification(vec![1; 1 + (i * 7) % 23], 0)).collect();
+        let idx: Vec<usize> = (0..40).filter(|i| i % 3 != 1).collect();
+        let limits = MicroBatchLimits { examples: 6, tokens: Some(40) };
+        let mbs = make_micro_batches(&exs, &idx, limits);
+        let mut all: Vec<usize> = mbs.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, idx);
+        for mb in &mbs {
+            let longest = mb.iter().map(|&i| exs[i].ids.len()).max().unwrap();
+            assert!(mb.len() <= 6);
+            assert!(mb.len() == 1 || mb.len() * longest <= 40, "{} × {longest}", mb.len());
+        }
+        // A record longer than the token limit still runs, alone.
+        let long = vec![Example::classification(vec![1; 50], 0), Example::classification(vec![1; 3], 0)];
+        assert_eq!(
+            make_micro_batches(&long, &[0, 1], MicroBatchLimits { examples: 8, tokens: Some(10) }),
+            vec![vec![1], vec![0]]
+        );
+    }
 }

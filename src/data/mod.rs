@@ -7,7 +7,7 @@ mod batch;
 mod jsonl;
 mod sampler;
 
-pub use batch::{make_micro_batches, Batch, FeatureCache, LmTargets};
+pub use batch::{make_micro_batches, Batch, FeatureCache, LmTargets, MicroBatchLimits};
 pub use jsonl::{load_classification, load_lm, Dataset, Example};
 pub use sampler::PoissonSampler;
 

@@ -27,6 +27,11 @@ impl PoissonSampler {
         self.q
     }
 
+    /// The stream's exact position (checkpoints).
+    pub fn rng(&self) -> &ChaCha20Rng {
+        &self.rng
+    }
+
     /// Indices of the records of one logical batch, out of `n` records.
     pub fn sample(&mut self, n: usize) -> Vec<usize> {
         (0..n).filter(|_| uniform01(&mut self.rng) < self.q).collect()

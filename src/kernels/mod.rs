@@ -504,6 +504,9 @@ impl InplaceOp2 for AdamWOp<'_> {
     }
 }
 
+/// AdamW moments (m, v) on the host, as checkpointed.
+pub type HostMoments = (Vec<f64>, Vec<f64>);
+
 /// AdamW over the flat parameter vector, one fused pass per step on the parameters' device.
 /// Moments are kept in f64; parameters are updated in f64 and stored in f32.
 pub struct FusedAdamW {
@@ -512,12 +515,41 @@ pub struct FusedAdamW {
     pub eps: f64,
     pub weight_decay: f64,
     moments: Option<Moments>,
+    /// Moments restored from a checkpoint, moved to the parameters' device at the next step.
+    pending: Option<HostMoments>,
     t: u64,
 }
 
 impl FusedAdamW {
     pub fn new(weight_decay: f64, eps: f64) -> Self {
-        FusedAdamW { beta1: 0.9, beta2: 0.999, eps, weight_decay, moments: None, t: 0 }
+        FusedAdamW { beta1: 0.9, beta2: 0.999, eps, weight_decay, moments: None, pending: None, t: 0 }
+    }
+
+    /// The state to checkpoint: steps taken and the moments (m, v) on the host (None before the
+    /// first step).
+    pub fn state(&self) -> Result<(u64, Option<HostMoments>)> {
+        let moments = match (&self.moments, &self.pending) {
+            (Some(m), _) => Some(m.to_host()?),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        };
+        Ok((self.t, moments))
+    }
+
+    /// Continue from a checkpointed state (as returned by `state`), bit for bit.
+    pub fn restore(&mut self, steps: u64, moments: Option<HostMoments>) -> Result<()> {
+        if let Some((m, v)) = &moments {
+            if m.len() != v.len() {
+                candle_core::bail!("AdamW state: {} first and {} second moments", m.len(), v.len());
+            }
+        }
+        if steps > 0 && moments.is_none() {
+            candle_core::bail!("AdamW state: {steps} steps but no moments");
+        }
+        self.t = steps;
+        self.moments = None;
+        self.pending = moments;
+        Ok(())
     }
 
     /// Steps taken so far.
@@ -540,6 +572,16 @@ impl FusedAdamW {
         }
         if params.dtype() != DType::F32 || grad.dtype() != DType::F32 || !params.is_contiguous() {
             candle_core::bail!("AdamW: expected contiguous f32 parameters and an f32 gradient");
+        }
+        if let Some((m, v)) = self.pending.take() {
+            if m.len() != params.elem_count() {
+                candle_core::bail!("AdamW state has moments for {} parameters, not {}", m.len(), params.elem_count());
+            }
+            self.moments = Some(match params.device() {
+                #[cfg(feature = "cuda")]
+                Device::Cuda(d) => Moments::Cuda { m: d.clone_htod(&m)?, v: d.clone_htod(&v)? },
+                _ => Moments::Host { m, v },
+            });
         }
         self.t += 1;
         let hyper = AdamWHyper {

@@ -2,8 +2,10 @@
 //!
 //! The frozen W and b are plain tensors (never `Var`s), so no gradient is ever computed for them.
 //! B starts at zero, so a fresh adapter gives exactly the base output. With a `Tape`, the forward
-//! records what per-example gradients need: the input X, U = X Aᵀ, and (through a `grad_tap` on
-//! the output) G = dL/dy. Then dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i.
+//! puts a tap on the output that holds the input X and U = X Aᵀ; when the backward reaches it with
+//! G = dL/dy, the tap computes the per-example gradients dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i
+//! at once and keeps only those ([b, r·out] and [b, r·in], much smaller than G's [b, T, out]), so G
+//! is freed as the backward moves on instead of living until the end of the step.
 
 pub mod peft;
 
@@ -36,12 +38,44 @@ pub struct LoraLinear {
 /// What the forward of one adapted layer recorded for the per-example gradients.
 pub struct LoraRecord {
     pub name: String,
+    /// Receives (dA [b, r·in], dB [b, out·r]) per example during the backward pass.
+    pub parts: PartsSlot,
+    /// dL/dy [b, T, out] itself, only when the tape was asked to keep it (tests).
+    pub grad: Option<GradSlot>,
+}
+
+/// Where a LoRA tap leaves the per-example gradients of A and B.
+#[derive(Clone, Default)]
+pub struct PartsSlot(Arc<Mutex<Option<(Tensor, Tensor)>>>);
+
+impl PartsSlot {
+    /// (dA, dB) per example, flattened: [b, r·in], [b, out·r] (None if no backward reached it).
+    pub fn get(&self) -> Option<(Tensor, Tensor)> {
+        self.0.lock().expect("parts slot lock").clone()
+    }
+}
+
+/// What a LoRA tap needs to turn G = dL/dy into per-example gradients.
+struct LoraTapData {
     /// [b, T, in]
-    pub x: Tensor,
+    x: Tensor,
     /// [b, T, r]
-    pub u: Tensor,
-    /// Receives dL/dy [b, T, out] during the backward pass.
-    pub grad: GradSlot,
+    u: Tensor,
+    /// [out, r]
+    b: Tensor,
+    scale: f64,
+    parts: PartsSlot,
+}
+
+impl LoraTapData {
+    /// dA_i = s (G_i B)ᵀ X_i and dB_i = s G_iᵀ U_i, as batched products, flattened per example.
+    fn parts(&self, g: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = g.dim(0)?;
+        let d_b = (g.transpose(1, 2)?.contiguous()?.matmul(&self.u)? * self.scale)?; // [b, out, r]
+        let gb = linear_nd(g, &self.b.t()?)?; // G B: [b, T, r]
+        let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(&self.x)? * self.scale)?; // [b, r, in]
+        Ok((d_a.reshape((n, ()))?, d_b.reshape((n, ()))?))
+    }
 }
 
 /// What the classification head recorded.
@@ -70,11 +104,14 @@ impl GradSlot {
 /// the [b, T, out] zero "probe" tensors and additions a `Var` added to y would cost.
 pub fn grad_tap(y: &Tensor, slot: &GradSlot) -> Result<Tensor> {
     let tracker = Var::zeros(1, DType::F32, y.device())?;
-    y.apply_op2(tracker.as_tensor(), GradTap { slot: slot.clone() })
+    y.apply_op2(tracker.as_tensor(), GradTap { slot: Some(slot.clone()), lora: None })
 }
 
 struct GradTap {
-    slot: GradSlot,
+    /// Keeps dL/dy itself.
+    slot: Option<GradSlot>,
+    /// Turns dL/dy into per-example LoRA gradients.
+    lora: Option<LoraTapData>,
 }
 
 impl CustomOp2 for GradTap {
@@ -102,12 +139,22 @@ impl CustomOp2 for GradTap {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut slot = self.slot.0.lock().expect("grad slot lock");
-        *slot = Some(match slot.take() {
-            // A second backward through the same graph adds up, as gradients do.
-            Some(prev) => (prev + grad_res)?,
-            None => grad_res.clone(),
-        });
+        // A second backward through the same graph adds up, as gradients do (both are linear in G).
+        if let Some(slot) = &self.slot {
+            let mut slot = slot.0.lock().expect("grad slot lock");
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + grad_res)?,
+                None => grad_res.clone(),
+            });
+        }
+        if let Some(lora) = &self.lora {
+            let (d_a, d_b) = lora.parts(grad_res)?;
+            let mut slot = lora.parts.0.lock().expect("parts slot lock");
+            *slot = Some(match slot.take() {
+                Some((a, b)) => ((a + d_a)?, (b + d_b)?),
+                None => (d_a, d_b),
+            });
+        }
         Ok((Some(grad_res.clone()), None))
     }
 }
@@ -117,6 +164,8 @@ impl CustomOp2 for GradTap {
 pub struct Tape {
     pub lora: Vec<LoraRecord>,
     pub head: Option<HeadRecord>,
+    /// Also keep every adapted layer's dL/dy (for tests; costs [b, T, out] per layer).
+    pub keep_output_grads: bool,
 }
 
 /// x [.., in] · Wᵀ [in, out] as one GEMM over the flattened leading dimensions.
@@ -205,13 +254,24 @@ impl LoraLinear {
                 y + (linear_nd(&u, &ad.b)? * ad.scale)?
             }
             Some(tape) => {
-                // A and B are constants here; the tap carries dL/dy out. The branch still uses
-                // the tracked x, so upstream layers get the gradient through both paths.
+                // A and B are constants here; the tap turns dL/dy into per-example gradients. The
+                // branch still uses the tracked x, so upstream layers get the gradient through
+                // both paths.
                 let u = linear_nd(x, &ad.a)?;
                 let branch = (linear_nd(&u, &ad.b)? * ad.scale)?;
-                let grad = GradSlot::default();
-                let y = grad_tap(&(y + branch)?, &grad)?;
-                tape.lora.push(LoraRecord { name: self.name.clone(), x: x.detach(), u: u.detach(), grad });
+                let parts = PartsSlot::default();
+                let grad = tape.keep_output_grads.then(GradSlot::default);
+                let data = LoraTapData {
+                    x: x.detach().contiguous()?,
+                    u: u.detach(),
+                    b: ad.b.clone(),
+                    scale: ad.scale,
+                    parts: parts.clone(),
+                };
+                let tracker = Var::zeros(1, DType::F32, y.device())?;
+                let y =
+                    (y + branch)?.apply_op2(tracker.as_tensor(), GradTap { slot: grad.clone(), lora: Some(data) })?;
+                tape.lora.push(LoraRecord { name: self.name.clone(), parts, grad });
                 Ok(y)
             }
         }

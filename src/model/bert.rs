@@ -187,6 +187,7 @@ impl BertClassifier {
         if !st.exists() {
             return Err(ModelError::MissingFile(st));
         }
+        super::check_weight_dtypes(std::slice::from_ref(&st))?;
         // SAFETY: the file is memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };

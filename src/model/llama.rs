@@ -283,6 +283,7 @@ impl LlamaLm {
         }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
+        super::check_weight_dtypes(&files)?;
         // SAFETY: the files are memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base_dtype, device)? };
         Self::new(vb, config, lora, init_rng).map_err(|e| ModelError::Tensor {

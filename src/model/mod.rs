@@ -123,6 +123,42 @@ impl Architecture {
     }
 }
 
+/// Every tensor in the weight files is floating point (f32, f16, bf16 or f64): an integer or
+/// boolean "weight" (a quantised checkpoint, say) would otherwise be cast to float silently.
+/// Integer index buffers that transformers checkpoints carry and the models here recompute
+/// (`*.position_ids`, `*.token_type_ids`) are not weights and are allowed. Reads only the headers.
+pub fn check_weight_dtypes(files: &[PathBuf]) -> std::result::Result<(), ModelError> {
+    use std::io::Read;
+    for file in files {
+        let bad = |name: &str, message: String| ModelError::Tensor { file: file.clone(), name: name.into(), message };
+        let mut f = std::fs::File::open(file).map_err(|_| ModelError::MissingFile(file.clone()))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| bad("(header)", format!("not a safetensors file: {e}")))?;
+        let n = u64::from_le_bytes(len);
+        if n > 100_000_000 {
+            return Err(bad("(header)", format!("not a safetensors file (header length {n})")));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| bad("(header)", format!("truncated header: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| bad("(header)", format!("header is not JSON: {e}")))?;
+        for (name, info) in v.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            let index_buffer = name.ends_with("position_ids") || name.ends_with("token_type_ids");
+            if index_buffer && matches!(dtype, "I64" | "I32") {
+                continue;
+            }
+            if !matches!(dtype, "F32" | "F16" | "BF16" | "F64") {
+                return Err(bad(name, format!("dtype {dtype}: model weights must be floating point (F32, F16, BF16)")));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("model file missing: {0} (run scripts/fetch-assets.sh, or check model.path)")]
@@ -135,4 +171,31 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_weights_are_refused_naming_the_tensor() {
+        let dir = std::env::temp_dir().join(format!("dptrain-dtype-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let f = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let i = Tensor::new(&[1i64, 2], &Device::Cpu).unwrap();
+        let w = std::collections::HashMap::from([("a.weight".to_string(), f.clone()), ("b.weight".to_string(), i)]);
+        candle_core::safetensors::save(&w, &path).unwrap();
+        let err = check_weight_dtypes(std::slice::from_ref(&path)).unwrap_err().to_string();
+        assert!(err.contains("b.weight") && err.contains("I64"), "{err}");
+        // Index buffers such as BERT's `embeddings.position_ids` are not weights.
+        let ids = Tensor::new(&[0i64, 1], &Device::Cpu).unwrap();
+        let ok = std::collections::HashMap::from([
+            ("a.weight".to_string(), f),
+            ("embeddings.position_ids".to_string(), ids),
+        ]);
+        candle_core::safetensors::save(&ok, &path).unwrap();
+        check_weight_dtypes(&[path]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -32,6 +32,11 @@ impl GaussianNoise {
         GaussianNoise { key: NoiseKey::new(key) }
     }
 
+    /// The generator of a checkpointed run (the key is as secret as the data).
+    pub fn from_key(key: NoiseKey) -> Self {
+        GaussianNoise { key }
+    }
+
     pub fn key(&self) -> &NoiseKey {
         &self.key
     }

@@ -1,7 +1,8 @@
 //! Per-example gradients of every trainable tensor, vectorised over the batch.
 //!
 //! From the tape of one forward pass and the backward of the *summed* loss (so that dL/dy at
-//! example i depends on example i only):
+//! example i depends on example i only); the LoRA products are computed by each layer's tap as
+//! the backward passes it (see `lora`), the head's here:
 //!   LoRA B [out, r]:  dB_i = s · G_iᵀ U_i          (G_i = dL/dy_i [T, out], U_i = X_i Aᵀ [T, r])
 //!   LoRA A [r, in]:   dA_i = s · (G_i B)ᵀ X_i
 //!   head W [C, H]:    dW_i = g_i h_iᵀ              (g_i = dL/dlogits_i, h_i the pooled features)
@@ -26,28 +27,19 @@ pub fn per_example_grad_parts(model: &dyn DpModel, tape: &Tape) -> Result<Vec<Te
     if layers.len() != tape.lora.len() {
         candle_core::bail!("tape has {} LoRA records, model has {} adapted layers", tape.lora.len(), layers.len());
     }
-    let b = match (tape.lora.first(), &tape.head) {
-        (Some(r), _) => r.x.dim(0)?,
-        (None, Some(h)) => h.h.dim(0)?,
-        (None, None) => candle_core::bail!("the tape recorded no trainable tensor"),
-    };
     let mut parts: Vec<Tensor> = Vec::with_capacity(2 * layers.len() + 2);
     for (layer, rec) in layers.iter().zip(&tape.lora) {
         if layer.name != rec.name {
             candle_core::bail!("tape order mismatch: {} vs {}", layer.name, rec.name);
         }
-        let ad = layer.adapter.as_ref().expect("adapted layer");
-        // A missing gradient means the graph was cut (PITFALLS 15): fail, never clip nothing.
-        let g = &rec
-            .grad
+        // Computed by the layer's tap during the backward (lora::LoraTapData::parts). A missing
+        // one means the graph was cut (PITFALLS 15): fail, never clip nothing.
+        let (d_a, d_b) = rec
+            .parts
             .get()
             .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached LoRA layer {}", rec.name)))?;
-        let g_t = g.transpose(1, 2)?.contiguous()?; // [b, out, T]
-        let d_b = (g_t.matmul(&rec.u)? * ad.scale)?; // [b, out, r]
-        let gb = crate::lora::linear_nd(g, &ad.b.t()?)?; // G B: [b, T, r]
-        let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(&rec.x.contiguous()?)? * ad.scale)?; // [b, r, in]
-        parts.push(d_a.reshape((b, ()))?);
-        parts.push(d_b.reshape((b, ()))?);
+        parts.push(d_a);
+        parts.push(d_b);
     }
     if let Some(head) = &tape.head {
         let g = &head
@@ -55,7 +47,7 @@ pub fn per_example_grad_parts(model: &dyn DpModel, tape: &Tape) -> Result<Vec<Te
             .get()
             .ok_or_else(|| candle_core::Error::Msg("no gradient reached the classification head".into()))?;
         let d_w = g.unsqueeze(2)?.matmul(&head.h.unsqueeze(1)?)?; // [b, C, H]
-        parts.push(d_w.reshape((b, ()))?);
+        parts.push(d_w.reshape((g.dim(0)?, ()))?);
         parts.push(g.contiguous()?);
     }
     // Every trainable tensor must have its per-example gradient, in order (a model whose head

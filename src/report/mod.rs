@@ -5,6 +5,8 @@
 //! leaves a half-written output, and an output folder holding another run is never overwritten
 //! without `--overwrite`.
 
+pub mod verify;
+
 use crate::accounting::event::Ledger;
 use crate::config::{hex_sha256, Plan};
 use crate::model::bert::HEAD_MODULE;
@@ -66,7 +68,7 @@ pub struct RunSummary {
     pub ledger: Ledger,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StepMetrics {
     pub step: u64,
     pub batch_size: usize,

@@ -42,7 +42,11 @@ pub fn perplexity(model: &LlamaLm, examples: &[Example], batch_size: usize) -> R
 
 /// Hidden states entering the lowest adapted layer, for every example (see `FeatureCache`).
 /// Returns `None` when layer 0 is adapted (nothing to cache).
-pub fn feature_cache(model: &dyn DpModel, examples: &[Example], batch_size: usize) -> Result<Option<FeatureCache>> {
+pub fn feature_cache(
+    model: &dyn DpModel,
+    examples: &[Example],
+    batch_size: impl Into<crate::data::MicroBatchLimits> + Copy,
+) -> Result<Option<FeatureCache>> {
     let start = model.first_adapted_layer();
     if start == 0 {
         return Ok(None);

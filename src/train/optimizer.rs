@@ -32,6 +32,19 @@ impl SgdMomentum {
     }
 }
 
+impl SgdMomentum {
+    /// The velocity to checkpoint (None before the first step).
+    pub fn state(&self) -> Result<Option<Vec<f64>>> {
+        self.velocity.as_ref().map(|v| v.to_vec1::<f64>()).transpose()
+    }
+
+    /// Continue from a checkpointed velocity on `device`.
+    pub fn restore(&mut self, velocity: Option<Vec<f64>>, device: &candle_core::Device) -> Result<()> {
+        self.velocity = velocity.map(|v| Tensor::from_vec(v.clone(), v.len(), device)).transpose()?;
+        Ok(())
+    }
+}
+
 /// The configured optimiser, over the flat [P] f32 parameter tensor.
 pub enum Optimizer {
     AdamW(FusedAdamW),

@@ -1,6 +1,7 @@
 //! The run loop: plan → data → model → steps (each recorded in the ledger, the step that would
 //! exceed the target ε never taken) → evaluation → outputs.
 
+use super::checkpoint::{self, Checkpoint, CheckpointError, Fingerprint, OptimizerState, RngState, State};
 use super::eval::feature_cache;
 use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
 use super::params::FlatParams;
@@ -27,6 +28,11 @@ pub struct RunOptions {
     pub progress: bool,
     /// Without a progress bar, print a status line every 10% of the steps.
     pub log_lines: bool,
+    /// Continue from this checkpoint, or from the newest one under this run folder.
+    pub resume: Option<std::path::PathBuf>,
+    /// Stop as if interrupted after this many steps (checkpoint written, error returned): how
+    /// tests and users can exercise resume without killing the process.
+    pub stop_after: Option<u64>,
 }
 
 pub struct RunOutcome {
@@ -48,12 +54,28 @@ pub enum RunError {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Adapter(#[from] crate::lora::peft::AdapterError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("interrupted {why} after step {step} of {planned}; checkpoint written to {checkpoint}. Resume with: dptrain --config <the same config> --resume {run_dir}")]
+    Interrupted { why: &'static str, step: u64, planned: u64, checkpoint: String, run_dir: String },
     #[error("{0}")]
     Plan(String),
 }
 
 pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
-    report::check_output_dir(&plan.output_dir, opts.overwrite)?;
+    if opts.resume.is_none() {
+        report::check_output_dir(&plan.output_dir, opts.overwrite)?;
+        if checkpoint::has_checkpoints(&plan.output_dir) {
+            if !opts.overwrite {
+                return Err(RunError::Plan(format!(
+                    "output folder {0} holds checkpoints of an earlier run: continue it with --resume {0}, or pass --overwrite to start over",
+                    plan.output_dir.display()
+                )));
+            }
+            let old = plan.output_dir.join(checkpoint::CHECKPOINT_DIR);
+            std::fs::remove_dir_all(&old).map_err(|source| CheckpointError::Io { path: old, source })?;
+        }
+    }
     // Open the device first: a missing GPU or a CPU-only build fails before any data is read.
     let device = plan.device.open()?;
     let arch = Architecture::detect(&plan.model_dir)?;
@@ -123,18 +145,94 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         Task::CausalLm => Some(model.evaluate(&test.examples, eval_batch)?),
         Task::Classification => None,
     };
+    let fingerprint = Fingerprint {
+        config_sha256: plan.config_hash.clone(),
+        config_text: plan.config_text.clone(),
+        model_sha256: checkpoint::model_hash(&plan.model_dir)?,
+        train_sha256: train.content_hash.clone(),
+        test_sha256: test.content_hash.clone(),
+        non_private: opts.non_private,
+    };
+    let resumed = match &opts.resume {
+        None => None,
+        Some(path) => {
+            let dir = checkpoint::locate(path)?;
+            let c = Checkpoint::read(&dir)?;
+            let mut diffs = c.state.fingerprint.differences(&fingerprint);
+            if c.state.noise_multiplier != sigma || c.state.sample_rate != q {
+                diffs.push(format!(
+                    "σ / q: the checkpoint has {} / {}, this run computes {sigma} / {q}",
+                    c.state.noise_multiplier, c.state.sample_rate
+                ));
+            }
+            if !diffs.is_empty() {
+                return Err(CheckpointError::Mismatch { path: dir, differences: diffs.join("; ") }.into());
+            }
+            eprintln!("resuming from {} (step {} of {})", dir.display(), c.state.step, c.state.planned_steps);
+            Some(c)
+        }
+    };
     let layout = FlatParams::from_named(&model.trainable())?;
-    let params = layout.to_tensor(model.device())?;
+    let params = match &resumed {
+        None => layout.to_tensor(model.device())?,
+        Some(c) => {
+            if c.params.len() != layout.len() {
+                return Err(CheckpointError::Corrupt {
+                    path: plan.output_dir.clone(),
+                    message: format!("{} parameters, the model has {}", c.params.len(), layout.len()),
+                }
+                .into());
+            }
+            let p = candle_core::Tensor::from_vec(c.params.clone(), layout.len(), model.device())?;
+            model.set_trainable(&layout.split(&p)?)?;
+            p
+        }
+    };
     // Frozen lower layers: computed once per record (a function of that record alone).
-    let cache = feature_cache(model.as_ref(), &train.examples, plan.max_physical_batch)?;
+    let cache = feature_cache(model.as_ref(), &train.examples, plan.micro_batch_limits())?;
     let mut opt = match plan.optimizer {
         OptimizerKind::AdamW { eps } => Optimizer::AdamW(FusedAdamW::new(plan.weight_decay, eps)),
         OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(momentum, plan.weight_decay)),
     };
-    let mut sampler = PoissonSampler::new(q, streams.sampling.clone());
-    let noise = GaussianNoise::new(streams.noise.clone());
-    let mut ledger = Ledger::default();
-    let mut metrics: Vec<StepMetrics> = Vec::with_capacity(steps as usize);
+    let (mut sampler, noise, mut ledger, mut metrics, start, prior_seconds, mut examples_seen) = match resumed {
+        None => (
+            PoissonSampler::new(q, streams.sampling.clone()),
+            GaussianNoise::new(streams.noise.clone()),
+            Ledger::default(),
+            Vec::with_capacity(steps as usize),
+            0,
+            0.0,
+            0usize,
+        ),
+        Some(c) => {
+            let bad = |message: String| CheckpointError::Corrupt { path: plan.output_dir.clone(), message };
+            let rng = c.state.sampler.restore().map_err(bad)?;
+            let mut vectors = c.optimizer_vectors;
+            match (&mut opt, &c.state.optimizer) {
+                (Optimizer::AdamW(o), OptimizerState::AdamW { steps }) => {
+                    let moments = match (vectors.remove("adam_m"), vectors.remove("adam_v")) {
+                        (Some(m), Some(v)) => Some((m, v)),
+                        (None, None) => None,
+                        _ => return Err(bad("AdamW state has one moment vector without the other".into()).into()),
+                    };
+                    o.restore(*steps, moments)?;
+                }
+                (Optimizer::Sgd(o), OptimizerState::Sgd) => {
+                    o.restore(vectors.remove("sgd_velocity"), model.device())?
+                }
+                _ => return Err(bad("the optimiser differs from the config's".into()).into()),
+            }
+            (
+                PoissonSampler::new(q, rng),
+                GaussianNoise::from_key(crate::kernels::NoiseKey::new(c.state.noise_key)),
+                c.state.ledger,
+                c.state.metrics,
+                c.state.step,
+                c.state.train_seconds,
+                c.state.examples_seen,
+            )
+        }
+    };
 
     let bar = if opts.progress { ProgressBar::new(steps) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -143,7 +241,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let mut examples_seen = 0usize;
+    bar.set_position(start);
     let mut stopped_early = None;
     // ε of the planned steps by the run's accountant, before any step: an accountant failure
     // (e.g. a σ too small for the PLD grid) stops the run here, not after training. Every step is
@@ -173,7 +271,67 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             _ => None,
         }
     };
-    for t in 0..steps {
+    let limit = max_steps.unwrap_or(steps);
+    if opts.resume.is_some() && start >= limit {
+        eprintln!(
+            "no steps left: the checkpoint is at step {start}, the last one {} (ε target {:?}); writing the outputs from it",
+            if max_steps.is_some() { "within the privacy budget" } else { "planned" },
+            target
+        );
+    }
+    let seeded = streams.seeded;
+    let save = |step: u64,
+                opt: &Optimizer,
+                sampler: &PoissonSampler,
+                ledger: &Ledger,
+                metrics: &[StepMetrics],
+                examples_seen: usize,
+                params: &candle_core::Tensor|
+     -> Result<std::path::PathBuf, RunError> {
+        let mut vectors = std::collections::HashMap::new();
+        let optimizer = match opt {
+            Optimizer::AdamW(o) => {
+                let (steps, moments) = o.state()?;
+                if let Some((m, v)) = moments {
+                    vectors.insert("adam_m".to_string(), m);
+                    vectors.insert("adam_v".to_string(), v);
+                }
+                OptimizerState::AdamW { steps }
+            }
+            Optimizer::Sgd(o) => {
+                if let Some(v) = o.state()? {
+                    vectors.insert("sgd_velocity".to_string(), v);
+                }
+                OptimizerState::Sgd
+            }
+        };
+        let mut c = Checkpoint {
+            state: State {
+                format: 1,
+                engine: report::ENGINE.into(),
+                step,
+                planned_steps: steps,
+                max_steps,
+                noise_multiplier: sigma,
+                sample_rate: q,
+                target_epsilon: target,
+                sampler: RngState::of(sampler.rng()),
+                noise_key: *noise.key().bytes(),
+                seeded,
+                optimizer,
+                ledger: ledger.clone(),
+                metrics: metrics.to_vec(),
+                examples_seen,
+                train_seconds: prior_seconds + started.elapsed().as_secs_f64(),
+                fingerprint: fingerprint.clone(),
+                tensors_sha256: String::new(),
+            },
+            params: params.to_vec1::<f32>()?,
+            optimizer_vectors: vectors,
+        };
+        Ok(c.write(&plan.output_dir, plan.keep_checkpoints)?)
+    };
+    for t in start..steps {
         if let (Some(limit), Some(target)) = (max_steps, target) {
             // Stop rule: never take the step that would exceed the target.
             if t >= limit {
@@ -187,7 +345,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             &train.examples,
             cache.as_ref(),
             &indices,
-            plan.max_physical_batch,
+            plan.micro_batch_limits(),
             layout.len(),
             &mech,
             &noise,
@@ -226,12 +384,30 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         bar.set_message(msg);
         bar.inc(1);
         metrics.push(m);
+        let done = t + 1;
+        let signalled = super::interrupt::requested();
+        if (signalled || opts.stop_after == Some(done)) && done < limit {
+            bar.abandon();
+            let path = save(done, &opt, &sampler, &ledger, &metrics, examples_seen, &params)?;
+            return Err(RunError::Interrupted {
+                why: if signalled { "by a signal" } else { "as asked (--stop-after-step)" },
+                step: done,
+                planned: limit,
+                checkpoint: path.display().to_string(),
+                run_dir: plan.output_dir.display().to_string(),
+            });
+        }
+        if plan.checkpoint_every > 0 && done.is_multiple_of(plan.checkpoint_every) && done < limit {
+            save(done, &opt, &sampler, &ledger, &metrics, examples_seen, &params)?;
+        }
     }
     bar.finish();
+    // The final state (also what a crash while writing the outputs would resume from).
+    save(metrics.len() as u64, &opt, &sampler, &ledger, &metrics, examples_seen, &params)?;
     if let Some(why) = &stopped_early {
         eprintln!("stopped before the privacy budget was exceeded: {why}");
     }
-    let train_seconds = started.elapsed().as_secs_f64();
+    let train_seconds = prior_seconds + started.elapsed().as_secs_f64();
     let eval_started = Instant::now();
     let test_metric = model.evaluate(&test.examples, eval_batch)?;
     if std::env::var_os("DPTRAIN_TIMING").is_some() {
@@ -265,7 +441,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         steps: metrics.len() as u64,
         planned_steps: steps,
         clip_norm: mech.clip,
-        seeded: streams.seeded,
+        seeded,
         dataset_size: n,
         dataset_hash: train.content_hash.clone(),
         test_dataset_hash: test.content_hash.clone(),

@@ -1,7 +1,7 @@
 //! One logical DP-SGD step (SPEC §2), stage by stage:
 //! micro-batches → per-example gradients → clip → sum → noise once → ÷ expected batch size.
 
-use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
+use crate::data::{make_micro_batches, Batch, Example, FeatureCache, MicroBatchLimits};
 use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
 use crate::lora::Tape;
 use crate::model::DpModel;
@@ -94,7 +94,7 @@ pub fn private_gradient(
     examples: &[Example],
     cache: Option<&FeatureCache>,
     indices: &[usize],
-    max_physical_batch: usize,
+    max_physical_batch: impl Into<MicroBatchLimits>,
     num_params: usize,
     mech: &Mechanism,
     noise: &GaussianNoise,
@@ -121,7 +121,7 @@ pub fn private_gradient_with(
     examples: &[Example],
     cache: Option<&FeatureCache>,
     indices: &[usize],
-    max_physical_batch: usize,
+    max_physical_batch: impl Into<MicroBatchLimits>,
     num_params: usize,
     mech: &Mechanism,
     noise: &GaussianNoise,

@@ -138,3 +138,23 @@ pub fn write_tiny_llama_dir(dir: &std::path::Path, seed: u64) {
     });
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
 }
+
+/// 60 two-class records over the tiny vocabulary (label a: words from the first half, b: the
+/// second half): the first 48 to `train.jsonl`, the rest to `test.jsonl` in `dir`.
+pub fn write_tiny_classification_data(dir: &std::path::Path) {
+    let words = tiny_words();
+    let mut lines = Vec::new();
+    for i in 0..60 {
+        let (label, base) = if i % 2 == 0 { ("a", 0) } else { ("b", 23) };
+        let text: Vec<&str> = (0..(3 + i % 5)).map(|j| words[base + (i * 3 + j * 7) % 23].as_str()).collect();
+        lines.push(serde_json::json!({"text": text.join(" "), "label": label}).to_string());
+    }
+    std::fs::write(dir.join("train.jsonl"), lines[..48].join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("test.jsonl"), lines[48..].join("\n") + "\n").unwrap();
+}
+
+/// Runs the dptrain binary: (success, stdout + stderr).
+pub fn dptrain(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain")).args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}

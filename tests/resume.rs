@@ -1,0 +1,259 @@
+//! Claims about checkpoints, resume and verify, on a tiny model folder written by the test: a
+//! seeded run interrupted at random steps (cleanly, or killed) and resumed gives the adapter of an
+//! uninterrupted run bit for bit; a corrupted checkpoint, a changed config key, changed data and a
+//! fresh run into a folder with checkpoints are refused with messages naming what is wrong;
+//! resuming a finished run trains nothing; `dptrain verify` accepts a run and catches a tampered
+//! adapter, report or ledger.
+
+mod common;
+
+use common::dptrain;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("dptrain-resume-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        common::write_tiny_model_dir(&dir.join("model"), 4);
+        common::write_tiny_classification_data(&dir);
+        Fixture { dir }
+    }
+
+    /// A seeded 9-step DP run (checkpoint every `every` steps) writing to `out`.
+    fn config(&self, out: &str, every: u64, lr: &str) -> String {
+        let d = self.dir.display();
+        let text = format!(
+            "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ntarget-epsilon = 6.0\ndelta = 1e-3\nclip-norm = 1.0\n\n\
+             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 9\nlearning-rate = {lr}\nseed = 7\n\
+             checkpoint-every = {every}\nkeep-checkpoints = 2\n\n[output]\ndir = \"{d}/{out}\"\n"
+        );
+        let path = self.dir.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The adapter's tensors, by name, as raw bytes.
+fn tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort();
+    v
+}
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("privacy_report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn seeded_run_interrupted_at_random_steps_and_resumed_equals_the_uninterrupted_run() {
+    let f = Fixture::new("random");
+    let full = f.config("full", 2, "0.05");
+    let (ok, log) = dptrain(&["--config", &full]);
+    assert!(ok, "{log}");
+    let want = tensors(&f.out("full"));
+    // Two interruptions at random steps (the seed is printed so a failure can be replayed).
+    let seed: u64 = rand::rng().random();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let first = rng.random_range(1..8u64);
+    let second = rng.random_range(first + 1..9u64);
+    let cfg = f.config("parts", 2, "0.05");
+    let out = f.out("parts").display().to_string();
+    let (ok, log) = dptrain(&["--config", &cfg, "--stop-after-step", &first.to_string()]);
+    assert!(!ok && log.contains(&format!("after step {first} of 9")) && log.contains("--resume"), "{log}");
+    assert!(!f.out("parts").join("adapter_model.safetensors").exists(), "no outputs before the run ends");
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &out, "--stop-after-step", &second.to_string()]);
+    assert!(!ok && log.contains(&format!("after step {second} of 9")), "seed {seed}: {log}");
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &out]);
+    assert!(ok, "seed {seed}: {log}");
+    assert_eq!(tensors(&f.out("parts")), want, "seed {seed}: stops at {first} and {second}");
+    let (a, b) = (report(&f.out("full")), report(&f.out("parts")));
+    for key in ["epsilon", "steps", "noise_multiplier", "ledger"] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    let losses = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["mean_loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&f.out("full")), losses(&f.out("parts")));
+    // Only the newest two checkpoints are kept.
+    let kept = std::fs::read_dir(f.out("parts").join("checkpoints")).unwrap().count();
+    assert_eq!(kept, 2);
+}
+
+#[test]
+fn killed_run_resumed_from_its_last_checkpoint_equals_the_uninterrupted_run() {
+    let f = Fixture::new("kill");
+    let full = f.config("full", 1, "0.05");
+    let (ok, log) = dptrain(&["--config", &full]);
+    assert!(ok, "{log}");
+    let cfg = f.config("killed", 1, "0.05");
+    let out = f.out("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"))
+        .args(["--config", &cfg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it (SIGKILL: no chance to clean up) at a random moment after its first checkpoint.
+    let ckpts = out.join("checkpoints");
+    let t0 = std::time::Instant::now();
+    while !ckpts.is_dir() || std::fs::read_dir(&ckpts).unwrap().next().is_none() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(rand::rng().random_range(0..40)));
+    let _ = child.kill();
+    let _ = child.wait();
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &out.display().to_string()]);
+    assert!(ok, "{log}");
+    assert_eq!(tensors(&out), tensors(&f.out("full")));
+}
+
+#[test]
+fn corrupted_changed_or_mismatched_checkpoints_are_refused_with_the_reason() {
+    let f = Fixture::new("refuse");
+    let cfg = f.config("run", 2, "0.05");
+    let out = f.out("run").display().to_string();
+    let (ok, log) = dptrain(&["--config", &cfg, "--stop-after-step", "4"]);
+    assert!(!ok, "{log}");
+    // A fresh run into the folder is refused (it would lose the interrupted run).
+    let (ok, log) = dptrain(&["--config", &cfg]);
+    assert!(!ok && log.contains("holds checkpoints") && log.contains("--resume"), "{log}");
+    // A changed key is named.
+    let changed = f.config("run", 2, "0.07");
+    let (ok, log) = dptrain(&["--config", &changed, "--resume", &out]);
+    assert!(!ok && log.contains("training.learning-rate") && log.contains("does not belong to this run"), "{log}");
+    // Changed training data.
+    let train = f.dir.join("train.jsonl");
+    let original = std::fs::read_to_string(&train).unwrap();
+    std::fs::write(&train, original.replacen("\"a\"", "\"b\"", 1)).unwrap();
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &out]);
+    assert!(!ok && log.contains("the training data differs"), "{log}");
+    std::fs::write(&train, &original).unwrap();
+    // A flipped byte in the tensor file.
+    let ck = std::fs::read_dir(f.out("run").join("checkpoints")).unwrap().next().unwrap().unwrap().path();
+    let tf = ck.join("tensors.safetensors");
+    let mut bytes = std::fs::read(&tf).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    std::fs::write(&tf, bytes).unwrap();
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &ck.display().to_string()]);
+    assert!(!ok && log.contains("does not match the sha256"), "{log}");
+}
+
+#[test]
+fn resuming_a_finished_run_trains_nothing_and_verify_catches_tampering() {
+    let f = Fixture::new("verify");
+    let cfg = f.config("run", 0, "0.05");
+    let run = f.out("run");
+    let out = run.display().to_string();
+    let (ok, log) = dptrain(&["--config", &cfg]);
+    assert!(ok, "{log}");
+    let before = tensors(&run);
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &out]);
+    assert!(ok && log.contains("no steps left"), "{log}");
+    assert_eq!(tensors(&run), before);
+    let (ok, log) = dptrain(&["verify", &out]);
+    assert!(ok && log.contains("verified"), "{log}");
+
+    // A changed adapter tensor.
+    let adapter = run.join("adapter_model.safetensors");
+    let good = std::fs::read(&adapter).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 2;
+    bad[last] ^= 0x01;
+    std::fs::write(&adapter, &bad).unwrap();
+    let (ok, log) = dptrain(&["verify", &out]);
+    assert!(!ok && log.contains("FAIL  adapter file hash"), "{log}");
+    std::fs::write(&adapter, &good).unwrap();
+
+    // A report claiming a smaller ε, and a ledger with a step removed.
+    let path = run.join("privacy_report.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut r: serde_json::Value = serde_json::from_str(&original).unwrap();
+    r["epsilon"] = serde_json::json!(r["epsilon"].as_f64().unwrap() / 2.0);
+    std::fs::write(&path, r.to_string()).unwrap();
+    let (ok, log) = dptrain(&["verify", &out]);
+    assert!(!ok && log.contains("FAIL  report `epsilon`"), "{log}");
+    let mut r: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let count = &mut r["ledger"]["entries"][0]["count"];
+    *count = serde_json::json!(count.as_u64().unwrap() - 1);
+    std::fs::write(&path, r.to_string()).unwrap();
+    let (ok, log) = dptrain(&["verify", &out]);
+    assert!(!ok && log.contains("FAIL  ledger = report's"), "{log}");
+    std::fs::write(&path, &original).unwrap();
+    let (ok, log) = dptrain(&["verify", &out]);
+    assert!(ok, "{log}");
+
+    // A non-private run verifies as consistent but certifies nothing: exit non-zero.
+    let np = f.config("np", 0, "0.05");
+    let (ok, log) = dptrain(&["--config", &np, "--non-private"]);
+    assert!(ok, "{log}");
+    let (ok, log) = dptrain(&["verify", &f.out("np").display().to_string()]);
+    assert!(!ok && log.contains("NOT private"), "{log}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_stops_after_the_current_step_with_a_checkpoint_and_resume_completes_the_run() {
+    use std::io::BufRead;
+    let f = Fixture::new("sigint");
+    let long = |out: &str| {
+        let cfg = f.config(out, 0, "0.05");
+        std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("steps = 9", "steps = 300")).unwrap();
+        cfg
+    };
+    let full = long("full");
+    let (ok, log) = dptrain(&["--config", &full]);
+    assert!(ok, "{log}");
+    let cfg = long("sig");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"))
+        .args(["--config", &cfg])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // Status lines come every 10% of the steps: signal once the first one is out.
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("step ") {
+            break;
+        }
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let log = seen + &rest.join("\n");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("interrupted by a signal") && log.contains("--resume"), "{log}");
+    assert!(!f.out("sig").join("adapter_model.safetensors").exists());
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &f.out("sig").display().to_string()]);
+    assert!(ok, "{log}");
+    assert_eq!(tensors(&f.out("sig")), tensors(&f.out("full")));
+}
