@@ -390,3 +390,44 @@ fn empty_data_unsupported_architecture_missing_tensor_and_small_dataset_are_clea
     candle_core::safetensors::save(&w, &st).unwrap();
     run("missing tensor", &["model.safetensors", "encoder.layer.1.attention.self.value.weight"]);
 }
+
+#[test]
+fn lora_targets_or_layers_matching_nothing_and_integer_weights_are_clear_errors() {
+    let f = Fixture::new("badlora");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let run = |what: &str, lora: &str, want: &[&str]| {
+        std::fs::write(&cfg, original.replace("[lora]\n", &format!("[lora]\n{lora}\n"))).unwrap();
+        let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+        assert!(!ok, "{what}: {log}");
+        for w in want {
+            assert!(log.contains(w), "{what}: expected `{w}` in: {log}");
+        }
+        assert!(!f.dir.join("run/adapter_model.safetensors").exists(), "{what}: wrote an adapter");
+    };
+    // A Llama module name on a BERT model, a name neither family has, a layer it lacks.
+    run("llama module on bert", "target-modules = [\"q_proj\"]", &["lora.target-modules", "`q_proj`", "BERT-family"]);
+    run("unknown module", "target-modules = [\"qkv\"]", &["lora.target-modules", "`qkv`"]);
+    run("missing layer", "layers = [7]", &["lora.layers", "layer 7 does not exist"]);
+    // An integer tensor where a weight should be.
+    std::fs::write(&cfg, &original).unwrap();
+    let st = f.dir.join("model/model.safetensors");
+    let mut w = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
+    let name = "encoder.layer.0.attention.self.query.weight";
+    w.insert(name.into(), w[name].to_dtype(candle_core::DType::I64).unwrap());
+    candle_core::safetensors::save(&w, &st).unwrap();
+    run("integer weight", "", &["model.safetensors", name, "I64", "floating point"]);
+}
+
+#[test]
+fn delta_between_a_tenth_of_one_over_n_and_one_over_n_warns_but_trains() {
+    let f = Fixture::new("deltawarn");
+    let n = std::fs::read_to_string(f.dir.join("train.jsonl")).unwrap().lines().count() as f64;
+    let delta = 0.5 / n;
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("delta = 1e-3", &format!("delta = {delta}"));
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    assert!(log.contains("warning: privacy.delta") && log.contains("0.1/N"), "{log}");
+}
