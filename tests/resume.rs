@@ -206,6 +206,16 @@ fn resuming_a_finished_run_trains_nothing_and_verify_catches_tampering() {
     let (ok, log) = dptrain(&["verify", &out]);
     assert!(ok, "{log}");
 
+    // A markdown report edited by hand (a smaller ε) no longer matches the JSON.
+    let md_path = run.join("privacy_report.md");
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    let eps = serde_json::from_str::<serde_json::Value>(&original).unwrap()["epsilon"].to_string();
+    assert!(md.contains(&eps), "{md}");
+    std::fs::write(&md_path, md.replace(&eps, "0.5")).unwrap();
+    let (ok, log) = dptrain(&["verify", &out]);
+    assert!(!ok && log.contains("FAIL  privacy_report.md is the rendering"), "{log}");
+    std::fs::write(&md_path, &md).unwrap();
+
     // A non-private run verifies as consistent but certifies nothing: exit non-zero.
     let np = f.config("np", 0, "0.05");
     let (ok, log) = dptrain(&["--config", &np, "--non-private"]);

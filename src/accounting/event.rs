@@ -67,4 +67,31 @@ impl Ledger {
     pub fn steps(&self) -> u64 {
         self.entries.iter().map(|e| e.step_count()).sum()
     }
+
+    /// The ledger of the first `k` steps (all of it when `k` ≥ its steps).
+    pub fn prefix(&self, k: u64) -> Ledger {
+        let mut out = Ledger::default();
+        let mut left = k;
+        for e in &self.entries {
+            if left == 0 {
+                break;
+            }
+            let n = e.step_count();
+            if n <= left {
+                out.entries.push(e.clone());
+                left -= n;
+            } else {
+                match e {
+                    DpEvent::SelfComposed { event, .. } if event.step_count() == 1 => {
+                        out.entries.push(DpEvent::SelfComposed { event: event.clone(), count: left })
+                    }
+                    // Not a run of single steps: it cannot be split, so the prefix keeps it whole
+                    // (an over-count, never an under-count).
+                    _ => out.entries.push(e.clone()),
+                }
+                left = 0;
+            }
+        }
+        out
+    }
 }

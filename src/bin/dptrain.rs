@@ -43,6 +43,10 @@ struct TrainArgs {
     /// Stop as if interrupted after N steps, writing a checkpoint (to try out --resume).
     #[arg(long)]
     stop_after_step: Option<u64>,
+    /// Report the held-out metrics of this non-private run (`--non-private --out DIR` with the
+    /// same config, model and data) beside this run's, labelled as not private.
+    #[arg(long)]
+    reference: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +242,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         log_lines: !progress,
         resume: args.resume.clone(),
         stop_after: args.stop_after_step,
+        reference: args.reference.clone(),
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, exit non-zero with how to resume.
     dptrain::train::interrupt::install();
@@ -260,6 +265,10 @@ fn train(args: &TrainArgs) -> Result<()> {
             plan.output_dir.display()
         ),
     }
+    if let Some(r) = &s.reference {
+        println!("non-private reference (NO privacy, {}): {}", r.dir, metric_text(&r.test_metric));
+    }
+    println!("report for auditors: {}", plan.output_dir.join("privacy_report.md").display());
     if s.seeded {
         println!("note: this run was seeded: its certificate says \"not for release\"");
     }
@@ -323,6 +332,9 @@ fn eval(cmd: &Command) -> Result<()> {
         r.records,
         metric_text(&r.metric)
     );
+    for g in &r.groups {
+        println!("  group {:?} ({} records): {}", g.group, g.size, metric_text(&g.metric));
+    }
     for s in &r.samples {
         println!("--- {:?} → {:?}", s.prompt, s.continuation);
     }

@@ -38,6 +38,9 @@ pub struct Dataset {
     pub labels: Vec<String>,
     /// sha256 of the file's bytes.
     pub content_hash: String,
+    /// Each record's `group` field (parallel to `examples`), for per-group metrics; all `None`
+    /// when the file has no groups.
+    pub groups: Vec<Option<String>>,
 }
 
 impl Dataset {
@@ -47,11 +50,26 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }
+    /// Does any record carry a `group`?
+    pub fn has_groups(&self) -> bool {
+        self.groups.iter().any(Option::is_some)
+    }
+}
+
+/// A record's optional `group`: a string or an integer (written as its decimal form).
+fn parse_group(obj: &JsonObject, err: impl Fn(String) -> DataError) -> Result<Option<String>, DataError> {
+    match obj.get("group") {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        Some(_) => Err(err("field `group` must be a non-empty string or an integer".into())),
+    }
 }
 
 struct RawRecord {
     text: String,
     label: String,
+    group: Option<String>,
 }
 
 fn parse_record(path: &Path, lineno: usize, obj: &JsonObject) -> Result<RawRecord, DataError> {
@@ -72,7 +90,8 @@ fn parse_record(path: &Path, lineno: usize, obj: &JsonObject) -> Result<RawRecor
         Some(_) => return Err(err("field `label` must be a string or an integer".into())),
         None => return Err(err("missing field `label`".into())),
     };
-    Ok(RawRecord { text, label })
+    let group = parse_group(obj, err)?;
+    Ok(RawRecord { text, label, group })
 }
 
 /// Load and tokenise a classification file. With `labels = None` the label set is the sorted set
@@ -118,7 +137,8 @@ pub fn load_classification(
         .zip(label_idx)
         .map(|(enc, label)| Example::classification(enc.get_ids().to_vec(), label))
         .collect();
-    Ok(Dataset { examples, labels, content_hash: hex_sha256(&bytes) })
+    let groups = records.into_iter().map(|(_, r)| r.group).collect();
+    Ok(Dataset { examples, labels, content_hash: hex_sha256(&bytes), groups })
 }
 
 type JsonObject = serde_json::Map<String, serde_json::Value>;
@@ -157,6 +177,7 @@ fn read_objects(path: &Path) -> Result<(Records, Vec<u8>), DataError> {
 pub fn load_lm(path: &Path, tokenizer: &Tokenizer, max_len: usize, eos: Option<u32>) -> Result<Dataset, DataError> {
     let (objects, bytes) = read_objects(path)?;
     let mut examples = Vec::with_capacity(objects.len());
+    let mut groups = Vec::with_capacity(objects.len());
     let mut format: Option<(bool, usize)> = None;
     for (line, obj) in &objects {
         let err = |message: String| DataError::Record { path: path.into(), line: *line, message };
@@ -228,7 +249,8 @@ pub fn load_lm(path: &Path, tokenizer: &Tokenizer, max_len: usize, eos: Option<u
                 ids.len()
             )));
         }
+        groups.push(parse_group(obj, err)?);
         examples.push(Example { ids, label: 0, target_start: Some(start) });
     }
-    Ok(Dataset { examples, labels: Vec::new(), content_hash: hex_sha256(&bytes) })
+    Ok(Dataset { examples, labels: Vec::new(), content_hash: hex_sha256(&bytes), groups })
 }

@@ -401,8 +401,8 @@ impl super::DpModel for BertClassifier {
     fn task(&self) -> super::Task {
         super::Task::Classification
     }
-    fn evaluate(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<super::EvalResult> {
-        Ok(super::EvalResult::Accuracy(crate::train::eval::accuracy(self, examples, batch_size)?))
+    fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<super::ExampleScore>> {
+        crate::train::eval::correct_per_example(self, examples, batch_size)
     }
 }
 

@@ -494,8 +494,8 @@ impl DpModel for LlamaLm {
     fn task(&self) -> Task {
         Task::CausalLm
     }
-    fn evaluate(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<super::EvalResult> {
-        crate::train::eval::perplexity(self, examples, batch_size)
+    fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<super::ExampleScore>> {
+        crate::train::eval::nll_per_example(self, examples, batch_size)
     }
 }
 

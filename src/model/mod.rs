@@ -44,12 +44,66 @@ pub trait DpModel {
     fn prefix_hidden(&self, batch: &Batch, upto: usize) -> Result<Tensor>;
     /// The task, which fixes the data format and the held-out metric.
     fn task(&self) -> Task;
-    /// The held-out metric of the task on `examples`, in micro-batches of `batch_size`.
-    fn evaluate(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<EvalResult>;
+    /// Each record's contribution to the held-out metric, in micro-batches of `batch_size`.
+    fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<ExampleScore>>;
+    /// The held-out metric of the task on `examples`.
+    fn evaluate(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<EvalResult> {
+        Ok(EvalResult::aggregate(self.score_examples(examples, batch_size)?))
+    }
+}
+
+/// One held-out record's contribution to the metric.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExampleScore {
+    /// Classification: is the predicted class the label?
+    Correct(bool),
+    /// Language modelling: summed next-token NLL over the record's targets, and their count.
+    Nll { sum: f64, tokens: usize },
+}
+
+impl EvalResult {
+    /// The metric over `scores`: accuracy when they are `Correct` (NaN for none), else perplexity
+    /// exp(Σ NLL / Σ tokens) with sums in f64.
+    pub fn aggregate(scores: impl IntoIterator<Item = ExampleScore>) -> EvalResult {
+        let (mut n, mut correct, mut nll, mut tokens, mut lm) = (0usize, 0usize, 0f64, 0usize, false);
+        for s in scores {
+            n += 1;
+            match s {
+                ExampleScore::Correct(c) => correct += c as usize,
+                ExampleScore::Nll { sum, tokens: t } => {
+                    lm = true;
+                    nll += sum;
+                    tokens += t;
+                }
+            }
+        }
+        if lm {
+            let mean_nll = if tokens > 0 { nll / tokens as f64 } else { f64::NAN };
+            EvalResult::Perplexity { perplexity: mean_nll.exp(), mean_nll, tokens }
+        } else {
+            EvalResult::Accuracy(if n > 0 { correct as f64 / n as f64 } else { f64::NAN })
+        }
+    }
+
+    /// The headline number: accuracy or perplexity.
+    pub fn value(&self) -> f64 {
+        match *self {
+            EvalResult::Accuracy(a) => a,
+            EvalResult::Perplexity { perplexity, .. } => perplexity,
+        }
+    }
+
+    /// "accuracy" or "perplexity".
+    pub fn name(&self) -> &'static str {
+        match self {
+            EvalResult::Accuracy(_) => "accuracy",
+            EvalResult::Perplexity { .. } => "perplexity",
+        }
+    }
 }
 
 /// A held-out metric.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EvalResult {
     Accuracy(f64),

@@ -5,12 +5,15 @@
 //! leaves a half-written output, and an output folder holding another run is never overwritten
 //! without `--overwrite`.
 
+pub mod markdown;
+pub mod plots;
 pub mod verify;
 
 use crate::accounting::event::Ledger;
 use crate::config::{hex_sha256, Plan};
 use crate::model::bert::HEAD_MODULE;
 use crate::model::{DpModel, EvalResult, Task};
+use crate::train::eval::GroupMetric;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
@@ -62,10 +65,36 @@ pub struct RunSummary {
     pub test_metric: EvalResult,
     /// The same metric of the base model before training (LM runs; B = 0 is the base model).
     pub base_test_metric: Option<EvalResult>,
+    /// The held-out metric per `group` of the test records (empty when they have none).
+    pub test_groups: Vec<GroupMetric>,
+    /// A non-private run of the same config, model and data, for comparison (`--reference`).
+    pub reference: Option<Reference>,
+    /// sha256 over the base model folder's config.json and weight files.
+    pub model_hash: String,
+    /// ε spent after each of a set of steps, by both accountants (empty for non-private runs).
+    pub epsilon_curve: Vec<EpsilonPoint>,
     pub train_seconds: f64,
     pub examples_per_second: f64,
     pub stopped_early: Option<String>,
     pub ledger: Ledger,
+}
+
+/// ε after `step` steps, by each accountant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct EpsilonPoint {
+    pub step: u64,
+    pub pld: f64,
+    pub rdp: f64,
+}
+
+/// The utility of a non-private run on the same config, base model and data: the "what did
+/// privacy cost" comparison. It certifies nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Reference {
+    /// Its output folder.
+    pub dir: String,
+    pub test_metric: EvalResult,
+    pub test_groups: Vec<GroupMetric>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -82,8 +111,8 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
 }
 
-const OUTPUT_FILES: [&str; 4] =
-    ["adapter_model.safetensors", "adapter_config.json", "privacy_report.json", "metrics.jsonl"];
+const OUTPUT_FILES: [&str; 5] =
+    ["adapter_model.safetensors", "adapter_config.json", "privacy_report.json", "privacy_report.md", "metrics.jsonl"];
 
 /// Refuse an output folder that already holds a run, unless overwriting.
 pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<(), ReportError> {
@@ -120,18 +149,25 @@ fn json_number(x: f64) -> serde_json::Value {
 }
 
 /// What the guarantee does not cover, for this run.
-fn not_protected(plan: &Plan, s: &RunSummary) -> Vec<&'static str> {
+fn not_protected(plan: &Plan, s: &RunSummary) -> Vec<String> {
     let mut v = vec![
-        "training losses, gradient norms and clip fractions in metrics.jsonl and this report are computed on the private data without noise",
+        "training losses, gradient norms and clip fractions (metrics.jsonl, the plots, this report) are computed on the private data without noise: they are not covered by ε".to_string(),
+        "held-out metrics (overall and per group) are computed on the test file without noise: the test records are not protected".to_string(),
     ];
+    v.push(if plan.tuned_on_private_data {
+        "hyper-parameters WERE tuned on this private data (privacy.hyperparameters-tuned-on-private-data = true): that tuning leaks information ε does not account for".to_string()
+    } else {
+        "hyper-parameters: the config states they were not tuned on this private data (privacy.hyperparameters-tuned-on-private-data = false); if they were, that tuning leaks information ε does not account for".to_string()
+    });
     if s.task == Task::Classification {
         v.push(if plan.labels.is_some() {
-            "the label set is given in the config (public)"
+            "the label set is given in the config (public)".to_string()
         } else {
-            "the label set is read from the training data"
+            "the label set is read from the training data: which labels occur is not protected".to_string()
         });
     }
-    v.push("the base model's own training data");
+    v.push("the dataset size N and the number of steps are treated as public".to_string());
+    v.push("the base model's own training data (the guarantee covers only this fine-tuning data)".to_string());
     v
 }
 
@@ -265,6 +301,15 @@ pub fn write_outputs(
             "rdp": s.epsilon_rdp.map(json_number),
         },
         "neighbouring_relation": NEIGHBOURING,
+        "guarantee": cert["guarantee"],
+        "delta_times_n": s.delta * s.dataset_size as f64,
+        "epochs": s.steps as f64 * s.sample_rate,
+        "sampler": SAMPLER,
+        "noise_generator": NOISE_GENERATOR,
+        "clipping": "flat (total L2 norm over all trainable tensors)",
+        "base_model": { "path": plan.model_dir.display().to_string(), "sha256": s.model_hash },
+        "task": s.task,
+        "target_modules": s.target_modules,
         "dataset": { "size": s.dataset_size, "sha256": s.dataset_hash, "labels": s.labels },
         "test_dataset": { "size": s.test_size, "sha256": s.test_dataset_hash },
         "hyperparameters_tuned_on_private_data": plan.tuned_on_private_data,
@@ -278,9 +323,19 @@ pub fn write_outputs(
             "test_accuracy": match s.test_metric { EvalResult::Accuracy(a) => json_number(a), _ => serde_json::Value::Null },
             "test_perplexity": perplexity_json(Some(s.test_metric)),
             "base_test_perplexity": perplexity_json(s.base_test_metric),
+            "test": s.test_metric,
+            "base_test": s.base_test_metric,
+            "test_groups": s.test_groups,
             "train_seconds": s.train_seconds,
             "examples_per_second": s.examples_per_second,
         },
+        "non_private_reference": s.reference,
+        "epsilon_curve": s.epsilon_curve,
+        "plots": plots::PLOTS
+            .iter()
+            .filter(|p| p.applies(s))
+            .map(|p| serde_json::json!({ "file": p.file, "title": p.title }))
+            .collect::<Vec<_>>(),
         "adapter_sha256": adapter_hash,
         "certificate": cert,
         "ledger": s.ledger,
@@ -292,6 +347,11 @@ pub fn write_outputs(
         serde_json::to_string_pretty(&adapter_config(plan, s)).expect("json").as_bytes(),
     )?;
     write_atomic(&dir.join("metrics.jsonl"), lines.as_bytes())?;
+    for p in plots::PLOTS.iter().filter(|p| p.applies(s)) {
+        let svg = (p.draw)(s, metrics).map_err(|message| ReportError::Format { path: dir.join(p.file), message })?;
+        write_atomic(&dir.join(p.file), svg.as_bytes())?;
+    }
+    write_atomic(&dir.join("privacy_report.md"), markdown::render(&report).as_bytes())?;
     write_atomic(&dir.join("privacy_report.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;
     Ok(())
 }

@@ -143,6 +143,12 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
         cert["dataset_size"].as_u64().is_some_and(|n| delta < 1.0 / n as f64),
         format!("δ {delta}, N {}", cert["dataset_size"]),
     );
+    let md = std::fs::read_to_string(dir.join("privacy_report.md")).unwrap_or_default();
+    check(
+        "privacy_report.md is the rendering of privacy_report.json",
+        md == super::markdown::render(&report),
+        if md.is_empty() { "missing or empty".into() } else { "re-rendered from the JSON".into() },
+    );
     let lines =
         std::fs::read_to_string(dir.join("metrics.jsonl")).map(|t| t.lines().count() as u64).unwrap_or(u64::MAX);
     check("metrics.jsonl has one line per step", Some(lines) == cert["steps"].as_u64(), format!("{lines} lines"));

@@ -3,41 +3,93 @@
 use super::run::RunError;
 use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
 use crate::lora::peft::Adapter;
-use crate::model::{BertClassifier, DpModel, EvalResult, LlamaLm};
+use crate::model::{BertClassifier, DpModel, EvalResult, ExampleScore, LlamaLm};
 use candle_core::{DType, Result, D};
 use rand::SeedableRng;
 
-/// Fraction of `examples` whose predicted class equals the label.
-pub fn accuracy(model: &BertClassifier, examples: &[Example], batch_size: usize) -> Result<f64> {
-    if examples.is_empty() {
-        return Ok(f64::NAN);
-    }
+/// Whether each of `examples` is classified correctly (argmax of the logits equals the label).
+pub fn correct_per_example(
+    model: &BertClassifier,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<Vec<ExampleScore>> {
+    let mut out = vec![ExampleScore::Correct(false); examples.len()];
     let all: Vec<usize> = (0..examples.len()).collect();
-    let mut correct = 0usize;
     for mb in make_micro_batches(examples, &all, batch_size) {
         let batch = Batch::gather(examples, &mb, None, model.device())?;
         let pred: Vec<u32> =
             model.logits(&batch.input_ids, &batch.attention_mask, None)?.argmax(D::Minus1)?.to_vec1()?;
         let labels: Vec<u32> = batch.labels.to_vec1()?;
-        correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+        for (row, &i) in mb.iter().enumerate() {
+            out[i] = ExampleScore::Correct(pred[row] == labels[row]);
+        }
     }
-    Ok(correct as f64 / examples.len() as f64)
+    Ok(out)
+}
+
+/// Fraction of `examples` whose predicted class equals the label (NaN for none).
+pub fn accuracy(model: &BertClassifier, examples: &[Example], batch_size: usize) -> Result<f64> {
+    match EvalResult::aggregate(correct_per_example(model, examples, batch_size)?) {
+        EvalResult::Accuracy(a) => Ok(a),
+        other => candle_core::bail!("accuracy: unexpected {other:?}"),
+    }
+}
+
+/// Each record's summed next-token NLL over its own targets (in f64) and its target count.
+pub fn nll_per_example(model: &LlamaLm, examples: &[Example], batch_size: usize) -> Result<Vec<ExampleScore>> {
+    let mut out = vec![ExampleScore::Nll { sum: 0.0, tokens: 0 }; examples.len()];
+    let all: Vec<usize> = (0..examples.len()).collect();
+    for mb in make_micro_batches(examples, &all, batch_size) {
+        let batch = Batch::gather(examples, &mb, None, model.device())?;
+        let lm =
+            batch.lm.as_ref().ok_or_else(|| candle_core::Error::Msg("evaluation data has no LM targets".into()))?;
+        // Targets are laid out example by example, `counts[row]` of them each.
+        let nll: Vec<f64> = model.target_nll(&batch, None)?.to_dtype(DType::F64)?.to_vec1()?;
+        let mut at = 0;
+        for (row, &i) in mb.iter().enumerate() {
+            let n = lm.counts[row];
+            out[i] = ExampleScore::Nll { sum: nll[at..at + n].iter().sum(), tokens: n };
+            at += n;
+        }
+        if at != nll.len() {
+            candle_core::bail!("{} target losses for {at} targets", nll.len());
+        }
+    }
+    Ok(out)
 }
 
 /// Token-level perplexity: exp(Σ NLL / Σ targets) over every target token of `examples`
 /// (each record's own targets, as in training; summed in f64).
 pub fn perplexity(model: &LlamaLm, examples: &[Example], batch_size: usize) -> Result<EvalResult> {
-    let all: Vec<usize> = (0..examples.len()).collect();
-    let (mut nll, mut tokens) = (0f64, 0usize);
-    for mb in make_micro_batches(examples, &all, batch_size) {
-        let batch = Batch::gather(examples, &mb, None, model.device())?;
-        let lm =
-            batch.lm.as_ref().ok_or_else(|| candle_core::Error::Msg("evaluation data has no LM targets".into()))?;
-        nll += model.target_nll(&batch, None)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        tokens += lm.counts.iter().sum::<usize>();
+    Ok(EvalResult::aggregate(nll_per_example(model, examples, batch_size)?))
+}
+
+/// The metric of each group of held-out records (`groups` parallel to `scores`), sorted by group
+/// name; records without a group form the group [`NO_GROUP`]. Empty when no record has a group.
+pub fn per_group(scores: &[ExampleScore], groups: &[Option<String>]) -> Vec<GroupMetric> {
+    assert_eq!(scores.len(), groups.len(), "one group entry per score");
+    if groups.iter().all(Option::is_none) {
+        return Vec::new();
     }
-    let mean_nll = if tokens > 0 { nll / tokens as f64 } else { f64::NAN };
-    Ok(EvalResult::Perplexity { perplexity: mean_nll.exp(), mean_nll, tokens })
+    let mut by: std::collections::BTreeMap<&str, Vec<ExampleScore>> = Default::default();
+    for (s, g) in scores.iter().zip(groups) {
+        by.entry(g.as_deref().unwrap_or(NO_GROUP)).or_default().push(*s);
+    }
+    by.into_iter()
+        .map(|(g, s)| GroupMetric { group: g.to_string(), size: s.len(), metric: EvalResult::aggregate(s) })
+        .collect()
+}
+
+/// The group name of held-out records without a `group` field, when others have one.
+pub const NO_GROUP: &str = "(no group)";
+
+/// One group's held-out metric.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupMetric {
+    pub group: String,
+    /// Held-out records in the group.
+    pub size: usize,
+    pub metric: EvalResult,
 }
 
 /// Hidden states entering the lowest adapted layer, for every example (see `FeatureCache`).
@@ -96,6 +148,8 @@ pub struct EvalReport {
     pub data_sha256: String,
     pub records: usize,
     pub metric: EvalResult,
+    /// The metric per `group` of the records (empty when they have none).
+    pub groups: Vec<GroupMetric>,
     pub samples: Vec<Sample>,
 }
 
@@ -107,7 +161,7 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
     let arch = Architecture::detect(&opts.model_dir)?;
     let adapter = opts.adapter.as_deref().map(Adapter::read).transpose()?;
     let mut rng = rand_chacha::ChaCha20Rng::from_seed([0; 32]);
-    let (data, metric, samples) = match arch {
+    let (data, scores, samples) = match arch {
         Architecture::Bert => {
             let Some(adapter) = &adapter else {
                 return Err(RunError::Plan(
@@ -127,8 +181,8 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
             let mut model = BertClassifier::load(&opts.model_dir, Some(&adapter.spec), num_labels, &mut rng, device)?
                 .with_base_dtype(opts.base_dtype)?;
             adapter.apply(&mut model)?;
-            let metric = model.evaluate(&data.examples, opts.batch)?;
-            (data, metric, Vec::new())
+            let scores = model.score_examples(&data.examples, opts.batch)?;
+            (data, scores, Vec::new())
         }
         Architecture::Llama => {
             let cfg = LlamaConfig::from_file(&opts.model_dir.join("config.json"))?;
@@ -139,7 +193,7 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
             if let Some(a) = &adapter {
                 a.apply(&mut model)?;
             }
-            let metric = model.evaluate(&data.examples, opts.batch)?;
+            let scores = model.score_examples(&data.examples, opts.batch)?;
             let prompts: Vec<Vec<u32>> = if opts.prompts.is_empty() {
                 data.examples.iter().take(opts.samples).map(|e| e.ids[..e.ids.len().min(8)].to_vec()).collect()
             } else {
@@ -156,9 +210,11 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
                 let cont = model.greedy(p, opts.max_new_tokens)?;
                 samples.push(Sample { prompt: decode(p)?, continuation: decode(&cont)? });
             }
-            (data, metric, samples)
+            (data, scores, samples)
         }
     };
+    let metric = EvalResult::aggregate(scores.iter().copied());
+    let groups = per_group(&scores, &data.groups);
     Ok(EvalReport {
         model: opts.model_dir.display().to_string(),
         adapter: opts.adapter.as_ref().map(|a| a.display().to_string()),
@@ -166,6 +222,7 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
         data_sha256: data.content_hash.clone(),
         records: data.len(),
         metric,
+        groups,
         samples,
     })
 }

@@ -33,6 +33,9 @@ pub struct RunOptions {
     /// Stop as if interrupted after this many steps (checkpoint written, error returned): how
     /// tests and users can exercise resume without killing the process.
     pub stop_after: Option<u64>,
+    /// A non-private run's output folder (same config, base model and data) whose held-out
+    /// metrics are reported beside this run's.
+    pub reference: Option<std::path::PathBuf>,
 }
 
 pub struct RunOutcome {
@@ -145,10 +148,16 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         Task::CausalLm => Some(model.evaluate(&test.examples, eval_batch)?),
         Task::Classification => None,
     };
+    let model_hash = checkpoint::model_hash(&plan.model_dir)?;
+    // Checked before training: a reference that does not match fails now, not after hours.
+    let reference = match &opts.reference {
+        Some(dir) => Some(read_reference(dir, &model_hash, &train, &test)?),
+        None => None,
+    };
     let fingerprint = Fingerprint {
         config_sha256: plan.config_hash.clone(),
         config_text: plan.config_text.clone(),
-        model_sha256: checkpoint::model_hash(&plan.model_dir)?,
+        model_sha256: model_hash.clone(),
         train_sha256: train.content_hash.clone(),
         test_sha256: test.content_hash.clone(),
         non_private: opts.non_private,
@@ -409,7 +418,9 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     let train_seconds = prior_seconds + started.elapsed().as_secs_f64();
     let eval_started = Instant::now();
-    let test_metric = model.evaluate(&test.examples, eval_batch)?;
+    let scores = model.score_examples(&test.examples, eval_batch)?;
+    let test_metric = crate::model::EvalResult::aggregate(scores.iter().copied());
+    let test_groups = super::eval::per_group(&scores, &test.groups);
     if std::env::var_os("DPTRAIN_TIMING").is_some() {
         eprintln!("timing: train {train_seconds:.1}s, eval {:.1}s", eval_started.elapsed().as_secs_f64());
     }
@@ -424,6 +435,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             );
         }
     }
+    let epsilon_curve = if opts.non_private { Vec::new() } else { epsilon_curve(&ledger, plan.delta)? };
     let summary = RunSummary {
         non_private: opts.non_private,
         epsilon: match plan.accountant {
@@ -451,6 +463,10 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         target_modules,
         test_metric,
         base_test_metric,
+        test_groups,
+        reference,
+        model_hash,
+        epsilon_curve,
         train_seconds,
         examples_per_second: examples_seen as f64 / train_seconds,
         stopped_early,
@@ -458,6 +474,61 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     };
     report::write_outputs(plan, model.as_ref(), &summary, &metrics)?;
     Ok(RunOutcome { summary })
+}
+
+/// ε after each of up to `EPSILON_CURVE_POINTS` evenly spaced steps (always including the last),
+/// by both accountants, from the ledger's prefixes.
+fn epsilon_curve(ledger: &Ledger, delta: f64) -> Result<Vec<report::EpsilonPoint>, RunError> {
+    const EPSILON_CURVE_POINTS: u64 = 40;
+    let total = ledger.steps();
+    let mut steps: Vec<u64> = (1..=EPSILON_CURVE_POINTS).map(|i| (i * total).div_ceil(EPSILON_CURVE_POINTS)).collect();
+    steps.dedup();
+    steps.retain(|&k| k > 0);
+    let (pld, rdp) = (PldAccountant::default(), RdpAccountant::default());
+    steps
+        .into_iter()
+        .map(|k| {
+            let event = ledger.prefix(k).as_event();
+            Ok(report::EpsilonPoint {
+                step: k,
+                pld: pld.epsilon(&event, delta)?.epsilon,
+                rdp: rdp.epsilon(&event, delta)?.epsilon,
+            })
+        })
+        .collect()
+}
+
+/// The held-out metrics of a non-private run in `dir`, refused unless it is non-private and used
+/// the same base model, training data and held-out data.
+fn read_reference(
+    dir: &std::path::Path,
+    model_hash: &str,
+    train: &Dataset,
+    test: &Dataset,
+) -> Result<report::Reference, RunError> {
+    let path = dir.join("privacy_report.json");
+    let bad = |why: String| RunError::Plan(format!("--reference {}: {why}", dir.display()));
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    let r: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("{} is not JSON: {e}", path.display())))?;
+    if r["private"].as_bool() != Some(false) {
+        return Err(bad("is not a non-private run (train it with --non-private)".into()));
+    }
+    let same = |what: &str, theirs: &serde_json::Value, ours: &str| {
+        if theirs.as_str() == Some(ours) {
+            Ok(())
+        } else {
+            Err(bad(format!("its {what} differs (sha256 {} there, {ours} here)", theirs)))
+        }
+    };
+    same("base model", &r["base_model"]["sha256"], model_hash)?;
+    same("training data", &r["dataset"]["sha256"], &train.content_hash)?;
+    same("held-out data", &r["test_dataset"]["sha256"], &test.content_hash)?;
+    let test_metric = serde_json::from_value(r["metrics"]["test"].clone())
+        .map_err(|e| bad(format!("no held-out metric in {}: {e}", path.display())))?;
+    let test_groups = serde_json::from_value(r["metrics"]["test_groups"].clone())
+        .map_err(|e| bad(format!("bad per-group metrics in {}: {e}", path.display())))?;
+    Ok(report::Reference { dir: dir.display().to_string(), test_metric, test_groups })
 }
 
 /// Training and held-out data in the format of the model's task.

@@ -1,0 +1,208 @@
+//! `privacy_report.md`: the report for a reader who knows DP but not this run, rendered from the
+//! same JSON value that is written as `privacy_report.json`, so the two cannot disagree. Numbers
+//! are printed exactly as in the JSON (shortest round-trip form), so an auditor (or a test) can
+//! compare them with the certificate in the adapter file and with the ledger.
+
+use serde_json::Value;
+use std::fmt::Write;
+
+/// An exact number as the JSON holds it; "—" for null or absent.
+fn num(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        Value::Null => "—".into(),
+        other => other.to_string(),
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "—".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A table cell: no pipes or newlines, and no HTML (a group named `<b>` stays text).
+fn cell(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('|', "\\|").replace('\n', " ")
+}
+
+fn row(out: &mut String, key: &str, value: &str) {
+    let _ = writeln!(out, "| {} | {} |", cell(key), cell(value));
+}
+
+/// "accuracy 0.95" or "perplexity 68.7 (mean NLL …, … tokens)" of a serialised `EvalResult`.
+fn metric(v: &Value) -> String {
+    if let Some(a) = v.get("accuracy") {
+        return format!("accuracy {}", num(a));
+    }
+    if let Some(p) = v.get("perplexity") {
+        return format!(
+            "perplexity {} (mean NLL {}, {} tokens)",
+            num(&p["perplexity"]),
+            num(&p["mean_nll"]),
+            num(&p["tokens"])
+        );
+    }
+    "—".into()
+}
+
+/// One ledger entry in words.
+fn event(v: &Value) -> String {
+    match v.get("kind").and_then(Value::as_str) {
+        Some("self_composed") => format!("{} × {}", num(&v["count"]), event(&v["event"])),
+        Some("poisson_sampled") => format!("Poisson-subsampled (q = {}) {}", num(&v["q"]), event(&v["event"])),
+        Some("gaussian") => format!("Gaussian mechanism (σ = {})", num(&v["sigma"])),
+        Some("composed") => {
+            let parts: Vec<String> = v["events"].as_array().into_iter().flatten().map(event).collect();
+            format!("composition of [{}]", parts.join(", "))
+        }
+        _ => v.to_string(),
+    }
+}
+
+/// The markdown report of a `privacy_report.json` value.
+pub fn render(r: &Value) -> String {
+    let mut o = String::new();
+    let private = r["private"].as_bool().unwrap_or(false);
+    let cert = &r["certificate"];
+    let _ = writeln!(o, "# Privacy report\n");
+    let _ = writeln!(o, "Written by {} for the adapter in this folder (`adapter_model.safetensors`, sha256 `{}`). The same content is in `privacy_report.json`; the certificate below is also stored in the adapter file's safetensors metadata (`dptrain_certificate`), and `dptrain verify <this folder>` recomputes ε from the ledger and checks the hashes.\n", text(&cert["engine"]), text(&r["adapter_sha256"]));
+
+    let _ = writeln!(o, "## Guarantee\n");
+    if private {
+        let _ = writeln!(o, "**{}.**\n", text(&r["guarantee"]));
+        let _ = writeln!(o, "That is: for any two training sets that differ by adding or removing one record (one JSONL line), the distribution of everything this run released (the adapter, and this report's ε) changes by at most a factor e^ε, except with probability δ. ε is an upper bound from the accountant named below, computed from the ledger of every step actually taken.\n");
+    } else {
+        let _ = writeln!(o, "**NO PRIVACY GUARANTEE.** This is a non-private reference run (`--non-private`): no clipping, no noise. Its adapter must not be released as private; it exists to measure what privacy costs in utility.\n");
+    }
+    let _ = writeln!(o, "| quantity | value |\n|---|---|");
+    let acc = text(&r["accountant"]);
+    row(&mut o, &format!("ε (certified, {acc} accountant; upper bound)"), &num(&r["epsilon"]));
+    row(&mut o, "ε by PLD (upper bound)", &num(&r["epsilon_by_accountant"]["pld"]));
+    row(
+        &mut o,
+        "ε by RDP (upper bound)",
+        &format!("{} (optimal order {})", num(&r["epsilon_by_accountant"]["rdp"]), num(&r["rdp_optimal_order"])),
+    );
+    row(&mut o, "target ε", &num(&r["target_epsilon"]));
+    let n = r["dataset"]["size"].as_f64().unwrap_or(f64::NAN);
+    row(&mut o, "δ", &num(&r["delta"]));
+    row(
+        &mut o,
+        "δ compared with 1/N",
+        &format!("δ · N = {} (1/N = {:.3e}; δ should be well below 1/N)", num(&r["delta_times_n"]), 1.0 / n),
+    );
+    o.push('\n');
+
+    let _ = writeln!(o, "## Mechanism (DP-SGD)\n");
+    let _ = writeln!(o, "| parameter | value |\n|---|---|");
+    row(&mut o, "noise multiplier σ", &num(&r["noise_multiplier"]));
+    row(&mut o, "clipping norm C", &num(&r["clip_norm"]));
+    row(&mut o, "clipping", &text(&r["clipping"]));
+    row(&mut o, "sampling rate q", &num(&r["sample_rate"]));
+    row(&mut o, "expected batch size", &num(&r["expected_batch_size"]));
+    row(&mut o, "steps taken", &num(&r["steps"]));
+    row(&mut o, "steps planned", &num(&r["planned_steps"]));
+    row(&mut o, "epochs (steps · q)", &num(&r["epochs"]));
+    row(&mut o, "stopped early", &text(&r["stopped_early"]));
+    row(&mut o, "sampler", &text(&r["sampler"]));
+    row(&mut o, "noise generator", &text(&r["noise_generator"]));
+    row(
+        &mut o,
+        "seeded",
+        if r["seeded"].as_bool().unwrap_or(false) {
+            "YES: the noise was derived from a configured seed; anyone with the config can reproduce it. Not for release."
+        } else {
+            "no: the noise key came from the operating system's entropy"
+        },
+    );
+    row(&mut o, "accountant", &format!("{acc}: {}", text(&cert["accountant_detail"])));
+    row(&mut o, "neighbouring relation", &text(&r["neighbouring_relation"]));
+    o.push('\n');
+
+    let _ = writeln!(o, "## Data and model\n");
+    let _ = writeln!(o, "| item | value |\n|---|---|");
+    row(&mut o, "training records N", &num(&r["dataset"]["size"]));
+    row(&mut o, "training data sha256", &text(&r["dataset"]["sha256"]));
+    row(&mut o, "held-out records", &num(&r["test_dataset"]["size"]));
+    row(&mut o, "held-out data sha256", &text(&r["test_dataset"]["sha256"]));
+    if let Some(labels) = r["dataset"]["labels"].as_array().filter(|l| !l.is_empty()) {
+        row(&mut o, "labels", &labels.iter().map(text).collect::<Vec<_>>().join(", "));
+    }
+    row(&mut o, "base model", &text(&r["base_model"]["path"]));
+    row(&mut o, "base model sha256 (config.json and weights)", &text(&r["base_model"]["sha256"]));
+    row(&mut o, "task", &text(&r["task"]));
+    row(
+        &mut o,
+        "LoRA target modules",
+        &r["target_modules"].as_array().into_iter().flatten().map(text).collect::<Vec<_>>().join(", "),
+    );
+    row(&mut o, "config sha256", &text(&cert["config_sha256"]));
+    o.push('\n');
+
+    let _ = writeln!(o, "## Utility (held-out data)\n");
+    let m = &r["metrics"];
+    let reference = &r["non_private_reference"];
+    let _ = writeln!(o, "| | held-out metric |\n|---|---|");
+    row(&mut o, if private { "this run (DP)" } else { "this run (NOT private)" }, &metric(&m["test"]));
+    if !m["base_test"].is_null() {
+        row(&mut o, "base model, before training", &metric(&m["base_test"]));
+    }
+    if !reference.is_null() {
+        row(
+            &mut o,
+            &format!("non-private reference, NO privacy (`{}`)", text(&reference["dir"])),
+            &metric(&reference["test_metric"]),
+        );
+    }
+    o.push('\n');
+    if let Some(groups) = m["test_groups"].as_array().filter(|g| !g.is_empty()) {
+        let _ = writeln!(o, "Per group (the `group` field of the held-out records). DP tends to cost small groups the most; compare each group with the reference.\n");
+        let with_ref = !reference.is_null();
+        let _ = writeln!(
+            o,
+            "| group | records | this run |{}\n|---|---|---|{}",
+            if with_ref { " non-private reference |" } else { "" },
+            if with_ref { "---|" } else { "" }
+        );
+        for g in groups {
+            let mut line = format!("| {} | {} | {} |", cell(&text(&g["group"])), num(&g["size"]), metric(&g["metric"]));
+            if with_ref {
+                let rg = reference["test_groups"].as_array().into_iter().flatten().find(|x| x["group"] == g["group"]);
+                let _ = write!(line, " {} |", rg.map(|x| metric(&x["metric"])).unwrap_or_else(|| "—".into()));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+        o.push('\n');
+    }
+
+    if let Some(plots) = r["plots"].as_array().filter(|p| !p.is_empty()) {
+        let _ = writeln!(o, "## Plots\n");
+        for p in plots {
+            let _ = writeln!(o, "![{}]({})\n", text(&p["title"]), text(&p["file"]));
+        }
+    }
+
+    let _ = writeln!(o, "## What the guarantee does not cover\n");
+    for item in r["not_protected"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "- {}", text(item));
+    }
+    o.push('\n');
+
+    let _ = writeln!(o, "## Ledger\n");
+    let _ = writeln!(
+        o,
+        "Every step taken, in order (consecutive identical steps merged). ε above is computed from exactly this.\n"
+    );
+    let _ = writeln!(o, "| # | event |\n|---|---|");
+    for (i, e) in r["ledger"]["entries"].as_array().into_iter().flatten().enumerate() {
+        let _ = writeln!(o, "| {} | {} |", i + 1, cell(&event(e)));
+    }
+    o.push('\n');
+
+    let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
+    o
+}
