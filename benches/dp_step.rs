@@ -2,13 +2,17 @@
 //! one micro-batch step of a MiniLM-shaped BERT (2 layers, hidden 384, LoRA r = 8 on query/value,
 //! 16 examples × 64 tokens) with (a) plain LoRA backward (no per-example gradients, no clipping)
 //! and (b) the DP path (tape, per-example gradients, clip and sum); plus noise generation and the
-//! accountants (RDP; PLD ε and a PLD calibration). Run: `cargo bench --bench dp_step`.
+//! accountants (RDP; PLD ε and a PLD calibration); and, on the device (a GPU in a `--features
+//! cuda` build with one, else the CPU), the clip-and-reduce of 32 per-example gradients of the
+//! quickstart's 74,498 values (fused kernels vs the candle-ops twin) and in-place noise on a
+//! device tensor. Run: `cargo bench --bench dp_step`.
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, Criterion};
 use dptrain::accounting::{calibrate, AccountantKind, DpEvent, PldAccountant, RdpAccountant};
 use dptrain::data::{Batch, Example};
+use dptrain::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
 use dptrain::model::bert::{cross_entropy_per_example, random_weights, BertClassifier, BertConfig, LoraSpec};
 use dptrain::privacy::GaussianNoise;
 use dptrain::train::step::{clipped_sum_micro_batch, ClipImpl};
@@ -87,5 +91,59 @@ fn bench_noise_and_accounting(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_step, bench_noise_and_accounting);
+/// The GPU when the build has CUDA and the machine one, else the CPU.
+fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+fn bench_clip_and_noise_on_device(c: &mut Criterion) {
+    let dev = device();
+    let name = if dev.is_cpu() { "cpu" } else { "cuda" };
+    // Per-example parts as the LoRA taps leave them: [b, …] per trainable tensor.
+    let (b, p) = (32usize, 74_498usize);
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let sizes = [24 * 3072, p - 24 * 3072];
+    let parts: Vec<Tensor> = sizes
+        .iter()
+        .map(|&n| {
+            let v: Vec<f32> = (0..b * n).map(|_| rand::Rng::random_range(&mut rng, -0.01f32..0.01)).collect();
+            Tensor::from_vec(v, (b, n), &dev).unwrap()
+        })
+        .collect();
+    let flat = Tensor::cat(&parts, 1).unwrap();
+    let mut g = c.benchmark_group(format!("clip_reduce_{b}x{p}_{name}"));
+    g.sample_size(20);
+    g.bench_function("fused_kernels", |bn| {
+        bn.iter(|| {
+            let sq = per_example_sq_norms(&parts).unwrap();
+            let s = clipped_sum(&parts, &clip_factors(&sq, Some(1.0)).unwrap()).unwrap();
+            dev.synchronize().unwrap();
+            s
+        })
+    });
+    g.bench_function("candle_ops", |bn| {
+        bn.iter(|| {
+            let s = dptrain::privacy::clip_and_sum(&flat, Some(1.0)).unwrap();
+            dev.synchronize().unwrap();
+            s
+        })
+    });
+    g.finish();
+    let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(3));
+    let sum = Tensor::zeros(p, candle_core::DType::F32, &dev).unwrap();
+    let mut step = 0u64;
+    c.bench_function(&format!("noise_tensor_74k_{name}"), |bn| {
+        bn.iter(|| {
+            step += 1;
+            noise.add_noise_tensor(&sum, step, 1.0).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, bench_step, bench_noise_and_accounting, bench_clip_and_noise_on_device);
 criterion_main!(benches);

@@ -10,11 +10,19 @@
 //! - `dp-candle-ops`: the same step with the clip done by candle ops on the concatenated [b, P]
 //!   per-example matrix (the "before" of the fused kernels).
 //!
-//! Every variant builds its batch (host → device) inside the timed step, as training does.
+//! Every variant builds its batch (host → device) inside the timed step, as training does. The
+//! variants are interleaved step by step (after `warmup` untimed rounds), so machine noise hits
+//! them alike; each keeps its own parameters and optimiser state.
 //!
-//! Each step ends with a device synchronisation before the clock is read. Reported: the median
-//! step time over `steps` timed steps (after `warmup` untimed ones), examples/s, and on CUDA the
-//! peak memory of the default memory pool during the variant (high-water mark, reset per variant).
+//! Each step ends with a device synchronisation before the clock is read. Reported per variant:
+//! the median step time over `steps` timed steps, examples/s and tokens/s (real tokens), peak
+//! memory while its steps ran (CUDA: the default memory pool's high-water mark; CPU: the
+//! process's peak resident set, VmHWM, reset before each step), and the time split across
+//! phases from `profile_steps` further steps with `crate::profile` marks (each mark
+//! synchronises the device, so these steps are not the timed ones).
+//!
+//! The batch is random token ids (`seq_len` each), or with `examples` real records (e.g. the
+//! first records of a run config's training file, `dptrain bench --config`).
 
 use crate::data::{Batch, Example};
 use crate::kernels::FusedAdamW;
@@ -77,8 +85,16 @@ pub struct BenchOptions {
     pub steps: usize,
     pub warmup: usize,
     pub lora_rank: usize,
+    /// LoRA α (default 2 · rank).
+    pub lora_alpha: Option<f64>,
+    /// Layers with adapters (default all).
+    pub lora_layers: Option<Vec<usize>>,
     pub targets: Vec<String>,
     pub variants: Vec<String>,
+    /// Real records to use as the batch (the first `batch` of them) instead of random ids.
+    pub examples: Option<Vec<Example>>,
+    /// Profiled steps per variant for the time split (0: none).
+    pub profile_steps: usize,
 }
 
 pub const VARIANTS: [&str; 3] = ["non-private", "dp", "dp-candle-ops"];
@@ -90,8 +106,16 @@ pub struct VariantResult {
     pub min_step_ms: f64,
     pub max_step_ms: f64,
     pub examples_per_s: f64,
-    /// Peak bytes in the CUDA memory pool during this variant (None on the CPU).
+    /// Real (non-padding) tokens per second.
+    pub tokens_per_s: f64,
+    /// Peak bytes while this variant's steps ran: the CUDA memory pool's high-water mark, or on
+    /// the CPU the process's peak resident set (Linux; None elsewhere).
     pub peak_memory_bytes: Option<u64>,
+    /// What `peak_memory_bytes` measures.
+    pub memory_kind: &'static str,
+    /// Milliseconds per step in each phase (forward, backward, per-example, clip, noise,
+    /// optimizer, data, other), from the profiled steps.
+    pub time_split_ms: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -100,7 +124,12 @@ pub struct BenchReport {
     pub model: String,
     pub base_dtype: String,
     pub batch: usize,
+    /// The longest record (random batches: all records have this length).
     pub seq_len: usize,
+    /// Real tokens in the batch.
+    pub tokens_per_batch: usize,
+    /// Whether the batch is real records (`--config`) rather than random ids.
+    pub real_data: bool,
     pub steps: usize,
     pub warmup: usize,
     pub lora_rank: usize,
@@ -121,8 +150,12 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         (None, None) => Architecture::Bert,
     };
     let targets = if opts.targets.is_empty() { arch.default_lora_targets() } else { opts.targets.clone() };
-    let spec =
-        LoraSpec { rank: opts.lora_rank, alpha: 2.0 * opts.lora_rank as f64, targets: targets.clone(), layers: None };
+    let spec = LoraSpec {
+        rank: opts.lora_rank,
+        alpha: opts.lora_alpha.unwrap_or(2.0 * opts.lora_rank as f64),
+        targets: targets.clone(),
+        layers: opts.lora_layers.clone(),
+    };
     let name = match &opts.model_dir {
         Some(dir) => dir.display().to_string(),
         None => format!("{} (random weights)", opts.shape),
@@ -164,23 +197,72 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
     Ok((model, name, vocab, positions, targets))
 }
 
-fn time_steps(
-    device: &Device,
-    warmup: usize,
-    steps: usize,
-    mut step: impl FnMut(u64) -> Result<()>,
-) -> Result<Vec<f64>> {
-    let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
-        device.synchronize()?;
-        let t0 = Instant::now();
-        step(i as u64)?;
-        device.synchronize()?;
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
+/// One variant's state across the interleaved rounds.
+struct Variant {
+    name: String,
+    params: Tensor,
+    opt: FusedAdamW,
+    times: Vec<f64>,
+    peak: Option<u64>,
+}
+
+/// Everything a step needs besides the variant.
+struct StepCtx<'a> {
+    examples: &'a [Example],
+    all: &'a [usize],
+    layout: &'a FlatParams,
+    mech: &'a Mechanism,
+    noise: &'a GaussianNoise,
+    device: &'a Device,
+}
+
+const LR: f64 = 1e-4;
+
+/// One optimiser step of `v` (the model already holds `v`'s parameters).
+fn step(model: &mut dyn DpModel, v: &mut Variant, cx: &StepCtx, s: u64) -> Result<()> {
+    let dev = cx.device;
+    match v.name.as_str() {
+        "non-private" => {
+            let vars = model.trainable().into_iter().map(|(_, t)| Var::from_tensor(&t)).collect::<Result<Vec<_>>>()?;
+            model.set_trainable(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
+            // Built per step, as the DP variants (and training) do.
+            let batch = Batch::gather(cx.examples, cx.all, None, dev)?;
+            crate::profile::mark(dev, "data")?;
+            let loss = (model.example_losses(&batch, None)?.sum_all()? / cx.all.len() as f64)?;
+            crate::profile::mark(dev, "forward")?;
+            let grads = loss.backward()?;
+            crate::profile::mark(dev, "backward")?;
+            let flat = vars
+                .iter()
+                .map(|v| {
+                    grads
+                        .get(v.as_tensor())
+                        .ok_or_else(|| candle_core::Error::Msg("missing LoRA gradient".into()))?
+                        .flatten_all()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let g = Tensor::cat(&flat, 0)?;
+            crate::profile::mark(dev, "other")?;
+            v.opt.step(&v.params, &g, LR)?;
+        }
+        dp => {
+            let how = if dp == "dp" { ClipImpl::Fused } else { ClipImpl::CandleOps };
+            let (g, _) = private_gradient_with(
+                &*model,
+                cx.examples,
+                None,
+                cx.all,
+                cx.all.len(),
+                cx.layout.len(),
+                cx.mech,
+                cx.noise,
+                s,
+                how,
+            )?;
+            v.opt.step(&v.params, &g, LR)?;
         }
     }
-    Ok(times)
+    crate::profile::mark(dev, "optimizer")
 }
 
 pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<BenchReport> {
@@ -193,89 +275,98 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         }
     }
     let (mut model, model_name, vocab, positions, targets) = build_model(opts, device)?;
-    if opts.seq_len > positions {
-        candle_core::bail!("bench: seq-len {} exceeds the model's {positions} positions", opts.seq_len);
-    }
-    let mut rng = ChaCha20Rng::seed_from_u64(2);
     let lm = model.task() == Task::CausalLm;
-    let examples: Vec<Example> = (0..opts.batch)
-        .map(|i| {
-            let ids = (0..opts.seq_len).map(|_| rng.random_range(1..vocab as u32)).collect();
-            // Language modelling: every token after the first is a target.
-            Example { ids, label: i % 2, target_start: lm.then_some(1) }
-        })
-        .collect();
+    let examples: Vec<Example> = match &opts.examples {
+        Some(real) => {
+            if real.len() < opts.batch {
+                candle_core::bail!("bench: {} records for a batch of {}", real.len(), opts.batch);
+            }
+            real[..opts.batch].to_vec()
+        }
+        None => {
+            if opts.seq_len > positions {
+                candle_core::bail!("bench: seq-len {} exceeds the model's {positions} positions", opts.seq_len);
+            }
+            let mut rng = ChaCha20Rng::seed_from_u64(2);
+            (0..opts.batch)
+                .map(|i| {
+                    let ids = (0..opts.seq_len).map(|_| rng.random_range(1..vocab as u32)).collect();
+                    // Language modelling: every token after the first is a target.
+                    Example { ids, label: i % 2, target_start: lm.then_some(1) }
+                })
+                .collect()
+        }
+    };
+    let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
+    let seq_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
 
     let all: Vec<usize> = (0..opts.batch).collect();
     let layout = FlatParams::from_named(&model.trainable())?;
-    let initial = model.trainable().into_iter().map(|(_, t)| t).collect::<Vec<_>>();
+    let initial = layout.to_tensor(device)?;
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.0, expected_batch_size: opts.batch };
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(3));
-    let lr = 1e-4;
+    let cx = StepCtx { examples: &examples, all: &all, layout: &layout, mech: &mech, noise: &noise, device };
+    let mut variants = opts
+        .variants
+        .iter()
+        .map(|name| {
+            Ok(Variant {
+                name: name.clone(),
+                params: initial.copy()?,
+                opt: FusedAdamW::new(0.0, 1e-8),
+                times: Vec::new(),
+                peak: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Interleaved rounds: every variant takes one step per round.
+    for round in 0..opts.warmup + opts.steps {
+        for v in variants.iter_mut() {
+            model.set_trainable(&layout.split(&v.params)?)?;
+            device.synchronize()?;
+            memory::reset_peak(device)?;
+            let t0 = Instant::now();
+            step(model.as_mut(), v, &cx, round as u64)?;
+            device.synchronize()?;
+            let dt = t0.elapsed().as_secs_f64();
+            if round >= opts.warmup {
+                v.times.push(dt);
+                v.peak = v.peak.max(memory::peak(device)?);
+            }
+        }
+    }
     let mut results = Vec::new();
-    for variant in &opts.variants {
-        model.set_trainable(&initial)?;
-        let params = layout.to_tensor(device)?;
-        let mut opt = FusedAdamW::new(0.0, 1e-8);
-        memory::reset_peak(device)?;
-        let times = match variant.as_str() {
-            "non-private" => {
-                let vars = initial.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
-                model.set_trainable(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
-                let t = time_steps(device, opts.warmup, opts.steps, |_| {
-                    // Built per step, as the DP variants (and training) do.
-                    let batch = Batch::gather(&examples, &all, None, device)?;
-                    let loss = (model.example_losses(&batch, None)?.sum_all()? / opts.batch as f64)?;
-                    let grads = loss.backward()?;
-                    let flat = vars
-                        .iter()
-                        .map(|v| {
-                            grads
-                                .get(v.as_tensor())
-                                .ok_or_else(|| candle_core::Error::Msg("missing LoRA gradient".into()))?
-                                .flatten_all()
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    opt.step(&params, &Tensor::cat(&flat, 0)?, lr)?;
-                    for (v, new) in vars.iter().zip(layout.split(&params)?) {
-                        v.set(&new)?;
-                    }
-                    Ok(())
-                })?;
-                model.set_trainable(&initial)?;
-                t
+    for v in variants.iter_mut() {
+        let mut split: Vec<(String, f64)> = Vec::new();
+        for i in 0..opts.profile_steps {
+            model.set_trainable(&layout.split(&v.params)?)?;
+            crate::profile::start(device)?;
+            let r = step(model.as_mut(), v, &cx, (opts.warmup + opts.steps + i) as u64);
+            let phases = crate::profile::stop();
+            r?;
+            for (p, t) in phases {
+                match split.iter_mut().find(|(q, _)| q == p) {
+                    Some((_, x)) => *x += t,
+                    None => split.push((p.to_string(), t)),
+                }
             }
-            dp => {
-                let how = if dp == "dp" { ClipImpl::Fused } else { ClipImpl::CandleOps };
-                time_steps(device, opts.warmup, opts.steps, |s| {
-                    let n = layout.len();
-                    let (g, _) = private_gradient_with(
-                        model.as_ref(),
-                        &examples,
-                        None,
-                        &all,
-                        opts.batch,
-                        n,
-                        &mech,
-                        &noise,
-                        s,
-                        how,
-                    )?;
-                    opt.step(&params, &g, lr)?;
-                    model.set_trainable(&layout.split(&params)?)
-                })?
-            }
-        };
-        let mut sorted = times.clone();
+        }
+        for (_, t) in split.iter_mut() {
+            *t *= 1e3 / opts.profile_steps as f64;
+        }
+        let mut sorted = v.times.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
         results.push(VariantResult {
-            variant: variant.clone(),
+            variant: v.name.clone(),
             median_step_ms: median * 1e3,
             min_step_ms: sorted[0] * 1e3,
             max_step_ms: sorted[sorted.len() - 1] * 1e3,
             examples_per_s: opts.batch as f64 / median,
-            peak_memory_bytes: memory::peak(device)?,
+            tokens_per_s: tokens as f64 / median,
+            peak_memory_bytes: v.peak,
+            memory_kind: memory::kind(device),
+            time_split_ms: split,
         });
     }
     Ok(BenchReport {
@@ -283,7 +374,9 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         model: model_name,
         base_dtype: format!("{:?}", opts.base_dtype).to_lowercase(),
         batch: opts.batch,
-        seq_len: opts.seq_len,
+        seq_len,
+        tokens_per_batch: tokens,
+        real_data: opts.examples.is_some(),
         steps: opts.steps,
         warmup: opts.warmup,
         lora_rank: opts.lora_rank,
@@ -324,8 +417,39 @@ mod memory {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    /// Restart the high-water mark of `device`'s memory (CPU: the process's resident set).
     pub fn reset_peak(device: &Device) -> Result<()> {
+        match device {
+            Device::Cpu => {
+                // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0).
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+                Ok(())
+            }
+            _ => gpu_reset_peak(device),
+        }
+    }
+
+    /// The high-water mark since `reset_peak`, in bytes (None where it cannot be read).
+    pub fn peak(device: &Device) -> Result<Option<u64>> {
+        match device {
+            Device::Cpu => Ok(std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+                let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kb * 1024)
+            })),
+            _ => gpu_peak(device),
+        }
+    }
+
+    pub fn kind(device: &Device) -> &'static str {
+        match device {
+            Device::Cpu => "process peak resident set (VmHWM)",
+            _ => "CUDA default memory pool high-water mark",
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gpu_reset_peak(device: &Device) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         if let Some(pool) = pool(device)? {
             let mut zero: u64 = 0;
@@ -345,7 +469,7 @@ mod memory {
     }
 
     #[cfg(feature = "cuda")]
-    pub fn peak(device: &Device) -> Result<Option<u64>> {
+    fn gpu_peak(device: &Device) -> Result<Option<u64>> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         let Some(pool) = pool(device)? else { return Ok(None) };
         let mut v: u64 = 0;
@@ -364,12 +488,12 @@ mod memory {
     }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn reset_peak(_device: &Device) -> Result<()> {
+    fn gpu_reset_peak(_device: &Device) -> Result<()> {
         Ok(())
     }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn peak(_device: &Device) -> Result<Option<u64>> {
+    fn gpu_peak(_device: &Device) -> Result<Option<u64>> {
         Ok(None)
     }
 }

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod privacy;
+pub mod profile;
 pub mod report;
 pub mod selftest;
 pub mod train;

@@ -340,6 +340,66 @@ fn bench_reports_dp_and_non_private_on_the_same_batch() {
     assert_eq!(names, ["non-private", "dp", "dp-candle-ops"]);
     assert!(v["results"].as_array().unwrap().iter().all(|r| r["examples_per_s"].as_f64().unwrap() > 0.0));
     assert_eq!((v["batch"].as_u64(), v["seq_len"].as_u64()), (Some(4), Some(16)));
+    assert_eq!(v["tokens_per_batch"].as_u64(), Some(64));
+    for r in v["results"].as_array().unwrap() {
+        // Random records are all seq-len long: tokens/s = 16 · examples/s.
+        let (ex, tok) = (r["examples_per_s"].as_f64().unwrap(), r["tokens_per_s"].as_f64().unwrap());
+        assert!((tok / ex - 16.0).abs() < 1e-9, "{r}");
+        // The time split names the DP phases only for DP variants.
+        let phases: Vec<&str> = r["time_split_ms"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
+        let dp = r["variant"] != "non-private";
+        for p in ["forward", "backward", "optimizer"] {
+            assert!(phases.contains(&p), "{r}");
+        }
+        for p in ["per-example", "clip", "noise"] {
+            assert_eq!(phases.contains(&p), dp, "{p} in {r}");
+        }
+        assert!(r["time_split_ms"].as_array().unwrap().iter().all(|p| p[1].as_f64().unwrap() >= 0.0));
+        if cfg!(target_os = "linux") {
+            assert!(r["peak_memory_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+        }
+    }
+}
+
+#[test]
+fn bench_with_a_run_config_uses_its_model_lora_settings_and_first_records() {
+    let f = Fixture::new("benchcfg");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[lora]\n", "[lora]\ntarget-modules = [\"key\"]\nlayers = [1]\n");
+    std::fs::write(&cfg, text).unwrap();
+    let path = f.dir.join("bench.json");
+    let (ok, out) = dptrain(&[
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--profile-steps",
+        "0",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Batch = training.max-physical-batch (3); LoRA rank 2 on `key` of layer 1 only:
+    // 2 · (32 + 32) LoRA values + the head (32 · 2 + 2).
+    assert_eq!(v["batch"].as_u64(), Some(3));
+    assert_eq!(v["real_data"], true);
+    assert_eq!(v["targets"], serde_json::json!(["key"]));
+    assert_eq!(v["trainable_params"].as_u64(), Some(2 * 64 + 66));
+    // The first three training records, tokenised as training does: [CLS] + words + [SEP].
+    let words: usize = std::fs::read_to_string(f.dir.join("train.jsonl"))
+        .unwrap()
+        .lines()
+        .take(3)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().split(' ').count() + 2)
+        .sum();
+    assert_eq!(v["tokens_per_batch"].as_u64(), Some(words as u64));
+    assert!(v["results"][0]["time_split_ms"].as_array().unwrap().is_empty());
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -81,25 +81,36 @@ enum Command {
     },
     /// Time DP-LoRA against non-private LoRA steps on one device, model and batch.
     Bench {
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// A run config: bench its model, LoRA settings, dtype and device on its first training
+        /// records (batch default: its training.max-physical-batch).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// cpu, cuda or cuda:N (default: the config's training.device, else cpu).
+        #[arg(long)]
+        device: Option<String>,
         /// A model folder with real weights; otherwise --shape with random weights.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Built-in model shape: tiny, minilm-l6, bert-base, llama-tiny, smollm2-135m.
         #[arg(long, default_value = "minilm-l6")]
         shape: String,
-        /// dtype of the frozen base weights: f32, bf16, f16 (default: f32 on cpu, bf16 on cuda).
+        /// dtype of the frozen base weights: f32, bf16, f16 (default: the config's, else f32 on
+        /// cpu, bf16 on cuda).
         #[arg(long)]
         dtype: Option<String>,
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
+        /// Examples per step (default 32, or the config's training.max-physical-batch).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Tokens per random record (ignored with --config, whose records are real).
         #[arg(long, default_value_t = 128)]
         seq_len: usize,
         #[arg(long, default_value_t = 20)]
         steps: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Extra steps per variant, with phase marks, for the time split (0: no split).
+        #[arg(long, default_value_t = 3)]
+        profile_steps: usize,
         #[arg(long, default_value_t = 8)]
         lora_rank: usize,
         /// Comma-separated LoRA target modules (default: query,value for BERT, q_proj,v_proj for Llama).
@@ -382,6 +393,7 @@ fn selftest(device: &str, json: Option<&PathBuf>) -> Result<()> {
 
 fn bench(cmd: &Command) -> Result<()> {
     let Command::Bench {
+        config,
         device,
         model,
         shape,
@@ -390,6 +402,7 @@ fn bench(cmd: &Command) -> Result<()> {
         seq_len,
         steps,
         warmup,
+        profile_steps,
         lora_rank,
         targets,
         variants,
@@ -398,35 +411,90 @@ fn bench(cmd: &Command) -> Result<()> {
     else {
         unreachable!("called with the bench command")
     };
-    let (spec, dev) = open_device(device)?;
-    let base_dtype = match dtype {
-        Some(d) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
-        None => spec.default_base_dtype(),
-    };
     let split = |s: &str| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect::<Vec<_>>();
-    let opts = dptrain::bench::BenchOptions {
+    let plan = config
+        .as_ref()
+        .map(|p| dptrain::config::load(p).with_context(|| format!("--config {}", p.display())))
+        .transpose()?;
+    let device_name = device.clone().or_else(|| plan.as_ref().map(|p| p.device.name())).unwrap_or_else(|| "cpu".into());
+    let (spec, dev) = open_device(&device_name)?;
+    let base_dtype = match (dtype, &plan) {
+        (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
+        (None, Some(p)) => p.model_dtype.unwrap_or_else(|| spec.default_base_dtype()),
+        (None, None) => spec.default_base_dtype(),
+    };
+    let mut opts = dptrain::bench::BenchOptions {
         model_dir: model.clone(),
         shape: shape.clone(),
         base_dtype,
-        batch: *batch,
+        batch: batch.unwrap_or(32),
         seq_len: *seq_len,
         steps: *steps,
         warmup: *warmup,
         lora_rank: *lora_rank,
+        lora_alpha: None,
+        lora_layers: None,
         targets: split(targets),
         variants: split(variants),
+        examples: None,
+        profile_steps: *profile_steps,
     };
+    if let Some(plan) = &plan {
+        if model.is_some() {
+            anyhow::bail!("give --config or --model, not both");
+        }
+        let arch = dptrain::model::Architecture::detect(&plan.model_dir)?;
+        let (train, _) = dptrain::train::run::load_data(plan, arch)?;
+        opts.model_dir = Some(plan.model_dir.clone());
+        opts.batch = batch.unwrap_or(plan.max_physical_batch);
+        opts.lora_rank = plan.lora_rank;
+        opts.lora_alpha = Some(plan.lora_alpha);
+        opts.lora_layers = plan.lora_layers.clone();
+        if opts.targets.is_empty() {
+            opts.targets = plan.target_modules.clone().unwrap_or_else(|| arch.default_lora_targets());
+        }
+        opts.examples = Some(train.examples);
+    }
     let r = dptrain::bench::run(&opts, &dev, &spec.name())?;
     println!(
-        "{} on {}, base {}, batch {} × {} tokens, LoRA r = {} on {:?} ({} trainable), median of {} steps",
-        r.model, r.device, r.base_dtype, r.batch, r.seq_len, r.lora_rank, r.targets, r.trainable_params, r.steps
+        "{} on {}, base {}, batch {} ({} {} tokens, longest {}), LoRA r = {} on {:?} ({} trainable), median of {} interleaved steps",
+        r.model,
+        r.device,
+        r.base_dtype,
+        r.batch,
+        r.tokens_per_batch,
+        if r.real_data { "real" } else { "random" },
+        r.seq_len,
+        r.lora_rank,
+        r.targets,
+        r.trainable_params,
+        r.steps
     );
-    println!("{:<16} {:>12} {:>12} {:>14} {:>12}", "variant", "median ms", "examples/s", "peak MiB", "vs non-priv");
+    println!(
+        "{:<16} {:>11} {:>11} {:>11} {:>11} {:>12}",
+        "variant", "median ms", "examples/s", "tokens/s", "peak MiB", "vs non-priv"
+    );
     let base = r.results.iter().find(|v| v.variant == "non-private").map(|v| v.examples_per_s);
     for v in &r.results {
         let peak = v.peak_memory_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
         let ratio = base.map_or("-".to_string(), |b| format!("{:.3}×", v.examples_per_s / b));
-        println!("{:<16} {:>12.2} {:>12.1} {:>14} {:>12}", v.variant, v.median_step_ms, v.examples_per_s, peak, ratio);
+        println!(
+            "{:<16} {:>11.2} {:>11.1} {:>11.0} {:>11} {:>12}",
+            v.variant, v.median_step_ms, v.examples_per_s, v.tokens_per_s, peak, ratio
+        );
+    }
+    if let Some(v) = r.results.first() {
+        println!("peak memory: {}", v.memory_kind);
+    }
+    if r.results.iter().any(|v| !v.time_split_ms.is_empty()) {
+        println!(
+            "time split, ms per step ({} profiled steps each; every phase mark synchronises the device):",
+            profile_steps
+        );
+        for v in &r.results {
+            let parts: Vec<String> = v.time_split_ms.iter().map(|(p, t)| format!("{p} {t:.1}")).collect();
+            println!("  {:<14} {}", v.variant, parts.join(" · "));
+        }
     }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)

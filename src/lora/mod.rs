@@ -148,7 +148,10 @@ impl CustomOp2 for GradTap {
             });
         }
         if let Some(lora) = &self.lora {
+            // Inside the backward: this tap's per-example work is timed apart from the rest.
+            crate::profile::mark(grad_res.device(), "backward")?;
             let (d_a, d_b) = lora.parts(grad_res)?;
+            crate::profile::mark(grad_res.device(), "per-example")?;
             let mut slot = lora.parts.0.lock().expect("parts slot lock");
             *slot = Some(match slot.take() {
                 Some((a, b)) => ((a + d_a)?, (b + d_b)?),

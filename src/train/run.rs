@@ -532,7 +532,7 @@ fn read_reference(
 }
 
 /// Training and held-out data in the format of the model's task.
-pub(crate) fn load_data(plan: &Plan, arch: Architecture) -> Result<(Dataset, Dataset), RunError> {
+pub fn load_data(plan: &Plan, arch: Architecture) -> Result<(Dataset, Dataset), RunError> {
     match arch {
         Architecture::Bert => {
             let tokenizer = load_tokenizer(&plan.model_dir, Some(plan.max_seq_len))?;

@@ -6,6 +6,7 @@ use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
 use crate::lora::Tape;
 use crate::model::DpModel;
 use crate::privacy::{per_example_grad_parts, GaussianNoise};
+use crate::profile;
 use candle_core::{DType, Result, Tensor};
 
 /// The privacy mechanism of a step. `clip = None` with `noise_multiplier = 0` is the
@@ -61,21 +62,30 @@ pub fn clipped_sum_micro_batch(
     clip: Option<f64>,
     how: ClipImpl,
 ) -> Result<MicroBatchSum> {
+    let dev = model.device();
+    profile::mark(dev, "data")?;
     let mut tape = Tape::default();
     let losses = model.example_losses(batch, Some(&mut tape))?;
     // The summed loss: dL/dy at example i is example i's own gradient.
     let loss_sum = losses.sum_all()?;
+    profile::mark(dev, "forward")?;
     // The backward fills the tape's gradient slots (the GradStore itself is not needed).
     loss_sum.backward()?;
+    profile::mark(dev, "backward")?;
     let (sum, sq_norms) = match how {
         ClipImpl::Fused => {
             let parts = per_example_grad_parts(model, &tape)?;
             let sq = per_example_sq_norms(&parts)?;
-            (clipped_sum(&parts, &clip_factors(&sq, clip)?)?, sq)
+            profile::mark(dev, "per-example")?;
+            let sum = clipped_sum(&parts, &clip_factors(&sq, clip)?)?;
+            profile::mark(dev, "clip")?;
+            (sum, sq)
         }
         ClipImpl::CandleOps => {
             let per_example = crate::privacy::per_example_grads(model, &tape)?;
+            profile::mark(dev, "per-example")?;
             let (sum, stats) = crate::privacy::clip_and_sum(&per_example, clip)?;
+            profile::mark(dev, "clip")?;
             let sq: Vec<f64> = stats.norms.iter().map(|&n| (n as f64) * (n as f64)).collect();
             (sum, Tensor::from_vec(sq, batch.size, &candle_core::Device::Cpu)?)
         }
@@ -141,6 +151,7 @@ pub fn private_gradient_with(
         report.batch_size += m.size;
         report.tokens += m.tokens;
         report.micro_batches += 1;
+        profile::mark(model.device(), "other")?;
     }
     // Noise once per logical step, also when the batch was empty (PITFALLS 4, 5).
     if mech.noise_multiplier > 0.0 {
@@ -149,6 +160,7 @@ pub fn private_gradient_with(
         };
         report.noised_coordinates = noise.add_noise_tensor(&sum, step, mech.noise_multiplier * clip)?;
     }
+    profile::mark(model.device(), "noise")?;
     // Divide by the expected batch size, never the realised one (PITFALLS 2).
     let grad = (sum / mech.expected_batch_size as f64)?;
     // Statistics (host side; never used by the mechanism).
@@ -164,5 +176,6 @@ pub fn private_gradient_with(
             }
         }
     }
+    profile::mark(model.device(), "other")?;
     Ok((grad, report))
 }
