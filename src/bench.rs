@@ -417,12 +417,17 @@ mod memory {
         }
     }
 
+    /// Whether the last CPU `reset_peak` worked.
+    static RSS_RESET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
     /// Restart the high-water mark of `device`'s memory (CPU: the process's resident set).
     pub fn reset_peak(device: &Device) -> Result<()> {
         match device {
             Device::Cpu => {
-                // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0).
-                let _ = std::fs::write("/proc/self/clear_refs", "5");
+                // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Where that
+                // fails, `peak` reports nothing rather than the whole process's lifetime peak.
+                let ok = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+                RSS_RESET.store(ok, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
             _ => gpu_reset_peak(device),
@@ -432,6 +437,7 @@ mod memory {
     /// The high-water mark since `reset_peak`, in bytes (None where it cannot be read).
     pub fn peak(device: &Device) -> Result<Option<u64>> {
         match device {
+            Device::Cpu if !RSS_RESET.load(std::sync::atomic::Ordering::Relaxed) => Ok(None),
             Device::Cpu => Ok(std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
                 let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
                 let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

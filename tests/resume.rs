@@ -141,7 +141,13 @@ fn corrupted_changed_or_mismatched_checkpoints_are_refused_with_the_reason() {
     let (ok, log) = dptrain(&["--config", &cfg]);
     assert!(!ok && log.contains("holds checkpoints") && log.contains("--resume"), "{log}");
     // A changed key is named.
-    let changed = f.config("run", 2, "0.07");
+    // (A copy under another name: `cfg` itself stays the run's config for the checks below.)
+    let changed = f.dir.join("changed.toml").display().to_string();
+    std::fs::write(
+        &changed,
+        std::fs::read_to_string(&cfg).unwrap().replace("learning-rate = 0.05", "learning-rate = 0.07"),
+    )
+    .unwrap();
     let (ok, log) = dptrain(&["--config", &changed, "--resume", &out]);
     assert!(!ok && log.contains("training.learning-rate") && log.contains("does not belong to this run"), "{log}");
     // Changed training data.
@@ -151,6 +157,17 @@ fn corrupted_changed_or_mismatched_checkpoints_are_refused_with_the_reason() {
     let (ok, log) = dptrain(&["--config", &cfg, "--resume", &out]);
     assert!(!ok && log.contains("the training data differs"), "{log}");
     std::fs::write(&train, &original).unwrap();
+    // A ledger edited to drop a step (it would under-state ε) is refused.
+    let ck0 = std::fs::read_dir(f.out("run").join("checkpoints")).unwrap().next().unwrap().unwrap().path();
+    let state_path = ck0.join("state.json");
+    let state_text = std::fs::read_to_string(&state_path).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&state_text).unwrap();
+    let count = &mut state["ledger"]["entries"][0]["count"];
+    *count = serde_json::json!(count.as_u64().unwrap() - 1);
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let (ok, log) = dptrain(&["--config", &cfg, "--resume", &ck0.display().to_string()]);
+    assert!(!ok && log.contains("do not account for its"), "{log}");
+    std::fs::write(&state_path, &state_text).unwrap();
     // A flipped byte in the tensor file.
     let ck = std::fs::read_dir(f.out("run").join("checkpoints")).unwrap().next().unwrap().unwrap().path();
     let tf = ck.join("tensors.safetensors");

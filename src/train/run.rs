@@ -177,6 +177,26 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             if !diffs.is_empty() {
                 return Err(CheckpointError::Mismatch { path: dir, differences: diffs.join("; ") }.into());
             }
+            // The ledger must account for exactly the steps taken, each with this run's q and σ:
+            // a shortened or altered ledger would under-state ε in the certificate.
+            let mut expected = Ledger::default();
+            if !opts.non_private {
+                for _ in 0..c.state.step {
+                    expected.record_step(q, sigma);
+                }
+            }
+            if c.state.ledger != expected || c.state.metrics.len() as u64 != c.state.step {
+                return Err(CheckpointError::Corrupt {
+                    path: dir,
+                    message: format!(
+                        "its ledger ({} steps) and metrics ({} lines) do not account for its {} steps at q = {q}, σ = {sigma}",
+                        c.state.ledger.steps(),
+                        c.state.metrics.len(),
+                        c.state.step
+                    ),
+                }
+                .into());
+            }
             eprintln!("resuming from {} (step {} of {})", dir.display(), c.state.step, c.state.planned_steps);
             Some(c)
         }
