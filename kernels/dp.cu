@@ -189,12 +189,13 @@ extern "C" __global__ void dp_adamw_step(float* __restrict__ p, const float* __r
 
 // ---------------------------------------------------------------------------------------------
 // Exact-erf GELU and its gradient, for the model's forward/backward on the GPU (the CPU twins are
-// the custom ops in src/model/ops.rs). x, g, y: [n] f32; computed in f64.
+// the custom ops in src/model/ops.rs, src/model/gelu.rs). x, g, y: [n] f32; computed in f64 with
+// Φ(x) = erfc(−x/√2) / 2, accurate in the far negative tail where 1 + erf(x/√2) cancels.
 extern "C" __global__ void dp_gelu_erf_fwd(const float* __restrict__ x, float* __restrict__ y, uint64_t n) {
     const uint64_t j = blockIdx.x * (uint64_t)DP_THREADS + threadIdx.x;
     if (j >= n) return;
     const double v = (double)x[j];
-    y[j] = (float)(0.5 * v * (1.0 + erf(v * 0.7071067811865476)));
+    y[j] = (float)(0.5 * v * erfc(-v * 0.7071067811865476));
 }
 
 extern "C" __global__ void dp_gelu_erf_bwd(const float* __restrict__ x, const float* __restrict__ g,
@@ -202,6 +203,6 @@ extern "C" __global__ void dp_gelu_erf_bwd(const float* __restrict__ x, const fl
     const uint64_t j = blockIdx.x * (uint64_t)DP_THREADS + threadIdx.x;
     if (j >= n) return;
     const double v = (double)x[j];
-    const double d = 0.5 * (1.0 + erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * exp(-0.5 * v * v);
+    const double d = 0.5 * erfc(-v * 0.7071067811865476) + v * 0.3989422804014327 * exp(-0.5 * v * v);
     y[j] = (float)(d * (double)g[j]);
 }

@@ -6,6 +6,7 @@
 //! See docs/ARCHITECTURE.md.
 
 pub mod accounting;
+pub mod allocator;
 pub mod bench;
 pub mod config;
 pub mod convert;

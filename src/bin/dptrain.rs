@@ -568,6 +568,7 @@ fn real_main() -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    dptrain::allocator::tune_for_training();
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

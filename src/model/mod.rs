@@ -4,6 +4,8 @@
 //! Training sees them only through `DpModel`.
 
 pub mod bert;
+pub mod fused;
+pub mod gelu;
 pub mod llama;
 pub mod ops;
 

@@ -3,13 +3,31 @@
 //! candle's fused softmax / layer-norm / RoPE kernels have no backward and silently cut the graph
 //! (PITFALLS 15), so every op here is either composed of differentiable primitives or a custom op
 //! with an explicit backward. The exact-erf GELU is a custom op because candle's own GeluErf
-//! backward is slow on CPU and uses a 6-digit constant.
+//! backward is slow on CPU and uses a 6-digit constant; its CPU numerics are in `gelu`.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-/// Softmax over the last dimension, differentiable. The max is detached: subtracting any
-/// constant leaves softmax (and its gradient) unchanged, so no gradient is lost.
+/// Whether the fused CPU ops of `fused` compute every gradient this call needs: CPU, f32, and
+/// none of `frozen` (weights whose gradient the fused op does not compute) tracked by autograd.
+fn cpu_fusable(xs: &Tensor, frozen: &[&Tensor]) -> bool {
+    xs.device().is_cpu()
+        && xs.dtype() == candle_core::DType::F32
+        && frozen.iter().all(|t| !t.track_op() && t.dtype() == candle_core::DType::F32)
+}
+
+/// Softmax over the last dimension, differentiable: fused on the CPU (`fused::Softmax`),
+/// composed of candle primitives elsewhere.
 pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    if cpu_fusable(xs, &[]) && xs.rank() > 0 && xs.dim(D::Minus1)? > 0 {
+        return xs.contiguous()?.apply_op1(super::fused::Softmax);
+    }
+    softmax_composed(xs)
+}
+
+/// Softmax over the last dimension from candle's differentiable primitives (the slow twin of
+/// `fused::Softmax`). The max is detached: subtracting any constant leaves softmax (and its
+/// gradient) unchanged, so no gradient is lost.
+pub fn softmax_composed(xs: &Tensor) -> Result<Tensor> {
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let e = xs.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -22,8 +40,18 @@ pub fn log_softmax_last(xs: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// Layer norm over the last dimension, written out so that it is differentiable.
+/// Layer norm over the last dimension, differentiable: fused on the CPU when weight and bias are
+/// frozen (`fused::FrozenLayerNorm`), composed of candle primitives otherwise.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_fusable(xs, &[weight, bias]) && xs.rank() > 0 && xs.dim(D::Minus1)? > 0 {
+        return xs.contiguous()?.apply_op1(super::fused::FrozenLayerNorm::new(weight, bias, eps)?);
+    }
+    layer_norm_composed(xs, weight, bias, eps)
+}
+
+/// Layer norm over the last dimension from candle's differentiable primitives (the slow twin of
+/// `fused::FrozenLayerNorm`, and the form used on GPUs and for trainable weights).
+pub fn layer_norm_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = xs.mean_keepdim(D::Minus1)?;
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -46,9 +74,6 @@ fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-const INV_SQRT2: f64 = std::f64::consts::FRAC_1_SQRT_2;
-const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -57,11 +82,7 @@ impl CustomOp1 for GeluErf {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_input(s, l, "gelu")?;
-        let y = x.iter().map(|&v| {
-            let v = v as f64;
-            (0.5 * v * (1.0 + libm::erf(v * INV_SQRT2))) as f32
-        });
-        Ok((CpuStorage::F32(y.collect()), l.shape().clone()))
+        Ok((CpuStorage::F32(super::gelu::gelu_forward(x)), l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
@@ -82,12 +103,10 @@ impl CustomOp2 for GeluErfGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_input(s1, l1, "gelu-grad")?;
         let g = f32_input(s2, l2, "gelu-grad")?;
-        let out = x.iter().zip(g).map(|(&v, &g)| {
-            let v = v as f64;
-            let d = 0.5 * (1.0 + libm::erf(v * INV_SQRT2)) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
-            (d * g as f64) as f32
-        });
-        Ok((CpuStorage::F32(out.collect()), l1.shape().clone()))
+        if x.len() != g.len() {
+            candle_core::bail!("gelu-grad: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        Ok((CpuStorage::F32(super::gelu::gelu_backward(x, g)), l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
