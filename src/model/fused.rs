@@ -18,7 +18,32 @@ fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
-fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// out[row] = f(x[row]) for every row of `h` elements, rows split across threads.
+fn map_rows(x: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let rows = rows_per_task(h) * h;
+    out.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(out, x)| {
+        for (o, x) in out.chunks_mut(h).zip(x.chunks(h)) {
+            f(o, x)
+        }
+    });
+    out
+}
+
+/// out[row] = f(x[row], g[row]) for every row of `h` elements, rows split across threads.
+fn map_row_pairs(x: &[f32], g: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let rows = rows_per_task(h) * h;
+    out.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(g.par_chunks(rows))).for_each(|(out, (x, g))| {
+        for ((o, x), g) in out.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+            f(o, x, g)
+        }
+    });
+    out
+}
+
+/// The f32 data of a contiguous CPU tensor; an error naming `op` for anything else.
+pub(crate) fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => match l.contiguous_offsets() {
             Some((a, b)) => Ok(&v[a..b]),
@@ -26,6 +51,18 @@ fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
         },
         _ => candle_core::bail!("{op}: only f32 is supported"),
     }
+}
+
+/// The f32 data of two contiguous CPU tensors of the same shape (an input and its gradient).
+pub(crate) fn f32_pair<'a>(
+    a: (&'a CpuStorage, &Layout),
+    b: (&'a CpuStorage, &Layout),
+    op: &str,
+) -> Result<(&'a [f32], &'a [f32])> {
+    if a.1.dims() != b.1.dims() {
+        candle_core::bail!("{op}: shapes {:?} and {:?} differ", a.1.dims(), b.1.dims());
+    }
+    Ok((f32_contiguous(a.0, a.1, op)?, f32_contiguous(b.0, b.1, op)?))
 }
 
 fn last_dim(l: &Layout, op: &str) -> Result<usize> {
@@ -70,14 +107,10 @@ impl CustomOp1 for FrozenLayerNorm {
         if self.weight.len() != h || self.bias.len() != h {
             candle_core::bail!("layer norm: weight/bias of {} for rows of {h}", self.weight.len());
         }
-        let mut y = vec![0f32; x.len()];
-        let rows = rows_per_task(h) * h;
-        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                let (mean, rstd) = row_stats(x, self.eps);
-                for (((o, &v), &w), &b) in y.iter_mut().zip(x).zip(&self.weight).zip(&self.bias) {
-                    *o = ((v as f64 - mean) * rstd * w as f64 + b as f64) as f32;
-                }
+        let y = map_rows(x, h, |y, x| {
+            let (mean, rstd) = row_stats(x, self.eps);
+            for (((o, &v), &w), &b) in y.iter_mut().zip(x).zip(&self.weight).zip(&self.bias) {
+                *o = ((v as f64 - mean) * rstd * w as f64 + b as f64) as f32;
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -100,28 +133,20 @@ impl CustomOp2 for LayerNormGrad {
         "dptrain-layer-norm-frozen-grad"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_contiguous(s1, l1, "layer norm grad")?;
-        let g = f32_contiguous(s2, l2, "layer norm grad")?;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("layer norm grad: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
-        }
+        let (x, g) = f32_pair((s1, l1), (s2, l2), "layer norm grad")?;
         let h = last_dim(l1, "layer norm grad")?;
-        let mut dx = vec![0f32; x.len()];
-        let rows = rows_per_task(h) * h;
-        dx.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(g.par_chunks(rows))).for_each(|(dx, (x, g))| {
-            for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                let (mean, rstd) = row_stats(x, self.eps);
-                let (mut sum_d, mut sum_dx) = (0f64, 0f64);
-                for ((&v, &g), &w) in x.iter().zip(g).zip(&self.weight) {
-                    let d = g as f64 * w as f64;
-                    sum_d += d;
-                    sum_dx += d * (v as f64 - mean) * rstd;
-                }
-                let (mean_d, mean_dx) = (sum_d / h as f64, sum_dx / h as f64);
-                for (((o, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(&self.weight) {
-                    let xhat = (v as f64 - mean) * rstd;
-                    *o = (rstd * (g as f64 * w as f64 - mean_d - xhat * mean_dx)) as f32;
-                }
+        let dx = map_row_pairs(x, g, h, |dx, x, g| {
+            let (mean, rstd) = row_stats(x, self.eps);
+            let (mut sum_d, mut sum_dx) = (0f64, 0f64);
+            for ((&v, &g), &w) in x.iter().zip(g).zip(&self.weight) {
+                let d = g as f64 * w as f64;
+                sum_d += d;
+                sum_dx += d * (v as f64 - mean) * rstd;
+            }
+            let (mean_d, mean_dx) = (sum_d / h as f64, sum_dx / h as f64);
+            for (((o, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(&self.weight) {
+                let xhat = (v as f64 - mean) * rstd;
+                *o = (rstd * (g as f64 * w as f64 - mean_d - xhat * mean_dx)) as f32;
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -138,20 +163,16 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_contiguous(s, l, "softmax")?;
         let h = last_dim(l, "softmax")?;
-        let mut y = vec![0f32; x.len()];
-        let rows = rows_per_task(h) * h;
-        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                // As candle's max: NaN never wins, so a NaN input makes its row NaN below.
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-                let mut sum = 0f64;
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                y.iter_mut().for_each(|o| *o *= inv);
+        let y = map_rows(x, h, |y, x| {
+            // As candle's max: NaN never wins, so a NaN input makes its row NaN below.
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            let mut sum = 0f64;
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum += *o as f64;
             }
+            let inv = (1.0 / sum) as f32;
+            y.iter_mut().for_each(|o| *o *= inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -168,20 +189,12 @@ impl CustomOp2 for SoftmaxGrad {
         "dptrain-softmax-last-grad"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = f32_contiguous(s1, l1, "softmax grad")?;
-        let g = f32_contiguous(s2, l2, "softmax grad")?;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("softmax grad: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
-        }
+        let (y, g) = f32_pair((s1, l1), (s2, l2), "softmax grad")?;
         let h = last_dim(l1, "softmax grad")?;
-        let mut dx = vec![0f32; y.len()];
-        let rows = rows_per_task(h) * h;
-        dx.par_chunks_mut(rows).zip(y.par_chunks(rows).zip(g.par_chunks(rows))).for_each(|(dx, (y, g))| {
-            for ((dx, y), g) in dx.chunks_mut(h).zip(y.chunks(h)).zip(g.chunks(h)) {
-                let dot = y.iter().zip(g).map(|(&y, &g)| y as f64 * g as f64).sum::<f64>() as f32;
-                for ((o, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                    *o = y * (g - dot);
-                }
+        let dx = map_row_pairs(y, g, h, |dx, y, g| {
+            let dot = y.iter().zip(g).map(|(&y, &g)| y as f64 * g as f64).sum::<f64>() as f32;
+            for ((o, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

@@ -5,6 +5,7 @@
 //! with an explicit backward. The exact-erf GELU is a custom op because candle's own GeluErf
 //! backward is slow on CPU and uses a 6-digit constant; its CPU numerics are in `gelu`.
 
+use super::fused::{f32_contiguous, f32_pair};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
 /// Whether the fused CPU ops of `fused` compute every gradient this call needs: CPU, f32, and
@@ -64,16 +65,6 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     xs.apply_op1(GeluErf)
 }
 
-fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => match l.contiguous_offsets() {
-            Some((a, b)) => Ok(&v[a..b]),
-            None => candle_core::bail!("{op}: input must be contiguous"),
-        },
-        _ => candle_core::bail!("{op}: only f32 is supported"),
-    }
-}
-
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -81,7 +72,7 @@ impl CustomOp1 for GeluErf {
         "dptrain-gelu-erf"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_input(s, l, "gelu")?;
+        let x = f32_contiguous(s, l, "gelu")?;
         Ok((CpuStorage::F32(super::gelu::gelu_forward(x)), l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -101,11 +92,7 @@ impl CustomOp2 for GeluErfGrad {
         "dptrain-gelu-erf-grad"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_input(s1, l1, "gelu-grad")?;
-        let g = f32_input(s2, l2, "gelu-grad")?;
-        if x.len() != g.len() {
-            candle_core::bail!("gelu-grad: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
-        }
+        let (x, g) = f32_pair((s1, l1), (s2, l2), "gelu-grad")?;
         Ok((CpuStorage::F32(super::gelu::gelu_backward(x, g)), l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
