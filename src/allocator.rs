@@ -5,9 +5,9 @@
 //! (`M_TRIM_THRESHOLD`), so the next step faults the same pages back in and the kernel zeroes
 //! them again: on the quickstart that was about 15% of a step (`dptrain bench`, BENCHMARKS.md).
 //! Keeping up to 1 GiB of freed memory in the heap, and serving blocks below 32 MiB (glibc's
-//! largest allowed threshold) from it rather than from fresh mappings, removes that. Only the retained free memory changes (the
-//! peak is what the step needs either way); a user who sets any of glibc's `MALLOC_*_`
-//! variables keeps their own settings.
+//! largest allowed threshold) from it rather than from fresh mappings, removes that. The cost is
+//! resident memory: freed blocks kept within a step add to the peak RSS (~50 MiB, +10%, on the
+//! quickstart). A user who sets any of glibc's `MALLOC_*_` variables keeps their own settings.
 
 /// Apply the settings above (glibc on Linux only; elsewhere nothing happens). Call once, early.
 pub fn tune_for_training() {
@@ -28,5 +28,17 @@ pub fn tune_for_training() {
                 }
             }
         }
+    }
+}
+
+/// Hand the heap's free memory back to the kernel (glibc `malloc_trim`), so that the resident
+/// set is what is in use. `dptrain bench` calls it before restarting the CPU peak-memory count:
+/// with the trim threshold above, memory freed by one variant's step would otherwise stay
+/// resident and count towards the next variant's peak.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -426,6 +426,9 @@ mod memory {
             Device::Cpu => {
                 // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Where that
                 // fails, `peak` reports nothing rather than the whole process's lifetime peak.
+                // Free heap memory kept by the allocator settings is returned first, so that it
+                // does not count towards this step's peak.
+                crate::allocator::release_free_memory();
                 let ok = std::fs::write("/proc/self/clear_refs", "5").is_ok();
                 RSS_RESET.store(ok, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
