@@ -42,3 +42,80 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// A global allocator that counts the bytes in use and their high-water mark, on top of the
+/// system allocator. The `dptrain` binary installs it, so `dptrain bench` can report the peak of
+/// live heap bytes on the CPU: what the tensors of a step really held, independent of how much
+/// freed memory glibc keeps resident (the CPU analogue of the CUDA pool's used-memory mark).
+/// The cost is two relaxed atomic operations per allocation (tensors are few and large).
+pub struct CountingAlloc;
+
+static IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl CountingAlloc {
+    fn added(size: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = IN_USE.fetch_add(size, Relaxed) + size;
+        PEAK.fetch_max(now, Relaxed);
+    }
+    fn removed(size: usize) {
+        IN_USE.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counters are only
+// bookkeeping and never affect what is returned.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc(layout);
+        if !p.is_null() {
+            Self::added(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc_zeroed(layout);
+        if !p.is_null() {
+            Self::added(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout);
+        Self::removed(layout.size());
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let p = std::alloc::System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            // Count the new block before dropping the old one: a moving realloc holds both.
+            Self::added(new_size);
+            Self::removed(layout.size());
+        }
+        p
+    }
+}
+
+/// Whether `CountingAlloc` is the global allocator: it has then counted the allocations made
+/// before any caller can get here (a Rust program allocates before `main` returns control).
+fn counting() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    IN_USE.load(Relaxed) > 0 || PEAK.load(Relaxed) > 0
+}
+
+/// Restart the high-water mark of live heap bytes at the bytes in use now.
+pub fn reset_heap_peak() {
+    use std::sync::atomic::Ordering::Relaxed;
+    PEAK.store(IN_USE.load(Relaxed), Relaxed);
+}
+
+/// The most heap bytes in use at once since `reset_heap_peak` (None unless the counting
+/// allocator is installed).
+pub fn heap_peak() -> Option<u64> {
+    counting().then(|| PEAK.load(std::sync::atomic::Ordering::Relaxed) as u64)
+}
+
+/// Heap bytes in use now (None unless the counting allocator is installed).
+pub fn heap_in_use() -> Option<u64> {
+    counting().then(|| IN_USE.load(std::sync::atomic::Ordering::Relaxed) as u64)
+}

@@ -16,8 +16,9 @@
 //!
 //! Each step ends with a device synchronisation before the clock is read. Reported per variant:
 //! the median step time over `steps` timed steps, examples/s and tokens/s (real tokens), peak
-//! memory while its steps ran (CUDA: the default memory pool's high-water mark; CPU: the
-//! process's peak resident set, VmHWM, reset before each step), and the time split across
+//! memory while its steps ran (CUDA: the default memory pool's high-water mark; CPU: the most
+//! live heap bytes counted by `allocator::CountingAlloc` where the binary installs it, and the
+//! process's peak resident set, VmHWM; both reset before each step), and the time split across
 //! phases from `profile_steps` further steps with `crate::profile` marks (each mark
 //! synchronises the device, so these steps are not the timed ones).
 //!
@@ -109,8 +110,12 @@ pub struct VariantResult {
     /// Real (non-padding) tokens per second.
     pub tokens_per_s: f64,
     /// Peak bytes while this variant's steps ran: the CUDA memory pool's high-water mark, or on
-    /// the CPU the process's peak resident set (Linux; None elsewhere).
+    /// the CPU the most live heap bytes (when the counting allocator is installed, as in the
+    /// `dptrain` binary; else the peak resident set).
     pub peak_memory_bytes: Option<u64>,
+    /// CPU only: the process's peak resident set (VmHWM, Linux) over the same steps, which also
+    /// holds freed memory the allocator kept.
+    pub peak_rss_bytes: Option<u64>,
     /// What `peak_memory_bytes` measures.
     pub memory_kind: &'static str,
     /// Milliseconds per step in each phase (forward, backward, per-example, clip, noise,
@@ -204,6 +209,7 @@ struct Variant {
     opt: FusedAdamW,
     times: Vec<f64>,
     peak: Option<u64>,
+    peak_rss: Option<u64>,
 }
 
 /// Everything a step needs besides the variant.
@@ -316,6 +322,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
                 opt: FusedAdamW::new(0.0, 1e-8),
                 times: Vec::new(),
                 peak: None,
+                peak_rss: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -332,6 +339,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             if round >= opts.warmup {
                 v.times.push(dt);
                 v.peak = v.peak.max(memory::peak(device)?);
+                v.peak_rss = v.peak_rss.max(memory::peak_rss(device));
             }
         }
     }
@@ -365,6 +373,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             examples_per_s: opts.batch as f64 / median,
             tokens_per_s: tokens as f64 / median,
             peak_memory_bytes: v.peak,
+            peak_rss_bytes: v.peak_rss,
             memory_kind: memory::kind(device),
             time_split_ms: split,
         });
@@ -431,27 +440,39 @@ mod memory {
                 crate::allocator::release_free_memory();
                 let ok = std::fs::write("/proc/self/clear_refs", "5").is_ok();
                 RSS_RESET.store(ok, std::sync::atomic::Ordering::Relaxed);
+                crate::allocator::reset_heap_peak();
                 Ok(())
             }
             _ => gpu_reset_peak(device),
         }
     }
 
-    /// The high-water mark since `reset_peak`, in bytes (None where it cannot be read).
+    /// The high-water mark since `reset_peak`, in bytes (None where it cannot be read): CPU live
+    /// heap bytes where counted, else the peak resident set; the CUDA pool's mark on a GPU.
     pub fn peak(device: &Device) -> Result<Option<u64>> {
         match device {
-            Device::Cpu if !RSS_RESET.load(std::sync::atomic::Ordering::Relaxed) => Ok(None),
-            Device::Cpu => Ok(std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-                let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(kb * 1024)
-            })),
+            Device::Cpu => Ok(crate::allocator::heap_peak().or_else(|| peak_rss(device))),
             _ => gpu_peak(device),
         }
     }
 
+    /// The CPU process's peak resident set since `reset_peak` (None on a GPU, off Linux, or where
+    /// it could not be reset).
+    pub fn peak_rss(device: &Device) -> Option<u64> {
+        if !matches!(device, Device::Cpu) || !RSS_RESET.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let s = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
     pub fn kind(device: &Device) -> &'static str {
         match device {
+            Device::Cpu if crate::allocator::heap_peak().is_some() => {
+                "most live heap bytes (counting allocator); RSS = process peak resident set (VmHWM)"
+            }
             Device::Cpu => "process peak resident set (VmHWM)",
             _ => "CUDA default memory pool high-water mark",
         }

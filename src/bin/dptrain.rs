@@ -471,16 +471,27 @@ fn bench(cmd: &Command) -> Result<()> {
         r.steps
     );
     println!(
-        "{:<16} {:>11} {:>11} {:>11} {:>11} {:>12}",
-        "variant", "median ms", "examples/s", "tokens/s", "peak MiB", "vs non-priv"
+        "{:<16} {:>11} {:>11} {:>11} {:>12} {:>11} {:>11} {:>11}",
+        "variant", "median ms", "examples/s", "tokens/s", "vs non-priv", "peak MiB", "extra mem", "RSS MiB"
     );
-    let base = r.results.iter().find(|v| v.variant == "non-private").map(|v| v.examples_per_s);
+    let base = r.results.iter().find(|v| v.variant == "non-private");
+    let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
     for v in &r.results {
-        let peak = v.peak_memory_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
-        let ratio = base.map_or("-".to_string(), |b| format!("{:.3}×", v.examples_per_s / b));
+        let ratio = base.map_or("-".to_string(), |b| format!("{:.3}×", v.examples_per_s / b.examples_per_s));
+        let extra = match (base.and_then(|b| b.peak_memory_bytes), v.peak_memory_bytes) {
+            (Some(b), Some(p)) if b > 0 => format!("{:+.1}%", 100.0 * (p as f64 / b as f64 - 1.0)),
+            _ => "-".to_string(),
+        };
         println!(
-            "{:<16} {:>11.2} {:>11.1} {:>11.0} {:>11} {:>12}",
-            v.variant, v.median_step_ms, v.examples_per_s, v.tokens_per_s, peak, ratio
+            "{:<16} {:>11.2} {:>11.1} {:>11.0} {:>12} {:>11} {:>11} {:>11}",
+            v.variant,
+            v.median_step_ms,
+            v.examples_per_s,
+            v.tokens_per_s,
+            ratio,
+            mib(v.peak_memory_bytes),
+            extra,
+            mib(v.peak_rss_bytes)
         );
     }
     if let Some(v) = r.results.first() {
@@ -566,6 +577,10 @@ fn real_main() -> Result<()> {
         }
     }
 }
+
+/// Counts live heap bytes for `dptrain bench`'s CPU peak memory (see `allocator::CountingAlloc`).
+#[global_allocator]
+static GLOBAL: dptrain::allocator::CountingAlloc = dptrain::allocator::CountingAlloc;
 
 fn main() -> ExitCode {
     dptrain::allocator::tune_for_training();

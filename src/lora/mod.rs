@@ -1,11 +1,13 @@
 //! LoRA linear layers: y = x Wᵀ + b + s · (x Aᵀ) Bᵀ with s = alpha / r.
 //!
 //! The frozen W and b are plain tensors (never `Var`s), so no gradient is ever computed for them.
-//! B starts at zero, so a fresh adapter gives exactly the base output. With a `Tape`, the forward
-//! puts a tap on the output that holds the input X and U = X Aᵀ; when the backward reaches it with
-//! G = dL/dy, the tap computes the per-example gradients dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i
-//! at once and keeps only those ([b, r·out] and [b, r·in], much smaller than G's [b, T, out]), so G
-//! is freed as the backward moves on instead of living until the end of the step.
+//! B starts at zero, so a fresh adapter gives exactly the base output. With a `Tape`, the scaling
+//! by s of the LoRA branch is done by a tap that holds the input X and U = X Aᵀ; when the backward
+//! reaches it with G = dL/dy (= dL/d(branch), as y = base + branch), the tap computes the
+//! per-example gradients dB_i = s G_iᵀ U_i and dA_i = s (G_i B)ᵀ X_i at once and keeps only those
+//! ([b, r·in] and [b, out·r], much smaller than G's [b, T, out]), so G is freed as the backward
+//! moves on instead of living until the end of the step. Because the tap *is* the scaling op, the
+//! DP forward keeps exactly as many [b, T, out] activations as the non-private one.
 
 pub mod peft;
 
@@ -69,11 +71,15 @@ struct LoraTapData {
 
 impl LoraTapData {
     /// dA_i = s (G_i B)ᵀ X_i and dB_i = s G_iᵀ U_i, as batched products, flattened per example.
+    /// Both products read G in place: Uᵀ and (G B)ᵀ are small [b, r, T] transposed views (a
+    /// column-major operand for the GEMM), so no [b, T, out] copy of G is made.
     fn parts(&self, g: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = g.dim(0)?;
-        let d_b = (g.transpose(1, 2)?.contiguous()?.matmul(&self.u)? * self.scale)?; // [b, out, r]
-        let gb = linear_nd(g, &self.b.t()?)?; // G B: [b, T, r]
-        let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(&self.x)? * self.scale)?; // [b, r, in]
+        let g = g.contiguous()?;
+        let ut_g = self.u.transpose(1, 2)?.matmul(&g)?; // U_iᵀ G_i: [b, r, out]
+        let d_b = (ut_g.transpose(1, 2)?.contiguous()? * self.scale)?; // [b, out, r]
+        let gb = linear_nd(&g, &self.b.t()?)?; // G B: [b, T, r]
+        let d_a = (gb.transpose(1, 2)?.matmul(&self.x)? * self.scale)?; // [b, r, in]
         Ok((d_a.reshape((n, ()))?, d_b.reshape((n, ()))?))
     }
 }
@@ -104,10 +110,14 @@ impl GradSlot {
 /// the [b, T, out] zero "probe" tensors and additions a `Var` added to y would cost.
 pub fn grad_tap(y: &Tensor, slot: &GradSlot) -> Result<Tensor> {
     let tracker = Var::zeros(1, DType::F32, y.device())?;
-    y.apply_op2(tracker.as_tensor(), GradTap { slot: Some(slot.clone()), lora: None })
+    y.apply_op2(tracker.as_tensor(), GradTap { scale: 1.0, slot: Some(slot.clone()), lora: None })
 }
 
+/// y ↦ scale · y (a fresh contiguous tensor), whose backward hands dL/d(output) to the slot and
+/// the LoRA parts and returns scale · dL/d(output) for y.
 struct GradTap {
+    /// 1 for a plain tap; the LoRA scaling s = alpha / r for the tap on a LoRA branch.
+    scale: f64,
     /// Keeps dL/dy itself.
     slot: Option<GradSlot>,
     /// Turns dL/dy into per-example LoRA gradients.
@@ -119,8 +129,8 @@ impl CustomOp2 for GradTap {
         "dptrain-grad-tap"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        // y · 1 + 0: an exact copy into a fresh contiguous storage.
-        Ok((s.affine(l, 1.0, 0.0)?, l.shape().clone()))
+        // y · scale + 0: candle's own affine, so the result is bit-identical to `y * scale`.
+        Ok((s.affine(l, self.scale, 0.0)?, l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -130,11 +140,11 @@ impl CustomOp2 for GradTap {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((s.affine(l, 1.0, 0.0)?, l.shape().clone()))
+        Ok((s.affine(l, self.scale, 0.0)?, l.shape().clone()))
     }
     fn bwd(
         &self,
-        _y: &Tensor,
+        y: &Tensor,
         _tracker: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
@@ -158,7 +168,16 @@ impl CustomOp2 for GradTap {
                 None => (d_a, d_b),
             });
         }
-        Ok((Some(grad_res.clone()), None))
+        // Nothing for an input outside the tracked graph (the lowest adapted layer's branch):
+        // candle would keep such a gradient in its store, never read, until the backward ends.
+        let grad_y = if !y.track_op() {
+            None
+        } else if self.scale == 1.0 {
+            Some(grad_res.clone())
+        } else {
+            Some(grad_res.affine(self.scale, 0.0)?)
+        };
+        Ok((grad_y, None))
     }
 }
 
@@ -186,8 +205,32 @@ pub fn linear_nd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// W may be stored in bf16/f16 (the GPU default): x is cast to W's dtype for the product and the
 /// result back to f32, so activations, LoRA branches and everything per-example stay in f32.
 /// Its slow twin is the plain matmul (test `frozen_linear_matches_plain_matmul`).
+/// The bias, when given, is added inside the op (`model::ops::const_binary`, the same storage add
+/// as candle's broadcast add), so no gradient of a [b, T, out] broadcast bias is ever computed.
+/// An input outside the tracked graph (the lowest adapted layer's) gets no gradient either.
 struct FrozenLinear {
     weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// x Wᵀ (+ b) for a weight (and bias) that get no gradient; see `FrozenLinear`.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear { weight: weight.clone(), bias: bias.cloned() })
+}
+
+/// `frozen_matmul`, then the bias (f32) broadcast over the rows.
+fn frozen_affine<S: BackendStorage>(
+    x: &S,
+    l: &Layout,
+    w: &S,
+    wl: &Layout,
+    bias: Option<(&S, &Layout)>,
+) -> Result<(S, Shape)> {
+    let (y, shape) = frozen_matmul(x, l, w, wl)?;
+    match bias {
+        None => Ok((y, shape)),
+        Some((b, bl)) => crate::model::ops::const_binary(&y, &Layout::contiguous(&shape), b, bl, false),
+    }
 }
 
 /// y [m, n] = x [m, k] · Wᵀ on any backend's storage, in W's dtype, returned in f32.
@@ -219,20 +262,40 @@ impl CustomOp1 for FrozenLinear {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.weight.storage_and_layout();
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias {
+            None => None,
+            Some((bs, bl)) => match &**bs {
+                Storage::Cpu(b) => Some((b, *bl)),
+                _ => candle_core::bail!("frozen linear: bias and input on different devices"),
+            },
+        };
         match &*ws {
-            Storage::Cpu(w) => frozen_matmul(s, l, w, wl),
+            Storage::Cpu(w) => frozen_affine(s, l, w, wl, bias),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ws, wl) = self.weight.storage_and_layout();
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias {
+            None => None,
+            Some((bs, bl)) => match &**bs {
+                Storage::Cuda(b) => Some((b, *bl)),
+                _ => candle_core::bail!("frozen linear: bias and input on different devices"),
+            },
+        };
         match &*ws {
-            Storage::Cuda(w) => frozen_matmul(s, l, w, wl),
+            Storage::Cuda(w) => frozen_affine(s, l, w, wl, bias),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if !arg.track_op() {
+            // Nothing below is trainable: dL/dx would be computed and never read.
+            return Ok(None);
+        }
         let g = grad_res.to_dtype(self.weight.dtype())?;
         Ok(Some(linear_nd(&g, &self.weight.t()?)?.to_dtype(DType::F32)?))
     }
@@ -241,11 +304,7 @@ impl CustomOp1 for FrozenLinear {
 impl LoraLinear {
     /// x Wᵀ + b, back-propagating only to x (computed in W's dtype, returned in f32).
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.contiguous()?.apply_op1(FrozenLinear { weight: self.weight.clone() })?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        frozen_linear(x, &self.weight, self.bias.as_ref())
     }
 
     pub fn forward(&self, x: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
@@ -254,14 +313,19 @@ impl LoraLinear {
         match tape {
             None => {
                 let u = linear_nd(x, &ad.a)?;
-                y + (linear_nd(&u, &ad.b)? * ad.scale)?
+                // branch + y: where y is a constant (nothing below is trainable), no gradient
+                // of y's size is computed for it (`add_const`).
+                crate::model::ops::add_const(&(linear_nd(&u, &ad.b)? * ad.scale)?, &y)
             }
             Some(tape) => {
                 // A and B are constants here; the tap turns dL/dy into per-example gradients. The
                 // branch still uses the tracked x, so upstream layers get the gradient through
                 // both paths.
-                let u = linear_nd(x, &ad.a)?;
-                let branch = (linear_nd(&u, &ad.b)? * ad.scale)?;
+                // A and B enter as frozen weights: candle's matmul backward would also compute
+                // gradients for them, and the one for Bᵀ (Uᵀ G, built from G) would keep each
+                // layer's G alive in the gradient store until the backward ends.
+                let u = frozen_linear(x, &ad.a, None)?;
+                let ub = frozen_linear(&u, &ad.b, None)?;
                 let parts = PartsSlot::default();
                 let grad = tape.keep_output_grads.then(GradSlot::default);
                 let data = LoraTapData {
@@ -272,10 +336,10 @@ impl LoraLinear {
                     parts: parts.clone(),
                 };
                 let tracker = Var::zeros(1, DType::F32, y.device())?;
-                let y =
-                    (y + branch)?.apply_op2(tracker.as_tensor(), GradTap { slot: grad.clone(), lora: Some(data) })?;
+                let tap = GradTap { scale: ad.scale, slot: grad.clone(), lora: Some(data) };
+                let branch = ub.apply_op2(tracker.as_tensor(), tap)?;
                 tape.lora.push(LoraRecord { name: self.name.clone(), parts, grad });
-                Ok(y)
+                crate::model::ops::add_const(&branch, &y)
             }
         }
     }
@@ -359,6 +423,36 @@ mod tests {
         let gs = slow.mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
         let (gf, gs) = (gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap());
         let d = (gf - gs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "input gradient differs by {d}");
+    }
+
+    #[test]
+    fn taped_forward_equals_plain_forward_and_frozen_input_gets_no_gradient() {
+        // The DP forward (A, B as frozen weights, the scaling as the tap) computes the same y as
+        // the plain one, bit for bit.
+        let l = layer(false);
+        let x = rand(&[2, 5, 4], 31);
+        let plain = l.forward(&x, None).unwrap();
+        let mut tape = Tape::default();
+        let taped = l.forward(&x, Some(&mut tape)).unwrap();
+        let (p, t) = (plain.flatten_all().unwrap(), taped.flatten_all().unwrap());
+        assert_eq!(p.to_vec1::<f32>().unwrap(), t.to_vec1::<f32>().unwrap());
+        // x is not tracked (nothing below is trainable): the backward reaches the tap, which
+        // records the per-example parts, and stores no gradient for x or anything of its size.
+        let g = taped.sum_all().unwrap().backward().unwrap();
+        assert!(tape.lora[0].parts.get().is_some());
+        for id in g.get_ids() {
+            let t = g.get_id(*id).unwrap();
+            assert!(t.elem_count() < 10, "a gradient of shape {:?} was stored", t.dims());
+        }
+        // With a tracked x, its gradient is the plain forward's.
+        let xv = Var::from_tensor(&x).unwrap();
+        let gp = l.forward(xv.as_tensor(), None).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let mut tape = Tape::default();
+        let gt =
+            l.forward(xv.as_tensor(), Some(&mut tape)).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (gp.get(xv.as_tensor()).unwrap(), gt.get(xv.as_tensor()).unwrap());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6, "input gradient differs by {d}");
     }
 

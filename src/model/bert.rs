@@ -4,7 +4,7 @@
 //! to probability exactly 0 and mean pooling ignores padded positions, so padding contributes
 //! nothing to any example's output or gradient. No op mixes examples of a batch.
 
-use super::ops::{gelu_erf, layer_norm, softmax_last};
+use super::ops::{add_const, gelu_erf, layer_norm, mul_const, softmax_last};
 use super::ModelError;
 use crate::lora::{linear_nd, HeadRecord, LoraAdapter, LoraLinear, Tape};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -315,11 +315,12 @@ impl BertClassifier {
             let q = heads(layer.query.forward(&x, tape.as_deref_mut())?)?;
             let k = heads(layer.key.forward(&x, tape.as_deref_mut())?)?;
             let v = heads(layer.value.forward(&x, tape.as_deref_mut())?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let scores = add_const(&(q.matmul(&k.t()?)? * scale)?, &bias)?;
             let probs = softmax_last(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
             let a = layer.attn_out.forward(&ctx, tape.as_deref_mut())?;
-            let a = layer_norm(&(a + &x)?, &layer.attn_ln.0, &layer.attn_ln.1, cfg.layer_norm_eps)?;
+            // a + x (x is a constant in the lowest adapted layer: no gradient computed for it).
+            let a = layer_norm(&add_const(&a, &x)?, &layer.attn_ln.0, &layer.attn_ln.1, cfg.layer_norm_eps)?;
             let f = gelu_erf(&layer.intermediate.forward(&a, tape.as_deref_mut())?)?;
             let o = layer.output.forward(&f, tape.as_deref_mut())?;
             x = layer_norm(&(o + &a)?, &layer.out_ln.0, &layer.out_ln.1, cfg.layer_norm_eps)?;
@@ -356,7 +357,7 @@ impl BertClassifier {
     pub fn logits_from(&self, x: Tensor, start: usize, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
         let hidden = self.run_layers(x, mask, start..self.layers.len(), tape.as_deref_mut())?;
         let pooled = mean_pool(&hidden, mask)?;
-        let logits = linear_nd(&pooled, &self.head_w)?.broadcast_add(&self.head_b)?;
+        let logits = add_const(&linear_nd(&pooled, &self.head_w)?, &self.head_b)?;
         match tape {
             None => Ok(logits),
             Some(tape) => {
@@ -409,7 +410,7 @@ impl super::DpModel for BertClassifier {
 /// Σ_t mask_t h_t / Σ_t mask_t.
 pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.unsqueeze(D::Minus1)?;
-    hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)
+    mul_const(hidden, &m)?.sum(1)?.broadcast_div(&m.sum(1)?)
 }
 
 /// Per-example cross-entropy losses [b] (natural log).

@@ -8,7 +8,7 @@
 //! `LmTargets`, so padding and prompt tokens contribute nothing to any example's gradient. No op
 //! mixes examples of a batch.
 
-use super::ops::{log_softmax_last, softmax_last};
+use super::ops::{add_const, log_softmax_last, mul_const, softmax_last};
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
 use crate::lora::{LoraAdapter, LoraLinear, Tape};
@@ -335,9 +335,10 @@ impl LlamaLm {
             let k = rope(&heads(layer.k.forward(&hn, tape.as_deref_mut())?, nkv)?, &cos, &sin)?;
             let v = heads(layer.v.forward(&hn, tape.as_deref_mut())?, nkv)?;
             let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let scores = add_const(&(q.matmul(&k.t()?)? * scale)?, &bias)?;
             let ctx = softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + layer.o.forward(&ctx, tape.as_deref_mut())?)?;
+            // o(ctx) + x (x is a constant in the lowest adapted layer: no gradient computed for it).
+            x = add_const(&layer.o.forward(&ctx, tape.as_deref_mut())?, &x)?;
             let hn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
             let gate = layer.gate.forward(&hn, tape.as_deref_mut())?.silu()?;
             let up = layer.up.forward(&hn, tape.as_deref_mut())?;
@@ -503,7 +504,7 @@ impl DpModel for LlamaLm {
 /// x / √(mean(x²) + eps) · w.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    mul_const(&x.broadcast_div(&(ms + eps)?.sqrt()?)?, w)
 }
 
 /// cos and sin tables [T, d] of rotate-half RoPE (angles in f64, rounded to f32).
@@ -526,7 +527,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?);
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+    mul_const(x, cos)? + mul_const(&rot, sin)?
 }
 
 /// [b, kv, T, d] → [b, kv · n, T, d]: query head j reads key/value head j / n.

@@ -57,7 +57,85 @@ pub fn layer_norm_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
+    add_const(&mul_const(&normed, weight)?, bias)
+}
+
+/// x + c with c broadcast to x's shape. When c is a constant (not tracked by autograd), a custom
+/// op whose backward returns the gradient for x only: candle's own broadcast add would also
+/// compute a gradient for c, a tensor of x's full shape that nothing reads and that its gradient
+/// store keeps until the end of the backward (an attention mask's gradient is [b, heads, T, T]
+/// per layer). The forward is the same storage-level add candle does, so values are identical.
+pub fn add_const(xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if c.track_op() {
+        return xs.broadcast_add(c);
+    }
+    xs.apply_op1(ConstBinary { c: c.clone(), mul: false })
+}
+
+/// x · c (elementwise, c broadcast to x's shape); with a constant c, the backward computes only
+/// dL/dx = g · c (see `add_const`).
+pub fn mul_const(xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if c.track_op() {
+        return xs.broadcast_mul(c);
+    }
+    xs.apply_op1(ConstBinary { c: c.clone(), mul: true })
+}
+
+/// x (+ or ·) c for a constant c broadcast to x's shape.
+struct ConstBinary {
+    c: Tensor,
+    mul: bool,
+}
+
+/// The storage-level binary op of `ConstBinary` on any backend (c's layout broadcast to x's).
+pub(crate) fn const_binary<S: candle_core::backend::BackendStorage>(
+    x: &S,
+    l: &Layout,
+    c: &S,
+    cl: &Layout,
+    mul: bool,
+) -> Result<(S, Shape)> {
+    if x.dtype() != c.dtype() {
+        candle_core::bail!("constant operand: dtype {:?} does not match {:?}", c.dtype(), x.dtype());
+    }
+    let cl = cl.broadcast_as(l.shape())?;
+    let out = if mul {
+        x.binary_impl::<candle_core::op::Mul>(c, l, &cl)?
+    } else {
+        x.binary_impl::<candle_core::op::Add>(c, l, &cl)?
+    };
+    Ok((out, l.shape().clone()))
+}
+
+impl CustomOp1 for ConstBinary {
+    fn name(&self) -> &'static str {
+        if self.mul {
+            "dptrain-mul-const"
+        } else {
+            "dptrain-add-const"
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (cs, cl) = self.c.storage_and_layout();
+        match &*cs {
+            candle_core::Storage::Cpu(c) => const_binary(s, l, c, cl, self.mul),
+            _ => candle_core::bail!("constant operand on another device than the input"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (cs, cl) = self.c.storage_and_layout();
+        match &*cs {
+            candle_core::Storage::Cuda(c) => const_binary(s, l, c, cl, self.mul),
+            _ => candle_core::bail!("constant operand on another device than the input"),
+        }
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(if self.mul { grad_res.broadcast_mul(&self.c)? } else { grad_res.clone() }))
+    }
 }
 
 /// GELU with the exact erf: x · Φ(x).
@@ -142,5 +220,76 @@ mod tests {
         let g = loss.backward().unwrap();
         let gx: Vec<Vec<f32>> = g.get(x.as_tensor()).expect("gradient reaches the input").to_vec2().unwrap();
         assert!(gx.iter().flatten().any(|v| v.abs() > 1e-4));
+    }
+
+    /// Pseudo-random values in [-1, 1).
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn constant_ops_equal_broadcast_ops_and_compute_no_gradient_for_the_constant() {
+        // x [2, 3, 4, 5] against constants of several broadcast shapes, and a strided x.
+        let base = rand(&[2, 3, 4, 5], 1);
+        for (k, c_shape) in
+            [vec![5], vec![4, 5], vec![2, 1, 1, 5], vec![1, 3, 1, 1], vec![2, 3, 4, 5]].iter().enumerate()
+        {
+            let c = rand(c_shape, 10 + k as u64);
+            for strided in [false, true] {
+                let x = Var::from_tensor(&base).unwrap();
+                let xin = if strided {
+                    // The same values through a transposed view: [2, 3, 5, 4] → t → [2, 3, 4, 5].
+                    let xt = x.as_tensor().transpose(2, 3).unwrap().contiguous().unwrap();
+                    xt.transpose(2, 3).unwrap()
+                } else {
+                    x.as_tensor().clone()
+                };
+                let w = rand(&[2, 3, 4, 5], 99);
+                for mul in [false, true] {
+                    let fast = if mul { mul_const(&xin, &c) } else { add_const(&xin, &c) }.unwrap();
+                    let slow = if mul { xin.broadcast_mul(&c) } else { xin.broadcast_add(&c) }.unwrap();
+                    let (f, s) = (fast.flatten_all().unwrap(), slow.flatten_all().unwrap());
+                    assert_eq!(f.to_vec1::<f32>().unwrap(), s.to_vec1::<f32>().unwrap(), "{c_shape:?} mul={mul}");
+                    let gf = (&fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gs = (&slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                    let (a, b) = (gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap());
+                    assert_eq!(
+                        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        "input gradient, {c_shape:?} mul={mul}"
+                    );
+                    // candle's broadcast op also stores a gradient for the (broadcast) constant;
+                    // the constant op stores none: only tracked tensors' gradients remain.
+                    let has_full_size = |g: &candle_core::backprop::GradStore| {
+                        g.get_ids().filter(|id| g.get_id(**id).unwrap().dims() == [2, 3, 4, 5]).count()
+                    };
+                    assert!(has_full_size(&gs) > has_full_size(&gf), "{c_shape:?} mul={mul}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn constant_ops_keep_gradients_of_a_trainable_operand() {
+        let x = rand(&[3, 4], 5);
+        let c = Var::from_tensor(&rand(&[4], 6)).unwrap();
+        let y = mul_const(&add_const(&x, c.as_tensor()).unwrap(), c.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        // d/dc Σ (x + c) c = Σ_rows (x + 2c).
+        let got: Vec<f32> = g.get(c.as_tensor()).expect("gradient of a trainable c").to_vec1().unwrap();
+        let xs: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        let cs: Vec<f32> = c.as_tensor().to_vec1().unwrap();
+        for j in 0..4 {
+            let want: f32 = (0..3).map(|i| xs[i][j] + 2.0 * cs[j]).sum();
+            assert!((got[j] - want).abs() < 1e-5, "{j}: {} vs {want}", got[j]);
+        }
     }
 }
