@@ -71,15 +71,15 @@ struct LoraTapData {
 
 impl LoraTapData {
     /// dA_i = s (G_i B)ᵀ X_i and dB_i = s G_iᵀ U_i, as batched products, flattened per example.
-    /// Both products read G in place: Uᵀ and (G B)ᵀ are small [b, r, T] transposed views (a
-    /// column-major operand for the GEMM), so no [b, T, out] copy of G is made.
+    /// Both products read G as it is: only the small [b, r, T] factors Uᵀ and (G B)ᵀ are
+    /// transposed (copied, so every GEMM gets plain row-major operands), never G [b, T, out].
     fn parts(&self, g: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = g.dim(0)?;
         let g = g.contiguous()?;
-        let ut_g = self.u.transpose(1, 2)?.matmul(&g)?; // U_iᵀ G_i: [b, r, out]
+        let ut_g = self.u.transpose(1, 2)?.contiguous()?.matmul(&g)?; // U_iᵀ G_i: [b, r, out]
         let d_b = (ut_g.transpose(1, 2)?.contiguous()? * self.scale)?; // [b, out, r]
         let gb = linear_nd(&g, &self.b.t()?)?; // G B: [b, T, r]
-        let d_a = (gb.transpose(1, 2)?.matmul(&self.x)? * self.scale)?; // [b, r, in]
+        let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(&self.x)? * self.scale)?; // [b, r, in]
         Ok((d_a.reshape((n, ()))?, d_b.reshape((n, ()))?))
     }
 }
