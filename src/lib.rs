@@ -18,4 +18,6 @@ pub mod privacy;
 pub mod profile;
 pub mod report;
 pub mod selftest;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod train;

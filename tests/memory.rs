@@ -1,6 +1,6 @@
 //! Memory claims of the DP step, in live heap bytes counted by the allocator (deterministic
 //! byte counts, not timings). Target: per-example machinery adds at most 10% to the peak of a
-//! non-private LoRA step on the same model and batch. Measured here: −1.7% to +2.3%. The test
+//! non-private LoRA step on the same model and batch. Measured here: −1.4% to +2.3%. The test
 //! asserts 5%, so that it catches the regressions fixed on 2026-11-27, which these small shapes
 //! show at +7–8% (on MiniLM +15–20%): candle's matmul backward computing Uᵀ G for the constant
 //! LoRA B (keeping every layer's G alive until the backward ended), and `FlatParams::split`

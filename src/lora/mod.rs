@@ -318,12 +318,11 @@ impl LoraLinear {
                 crate::model::ops::add_const(&(linear_nd(&u, &ad.b)? * ad.scale)?, &y)
             }
             Some(tape) => {
-                // A and B are constants here; the tap turns dL/dy into per-example gradients. The
-                // branch still uses the tracked x, so upstream layers get the gradient through
-                // both paths.
-                // A and B enter as frozen weights: candle's matmul backward would also compute
-                // gradients for them, and the one for Bᵀ (Uᵀ G, built from G) would keep each
-                // layer's G alive in the gradient store until the backward ends.
+                // A and B are constants here, entered as frozen weights (candle's matmul backward
+                // would compute gradients for them, and the one for Bᵀ, Uᵀ G, would keep each
+                // layer's G alive in the gradient store until the backward ends); the tap turns
+                // dL/dy into per-example gradients. The branch still uses the tracked x, so
+                // upstream layers get the gradient through both paths.
                 let u = frozen_linear(x, &ad.a, None)?;
                 let ub = frozen_linear(&u, &ad.b, None)?;
                 let parts = PartsSlot::default();
@@ -378,20 +377,8 @@ pub fn peft_names(module: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::rand;
     use candle_core::{Device, IndexOp};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        // Deterministic pseudo-random values in [-1, 1).
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn layer(b_zero: bool) -> LoraLinear {
         LoraLinear {

@@ -195,6 +195,7 @@ impl CustomOp2 for GeluErfGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::rand;
     use candle_core::{Device, Var};
 
     #[test]
@@ -224,19 +225,6 @@ mod tests {
         let g = loss.backward().unwrap();
         let gx: Vec<Vec<f32>> = g.get(x.as_tensor()).expect("gradient reaches the input").to_vec2().unwrap();
         assert!(gx.iter().flatten().any(|v| v.abs() > 1e-4));
-    }
-
-    /// Pseudo-random values in [-1, 1).
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     #[test]
