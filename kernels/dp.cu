@@ -58,7 +58,7 @@ extern "C" __global__ void dp_clip_factors(const double* __restrict__ sq, float*
         return;
     }
     double c = 1.0;
-    if (has_clip) {
+    if (has_clip) {  // `clip` is C·CLIP_MARGIN (src/privacy/clip.rs): clipped norms stay ≤ C in f32
         c = clip / (norm + 1e-6);
         if (c > 1.0) c = 1.0;
     }

@@ -24,7 +24,7 @@ impl Fixture {
         let d = self.dir.display();
         let text = format!(
             "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ndelta = 1e-3\nclip-norm = 1.0\n{extra_privacy}\n\n\
+             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n{extra_privacy}\n\n\
              [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.01\nseed = 7\n\n\
              [output]\ndir = \"{d}/{out}\"\n"
         );
@@ -59,7 +59,7 @@ fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(ok, "{log}");
     let out = f.dir.join("run");
-    let (names, cert) = read_adapter(&out.join("adapter_model.safetensors"));
+    let (names, cert) = read_adapter(&out.join("release/adapter_model.safetensors"));
     let mut want =
         vec!["base_model.model.classifier.bias".to_string(), "base_model.model.classifier.weight".to_string()];
     for l in 0..2 {
@@ -72,14 +72,17 @@ fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
     want.sort();
     assert_eq!(names, want);
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("privacy_report.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("release/privacy_report.json")).unwrap()).unwrap();
     for key in ["epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm", "accountant"] {
         assert_eq!(report[key], cert[key], "report and certificate disagree on {key}");
     }
     let eps = report["epsilon"].as_f64().unwrap();
     assert!(eps > 0.0 && eps <= 5.0, "ε {eps} within the target");
+    // A seeded run certifies nothing, and says so everywhere.
     assert_eq!(report["seeded"], true);
-    assert_eq!(cert["seeded"], "seeded: not for release");
+    assert_eq!(cert["seeded"], true);
+    assert_eq!(cert["certified"], false);
+    assert!(cert["guarantee"].as_str().unwrap().starts_with("NONE: a seeded run"), "{}", cert["guarantee"]);
     assert_eq!(report["steps"], 4);
     assert!((report["sample_rate"].as_f64().unwrap() - 8.0 / 48.0).abs() < 1e-12);
     let acc = report["metrics"]["test_accuracy"].as_f64().unwrap();
@@ -96,27 +99,26 @@ fn training_writes_peft_adapter_whose_certificate_matches_the_report() {
     assert_eq!(report["epsilon_by_accountant"]["rdp"].as_f64(), Some(rdp));
     assert!(rdp > eps);
     let cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("release/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 2);
     assert_eq!(cfg_json["modules_to_save"][0], "classifier");
-    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 4);
+    assert_eq!(std::fs::read_to_string(out.join("private/metrics.jsonl")).unwrap().lines().count(), 4);
+    assert!(!out.join("release/metrics.jsonl").exists(), "per-step metrics are private");
 }
 
 #[test]
-fn seeded_run_reproduces_the_adapter_bit_for_bit() {
+fn seeded_run_reproduces_the_adapter_file_byte_for_byte() {
     let f = Fixture::new("seeded");
-    let a = f.config("noise-multiplier = 1.0", "a");
-    let b = f.config("noise-multiplier = 1.0", "b");
-    assert!(dptrain(&["--config", a.to_str().unwrap()]).0);
-    assert!(dptrain(&["--config", b.to_str().unwrap()]).0);
-    let bytes = |d: &str| std::fs::read(f.dir.join(d).join("adapter_model.safetensors")).unwrap();
-    // The certificate embeds the config hash, and the configs differ only in output dir: compare tensors.
-    let (ba, bb) = (bytes("a"), bytes("b"));
-    let (ta, tb) =
-        (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
-    for name in ta.names() {
-        assert_eq!(ta.tensor(name).unwrap().data(), tb.tensor(name).unwrap().data(), "{name}");
+    let cfg = f.config("noise-multiplier = 1.0", "a");
+    assert!(dptrain(&["--config", cfg.to_str().unwrap()]).0);
+    assert!(dptrain(&["--config", cfg.to_str().unwrap(), "--out", f.dir.join("b").to_str().unwrap()]).0);
+    // The whole file, certificate included (its metadata keys in a fixed order), not only tensors.
+    let bytes = |d: &str| std::fs::read(f.dir.join(d).join("release/adapter_model.safetensors")).unwrap();
+    assert!(bytes("a") == bytes("b"), "the two adapter files differ");
+    for file in ["adapter_config.json", "privacy_report.md"] {
+        let read = |d: &str| std::fs::read_to_string(f.dir.join(d).join("release").join(file)).unwrap();
+        assert_eq!(read("a"), read("b"), "{file}");
     }
 }
 
@@ -125,7 +127,7 @@ fn existing_outputs_are_not_overwritten_without_flag() {
     let f = Fixture::new("overwrite");
     let cfg = f.config("noise-multiplier = 1.0", "run");
     assert!(dptrain(&["--config", cfg.to_str().unwrap()]).0);
-    let adapter = f.dir.join("run/adapter_model.safetensors");
+    let adapter = f.dir.join("run/release/adapter_model.safetensors");
     let before = std::fs::read(&adapter).unwrap();
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(!ok);
@@ -142,7 +144,7 @@ fn non_private_run_is_labelled_as_such() {
     assert!(ok, "{log}");
     assert!(log.contains("WITHOUT privacy"));
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.dir.join("run/privacy_report.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(f.dir.join("run/release/privacy_report.json")).unwrap()).unwrap();
     assert_eq!(report["private"], false);
     assert_eq!(report["epsilon"], serde_json::Value::Null);
     assert_eq!(report["noise_multiplier"], 0.0);
@@ -165,7 +167,7 @@ fn missing_model_file_is_an_error_naming_the_file() {
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(!ok);
     assert!(log.contains("model.safetensors") && log.contains("missing"), "{log}");
-    assert!(!f.dir.join("run/adapter_model.safetensors").exists());
+    assert!(!f.dir.join("run/release/adapter_model.safetensors").exists());
 }
 
 #[test]
@@ -425,7 +427,7 @@ fn empty_data_unsupported_architecture_missing_tensor_and_small_dataset_are_clea
         for w in want {
             assert!(log.contains(w), "{what}: expected `{w}` in: {log}");
         }
-        assert!(!f.dir.join("run/adapter_model.safetensors").exists(), "{what}: wrote an adapter");
+        assert!(!f.dir.join("run/release/adapter_model.safetensors").exists(), "{what}: wrote an adapter");
     };
     // An empty training file.
     let train = f.dir.join("train.jsonl");
@@ -463,7 +465,7 @@ fn lora_targets_or_layers_matching_nothing_and_integer_weights_are_clear_errors(
         for w in want {
             assert!(log.contains(w), "{what}: expected `{w}` in: {log}");
         }
-        assert!(!f.dir.join("run/adapter_model.safetensors").exists(), "{what}: wrote an adapter");
+        assert!(!f.dir.join("run/release/adapter_model.safetensors").exists(), "{what}: wrote an adapter");
     };
     // A Llama module name on a BERT model, a name neither family has, a layer it lacks.
     run("llama module on bert", "target-modules = [\"q_proj\"]", &["lora.target-modules", "`q_proj`", "BERT-family"]);

@@ -38,7 +38,7 @@ impl Fixture {
         let d = self.dir.display();
         let text = format!(
             "[model]\npath = \"{d}/model\"\nmax-seq-len = 10\n\n[data]\ntrain = \"{d}/{train}\"\ntest = \"{d}/{test}\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\n{extra_lora}\n\n[privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\n\n\
+             [lora]\nrank = 2\nalpha = 4\n{extra_lora}\n\n[privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
              [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.01\nseed = 7\n\n\
              [output]\ndir = \"{d}/{out}\"\n"
         );
@@ -68,11 +68,20 @@ fn llama_dp_lora_writes_a_causal_lm_adapter_and_eval_reproduces_its_perplexity()
     assert!(ok, "{log}");
     assert!(log.contains("test perplexity") && log.contains("base model"), "{log}");
     let out = f.dir.join("run");
-    let adapter_cfg = json(out.join("adapter_config.json"));
+    let adapter_cfg = json(out.join("release/adapter_config.json"));
     assert_eq!(adapter_cfg["task_type"], "CAUSAL_LM");
     assert_eq!(adapter_cfg["modules_to_save"], serde_json::Value::Null);
-    assert_eq!(adapter_cfg["target_modules"], serde_json::json!(["q_proj", "down_proj"]));
-    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    // Full module names: PEFT wraps exactly the trained modules (a short name matches as a suffix).
+    assert_eq!(
+        adapter_cfg["target_modules"],
+        serde_json::json!([
+            "model.layers.0.mlp.down_proj",
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj",
+            "model.layers.1.self_attn.q_proj"
+        ])
+    );
+    let bytes = std::fs::read(out.join("release/adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
@@ -86,7 +95,7 @@ fn llama_dp_lora_writes_a_causal_lm_adapter_and_eval_reproduces_its_perplexity()
     }
     want.sort();
     assert_eq!(names, want);
-    let report = json(out.join("privacy_report.json"));
+    let report = json(out.join("release/privacy_report.json"));
     let eps = report["epsilon"].as_f64().unwrap();
     assert!(eps > 0.0 && eps <= 8.0);
     let after = report["metrics"]["test_perplexity"]["perplexity"].as_f64().unwrap();
@@ -121,7 +130,7 @@ fn prompt_completion_records_train_and_report_completion_token_counts() {
     let cfg = f.config("pc-train.jsonl", "pc-test.jsonl", "run", "");
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(ok, "{log}");
-    let report = json(f.dir.join("run/privacy_report.json"));
+    let report = json(f.dir.join("run/release/privacy_report.json"));
     // Held-out targets = completion tokens + one end-of-sequence token per record, truncated to 10.
     let words = |s: &str| s.split_whitespace().count();
     let mut want = 0;
@@ -131,7 +140,15 @@ fn prompt_completion_records_train_and_report_completion_token_counts() {
         want += (p + c).min(10) - p;
     }
     assert_eq!(report["metrics"]["test_perplexity"]["tokens"].as_u64().unwrap() as usize, want);
-    assert_eq!(json(f.dir.join("run/adapter_config.json"))["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(
+        json(f.dir.join("run/release/adapter_config.json"))["target_modules"],
+        serde_json::json!([
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj"
+        ])
+    );
 }
 
 #[test]
@@ -158,7 +175,7 @@ fn bad_language_modelling_input_is_a_clear_error() {
         let cfg = f.config(name, "test.jsonl", &format!("out-{name}"), "");
         let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
         assert!(!ok && log.contains(want), "{name}: {log}");
-        assert!(!d.join(format!("out-{name}")).join("adapter_model.safetensors").exists());
+        assert!(!d.join(format!("out-{name}")).join("release/adapter_model.safetensors").exists());
     }
     let cfg = f.config("train.jsonl", "test.jsonl", "bert-target", "target-modules = [\"query\"]");
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);

@@ -66,7 +66,7 @@ def train(tmp, name, model, data, test, extra):
             f'[model]\npath = "{model}"\nmax-seq-len = {extra["len"]}\n\n'
             f'[data]\ntrain = "{data}"\ntest = "{test}"\n\n'
             f'[lora]\nrank = 4\nalpha = 8\ntarget-modules = {json.dumps(extra["targets"])}\n\n'
-            f"[privacy]\ntarget-epsilon = 8.0\ndelta = 1e-4\nclip-norm = 1.0\n\n"
+            f"[privacy]\ntarget-epsilon = 8.0\ndelta = 1e-4\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n"
             f'[training]\nexpected-batch-size = 16\nmax-physical-batch = 8\nsteps = 4\nlearning-rate = {extra["lr"]}\n\n'
             f'[output]\ndir = "{os.path.join(tmp, name)}"\n'
         )

@@ -29,7 +29,7 @@ impl Fixture {
         let d = self.dir.display();
         let text = format!(
             "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ntarget-epsilon = 5.0\ndelta = 1e-3\nclip-norm = 1.0\n\n\
+             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ntarget-epsilon = 5.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
              [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 6\nlearning-rate = 0.05\nseed = 7\n\n\
              [output]\ndir = \"{d}/{out}\"\n"
         );
@@ -64,7 +64,7 @@ fn md_rows(md: &str) -> HashMap<String, String> {
 }
 
 fn certificate(run: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(run.join("adapter_model.safetensors")).unwrap();
+    let bytes = std::fs::read(run.join("release/adapter_model.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     serde_json::from_str(&meta.metadata().as_ref().unwrap()["dptrain_certificate"]).unwrap()
 }
@@ -76,7 +76,7 @@ fn markdown_report_states_exactly_the_numbers_of_the_certificate_and_the_ledger(
     assert!(ok, "{log}");
     let run = f.path("run");
     let cert = certificate(&run);
-    let md = std::fs::read_to_string(run.join("privacy_report.md")).unwrap();
+    let md = std::fs::read_to_string(run.join("release/privacy_report.md")).unwrap();
     let rows = md_rows(&md);
     let get = |k: &str| rows.get(k).unwrap_or_else(|| panic!("no row `{k}` in:\n{md}")).clone();
     let f64_of = |k: &str| get(k).parse::<f64>().unwrap_or_else(|e| panic!("`{k}`: {e}"));
@@ -91,8 +91,9 @@ fn markdown_report_states_exactly_the_numbers_of_the_certificate_and_the_ledger(
     assert_eq!(f64_of("sampling rate q"), cert["sample_rate"].as_f64().unwrap());
     assert_eq!(get("steps taken"), cert["steps"].to_string());
     assert_eq!(get("training records N"), cert["dataset_size"].to_string());
-    assert_eq!(get("training data sha256"), cert["dataset_sha256"].as_str().unwrap());
-    assert_eq!(get("config sha256"), cert["config_sha256"].as_str().unwrap());
+    assert_eq!(get("training data commitment"), cert["commitments"]["train"].as_str().unwrap());
+    assert_eq!(get("held-out data commitment"), cert["commitments"]["test"].as_str().unwrap());
+    assert_eq!(get("config commitment"), cert["commitments"]["config"].as_str().unwrap());
     assert!(md.contains(&format!("**{}.**", cert["guarantee"].as_str().unwrap())), "{md}");
     // The ledger as stated, and ε recomputed from the certificate's ledger.
     let ledger: Ledger = serde_json::from_value(cert["ledger"].clone()).unwrap();
@@ -110,19 +111,23 @@ fn markdown_report_states_exactly_the_numbers_of_the_certificate_and_the_ledger(
     assert_eq!(recomputed, eps);
     // The adapter named is the adapter in the folder; the JSON says the same.
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(std::fs::read(run.join("adapter_model.safetensors")).unwrap());
+    let digest = sha2::Sha256::digest(std::fs::read(run.join("release/adapter_model.safetensors")).unwrap());
     let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     assert!(md.contains(&format!("sha256 `{hash}`")), "{md}");
-    let report = json(&run.join("privacy_report.json"));
+    let report = json(&run.join("release/privacy_report.json"));
     assert_eq!(report["epsilon"].as_f64().unwrap(), eps);
     assert_eq!(report["adapter_sha256"].as_str().unwrap(), hash);
-    // What is not protected, and the plots it links, which exist.
-    assert!(md.contains("## What the guarantee does not cover") && md.contains("not tuned on this private data"));
-    for plot in ["plots/epsilon.svg", "plots/loss.svg", "plots/clip_fraction.svg"] {
-        assert!(md.contains(&format!("]({plot})")), "{plot} not linked");
-        assert!(run.join(plot).is_file(), "{plot} missing");
+    // What is not protected (the tuning statement quoted as given), and the plots it links, which
+    // exist in the release; the loss and clip plots (private data, no noise) only in private/.
+    assert!(md.contains("## What the guarantee does not cover"), "{md}");
+    assert!(md.contains("the config states privacy.hyperparameters-tuned-on-private-data = false"), "{md}");
+    assert!(md.contains("](plots/epsilon.svg)") && run.join("release/plots/epsilon.svg").is_file());
+    for plot in ["plots/loss.svg", "plots/clip_fraction.svg"] {
+        assert!(!md.contains(&format!("]({plot})")), "{plot} linked from the release report");
+        assert!(!run.join("release").join(plot).exists(), "{plot} released");
+        assert!(run.join("private").join(plot).is_file(), "{plot} missing from private/");
     }
-    assert!(!run.join("plots/groups.svg").exists(), "no groups, no group plot");
+    assert!(!run.join("release/plots/groups.svg").exists(), "no groups, no group plot");
     // The ε curve ends at the certified ε and never decreases.
     let curve = report["epsilon_curve"].as_array().unwrap();
     assert_eq!(curve.last().unwrap()["step"], cert["steps"]);
@@ -167,7 +172,7 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
     assert!(ok, "{log}");
     assert!(log.contains("non-private reference (NO privacy"), "{log}");
     let run = f.path("run");
-    let report = json(&run.join("privacy_report.json"));
+    let report = json(&run.join("release/privacy_report.json"));
     let reported = report["metrics"]["test_groups"].as_array().unwrap().clone();
     let mut names: Vec<&str> = groups.iter().map(|g| g.0.as_str()).collect();
     names.sort();
@@ -198,28 +203,33 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
     }
     let overall = report["metrics"]["test_accuracy"].as_f64().unwrap();
     assert!((weighted / 12.0 - overall).abs() < 1e-12, "{weighted} / 12 vs {overall}");
-    // The reference's numbers are its own report's, labelled as not private, group by group.
-    let theirs = json(&f.path("ref/privacy_report.json"));
+    // The reference's numbers are its own report's, group by group, in the private part only
+    // (a non-private model of the same data is not covered by ε).
+    let theirs = json(&f.path("ref/release/privacy_report.json"));
     assert_eq!(theirs["private"], false);
-    assert_eq!(report["non_private_reference"]["test_metric"], theirs["metrics"]["test"]);
-    assert_eq!(report["non_private_reference"]["test_groups"], theirs["metrics"]["test_groups"]);
-    let md = std::fs::read_to_string(run.join("privacy_report.md")).unwrap();
-    assert!(md.contains("| group | records | this run | non-private reference |"), "{md}");
-    assert!(md.contains("non-private reference, NO privacy"), "{md}");
+    let private = json(&run.join("private/run.json"));
+    assert_eq!(private["non_private_reference"]["test_metric"], theirs["metrics"]["test"]);
+    assert_eq!(private["non_private_reference"]["test_groups"], theirs["metrics"]["test_groups"]);
+    assert!(report["non_private_reference"].is_null());
+    let md = std::fs::read_to_string(run.join("release/privacy_report.md")).unwrap();
+    assert!(!md.contains("non-private reference"), "{md}");
     // User text in a table cell is escaped, never HTML.
     assert!(md.contains("| small &amp; &lt;odd&gt; | 3 | accuracy "), "{md}");
-    let ref_md = std::fs::read_to_string(f.path("ref/privacy_report.md")).unwrap();
+    let ref_md = std::fs::read_to_string(f.path("ref/release/privacy_report.md")).unwrap();
     assert!(ref_md.contains("**NO PRIVACY GUARANTEE.**"), "{ref_md}");
-    assert!(!f.path("ref/plots/epsilon.svg").exists(), "a non-private run has no ε to plot");
-    // The group plot: one bar per group and series, the names as text (escaped, valid XML).
-    let svg = std::fs::read_to_string(run.join("plots/groups.svg")).unwrap();
-    let doc = roxmltree::Document::parse(&svg).unwrap();
-    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
-    for (name, lines) in &groups {
-        let label = format!("{name} (n = {})", lines.len());
-        assert!(texts.iter().any(|t| t.contains(&label)), "`{label}` not in {texts:?}");
+    assert!(!f.path("ref/release/plots/epsilon.svg").exists(), "a non-private run has no ε to plot");
+    // The group plot: one bar per group and series, the names as text (escaped, valid XML); the
+    // reference's bars only in the private copy.
+    for (part, with_reference) in [("release", false), ("private", true)] {
+        let svg = std::fs::read_to_string(run.join(part).join("plots/groups.svg")).unwrap();
+        let doc = roxmltree::Document::parse(&svg).unwrap();
+        let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+        for (name, lines) in &groups {
+            let label = format!("{name} (n = {})", lines.len());
+            assert!(texts.iter().any(|t| t.contains(&label)), "`{label}` not in {texts:?}");
+        }
+        assert_eq!(texts.iter().any(|t| t.contains("non-private reference")), with_reference, "{part}: {texts:?}");
     }
-    assert!(texts.iter().any(|t| t.contains("non-private reference")), "{texts:?}");
 
     // A DP run is not a reference, and a reference on other held-out data is refused.
     let (ok, log) = dptrain(&[
@@ -237,7 +247,7 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
     let (ok, log) =
         dptrain(&["--config", &cfg, "--out", &f.path("run3").display().to_string(), "--reference", &reference]);
     assert!(!ok && log.contains("held-out data differs"), "{log}");
-    assert!(!f.path("run3/adapter_model.safetensors").exists());
+    assert!(!f.path("run3/release/adapter_model.safetensors").exists());
 }
 
 /// The points of each `<polyline>` with this stroke colour and more than two points.
@@ -264,12 +274,12 @@ fn svg_plots_are_valid_xml_with_one_line_per_series_and_a_point_per_value() {
     let (ok, log) = dptrain(&["--config", &f.config("run")]);
     assert!(ok, "{log}");
     let run = f.path("run");
-    let report = json(&run.join("privacy_report.json"));
+    let report = json(&run.join("release/privacy_report.json"));
     let curve = report["epsilon_curve"].as_array().unwrap();
     let steps = report["steps"].as_u64().unwrap() as usize;
-    let read = |name: &str| std::fs::read_to_string(run.join("plots").join(name)).unwrap();
+    let read = |part: &str, name: &str| std::fs::read_to_string(run.join(part).join("plots").join(name)).unwrap();
 
-    let svg = read("epsilon.svg");
+    let svg = read("release", "epsilon.svg");
     let doc = roxmltree::Document::parse(&svg).unwrap();
     assert_eq!(doc.root_element().tag_name().name(), "svg");
     let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
@@ -288,7 +298,7 @@ fn svg_plots_are_valid_xml_with_one_line_per_series_and_a_point_per_value() {
     assert!(rdp[0].last().unwrap().1 <= pld[0].last().unwrap().1);
 
     for (name, n) in [("loss.svg", steps), ("clip_fraction.svg", steps)] {
-        let svg = read(name);
+        let svg = read("private", name);
         let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{name}: {e}"));
         let lines = polylines(&doc, "#1F77B4");
         assert_eq!(lines.len(), 1, "{name}");

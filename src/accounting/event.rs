@@ -59,9 +59,37 @@ impl Ledger {
         self.entries.push(DpEvent::SelfComposed { event: Box::new(step), count: 1 });
     }
 
-    /// The whole ledger as one event.
+    /// The whole ledger as one event. A ledger of one kind of step (every run with a fixed q and
+    /// σ) is exactly `DpEvent::dp_sgd(q, σ, k)`, the event calibration and the stop rule evaluate,
+    /// so the certificate is computed from the same event as the plan (no extra composition).
     pub fn as_event(&self) -> DpEvent {
-        DpEvent::Composed { events: self.entries.clone() }
+        match self.entries.as_slice() {
+            [one] => one.clone(),
+            _ => DpEvent::Composed { events: self.entries.clone() },
+        }
+    }
+
+    /// `steps` identical DP-SGD steps.
+    pub fn uniform(q: f64, sigma: f64, steps: u64) -> Ledger {
+        if steps == 0 {
+            return Ledger::default();
+        }
+        Ledger { entries: vec![DpEvent::dp_sgd(q, sigma, steps)] }
+    }
+
+    /// Every step of the ledger has sampling rate `q` and noise multiplier `sigma`.
+    pub fn all_steps_are(&self, q: f64, sigma: f64) -> bool {
+        fn check(e: &DpEvent, q: f64, sigma: f64) -> bool {
+            match e {
+                DpEvent::PoissonSampled { q: eq, event } => {
+                    *eq == q && matches!(**event, DpEvent::Gaussian { sigma: s } if s == sigma)
+                }
+                DpEvent::SelfComposed { event, .. } => check(event, q, sigma),
+                DpEvent::Composed { events } => events.iter().all(|e| check(e, q, sigma)),
+                DpEvent::Gaussian { .. } => false,
+            }
+        }
+        self.entries.iter().all(|e| check(e, q, sigma))
     }
 
     pub fn steps(&self) -> u64 {
@@ -93,5 +121,34 @@ impl Ledger {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounting::{PldAccountant, RdpAccountant};
+
+    #[test]
+    fn a_uniform_ledger_is_the_planned_event_and_certifies_the_planned_epsilon() {
+        let (q, sigma, k) = (0.02, 1.1, 300);
+        let mut l = Ledger::default();
+        for _ in 0..k {
+            l.record_step(q, sigma);
+        }
+        assert_eq!(l, Ledger::uniform(q, sigma, k));
+        assert_eq!(l.as_event(), DpEvent::dp_sgd(q, sigma, k));
+        let pld = PldAccountant::default();
+        let planned = pld.epsilon(&DpEvent::dp_sgd(q, sigma, k), 1e-5).unwrap().epsilon;
+        assert_eq!(pld.epsilon(&l.as_event(), 1e-5).unwrap().epsilon.to_bits(), planned.to_bits());
+        let rdp = RdpAccountant::default();
+        let planned = rdp.epsilon(&DpEvent::dp_sgd(q, sigma, k), 1e-5).unwrap().epsilon;
+        assert_eq!(rdp.epsilon(&l.as_event(), 1e-5).unwrap().epsilon.to_bits(), planned.to_bits());
+        assert!(l.all_steps_are(q, sigma));
+        assert!(!l.all_steps_are(q, 1.0) && !l.all_steps_are(0.03, sigma));
+        l.record_step(q, 2.0);
+        assert!(!l.all_steps_are(q, sigma));
+        assert!(matches!(l.as_event(), DpEvent::Composed { .. }));
+        assert_eq!(Ledger::uniform(q, sigma, 0), Ledger::default());
     }
 }

@@ -142,7 +142,7 @@ enum Command {
         /// The base model folder.
         #[arg(long)]
         model: PathBuf,
-        /// An adapter folder written by dptrain (required for classification).
+        /// A run folder written by dptrain, or its release/ folder (required for classification).
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// JSONL in the training format of the model's task.
@@ -169,13 +169,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check a run's outputs: the adapter's hash, the certificate against the report, and ε
-    /// recomputed from the stored ledger. Exits non-zero on any mismatch or a non-private run.
+    /// Check a run's outputs: the adapter's hash, the certificate against the report, every headline
+    /// claim re-derived, ε recomputed from the ledger, and (with the private part) the data identity.
     Verify {
-        /// The run's output folder.
+        /// The run folder (or its release/ folder).
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// The run's private part, to check the data identity (default: private/ beside release/).
+        #[arg(long)]
+        private: Option<PathBuf>,
+        /// The training file to check against the commitment (default: the path in the private part).
+        #[arg(long)]
+        train: Option<PathBuf>,
+        /// The held-out file to check against the commitment (default: the path in the private part).
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Accept a seeded run with a warning instead of failing (experiments only).
+        #[arg(long)]
+        allow_seeded: bool,
     },
     /// The smallest noise multiplier whose ε stays within a target.
     Calibrate {
@@ -263,8 +275,9 @@ fn train(args: &TrainArgs) -> Result<()> {
     let before = s.base_test_metric.map(|m| format!(" (base model: {})", metric_text(&m))).unwrap_or_default();
     match s.epsilon {
         Some(e) => println!(
-            "trained {} steps: ε = {e:.4} (δ = {:e}, {} accountant), σ = {:.4}, {metric}{before}; outputs in {}",
+            "trained {} steps: ε ≤ {} (δ = {:e}, {} accountant), σ = {:.4}, {metric}{before}; outputs in {}",
             s.steps,
+            dptrain::report::round_up(e, 4),
             s.delta,
             plan.accountant.name(),
             s.noise_multiplier,
@@ -279,9 +292,15 @@ fn train(args: &TrainArgs) -> Result<()> {
     if let Some(r) = &s.reference {
         println!("non-private reference (NO privacy, {}): {}", r.dir, metric_text(&r.test_metric));
     }
-    println!("report for auditors: {}", plan.output_dir.join("privacy_report.md").display());
+    let release = plan.output_dir.join(dptrain::report::rundir::RELEASE);
+    println!("release (publishable as a whole): {}", release.display());
+    println!("report for auditors: {}", release.join("privacy_report.md").display());
+    println!(
+        "private part (never publish; seed, keys, per-step metrics): {}",
+        plan.output_dir.join(dptrain::report::rundir::PRIVATE).display()
+    );
     if s.seeded {
-        println!("note: this run was seeded: its certificate says \"not for release\"");
+        println!("note: this run was SEEDED: it certifies nothing (its guarantee and certificate say so)");
     }
     Ok(())
 }
@@ -522,8 +541,14 @@ fn real_main() -> Result<()> {
         Some(Command::Selftest { device, json }) => selftest(device, json.as_ref()),
         Some(cmd @ Command::Bench { .. }) => bench(cmd),
         Some(cmd @ Command::Eval { .. }) => eval(cmd),
-        Some(Command::Verify { dir, json }) => {
-            let v = dptrain::report::verify::verify(dir).map_err(anyhow::Error::msg).context("verify")?;
+        Some(Command::Verify { dir, json, private, train, test, allow_seeded }) => {
+            let opts = dptrain::report::verify::VerifyOptions {
+                private: private.clone(),
+                train: train.clone(),
+                test: test.clone(),
+                allow_seeded: *allow_seeded,
+            };
+            let v = dptrain::report::verify::verify(dir, &opts).map_err(anyhow::Error::msg).context("verify")?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -538,7 +563,21 @@ fn real_main() -> Result<()> {
             if !v.private {
                 bail!("{}: a non-private run certifies nothing", dir.display());
             }
-            println!("verified: {} checks passed for {}", v.checks.len(), dir.display());
+            if v.seeded {
+                eprintln!(
+                    "warning: {} is a SEEDED run: it certifies nothing (accepted because of --allow-seeded)",
+                    dir.display()
+                );
+            }
+            println!(
+                "verified: {} checks passed for {}{}",
+                v.checks.len(),
+                dir.display(),
+                match &v.private_part {
+                    Some(p) => format!(" (with the private part {p})"),
+                    None => " (release only: data identity not checked)".into(),
+                }
+            );
             Ok(())
         }
         Some(Command::Convert { gguf, out, overwrite }) => {

@@ -138,6 +138,8 @@ pub struct Plan {
     /// Checkpoint interval in steps (0: only after the last step).
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// Keep the final checkpoint after a finished run (default: deleted).
+    pub keep_final_checkpoint: bool,
     pub output_dir: PathBuf,
 }
 
@@ -308,7 +310,12 @@ impl Plan {
             delta: p.delta,
             clip_norm: p.clip_norm,
             accountant,
-            tuned_on_private_data: p.hyperparameters_tuned_on_private_data.unwrap_or(false),
+            tuned_on_private_data: p.hyperparameters_tuned_on_private_data.ok_or_else(|| {
+                bad(
+                    "privacy.hyperparameters-tuned-on-private-data",
+                    "is required: state true or false (were the hyper-parameters chosen by looking at results on this private data?); the report quotes it".into(),
+                )
+            })?,
             expected_batch_size: t.expected_batch_size,
             max_physical_batch,
             max_tokens: match t.max_tokens {
@@ -330,6 +337,7 @@ impl Plan {
                 Some(0) => return Err(bad("training.keep-checkpoints", "must be at least 1".into())),
                 k => k.unwrap_or(2),
             },
+            keep_final_checkpoint: t.keep_final_checkpoint.unwrap_or(false),
             output_dir: raw.output.dir,
         })
     }
@@ -373,6 +381,7 @@ test = "b.jsonl"
 target-epsilon = 3.0
 delta = 1e-5
 clip-norm = 1.0
+hyperparameters-tuned-on-private-data = false
 [training]
 expected-batch-size = 8
 steps = 3
@@ -428,6 +437,15 @@ dir = "out"
         assert_eq!((gpu.device, gpu.base_dtype()), (DeviceSpec::Cuda(1), candle_core::DType::BF16));
         assert_eq!(plan(BASE).unwrap().base_dtype(), candle_core::DType::F32);
         assert!(err(&BASE.replace("steps = 3", "steps = 3\nlr-schedule = \"cosine\"")).contains("training.lr-schedule"));
+    }
+
+    #[test]
+    fn the_tuning_statement_is_required_and_kept_as_given() {
+        let e = err(&BASE.replace("hyperparameters-tuned-on-private-data = false\n", ""));
+        assert!(e.contains("privacy.hyperparameters-tuned-on-private-data") && e.contains("required"), "{e}");
+        let p = plan(&BASE.replace("tuned-on-private-data = false", "tuned-on-private-data = true")).unwrap();
+        assert!(p.tuned_on_private_data);
+        assert!(!plan(BASE).unwrap().tuned_on_private_data);
     }
 
     #[test]

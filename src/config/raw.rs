@@ -71,8 +71,8 @@ pub struct RawPrivacy {
     /// Accountant used for calibration, the stop rule and the certificate: "pld" (default) or
     /// "rdp". The other one is reported beside it.
     pub accountant: Option<String>,
-    /// Were hyper-parameters chosen by looking at results on this private data? Stated in the
-    /// report (tuning on private data leaks privacy that ε does not cover). Default false.
+    /// Required: were hyper-parameters chosen by looking at results on this private data? Quoted
+    /// in the report as given (tuning on private data leaks privacy that ε does not cover).
     pub hyperparameters_tuned_on_private_data: Option<bool>,
 }
 
@@ -114,15 +114,20 @@ pub struct RawTraining {
     /// "cpu" (default), "cuda" or "cuda:N" (a build with `--features cuda`).
     pub device: Option<String>,
     /// Write a checkpoint every this many steps (and always after the last one), under
-    /// `<output.dir>/checkpoints/`. 0 = only after the last step. Default 50.
+    /// `<output.dir>/private/checkpoints/`. 0 = only after the last step. Default 50.
     pub checkpoint_every: Option<u64>,
     /// How many of the newest checkpoints to keep. Default 2.
     pub keep_checkpoints: Option<usize>,
+    /// Keep the final checkpoint after a finished run (in `<output.dir>/private/checkpoints/`).
+    /// Default false: checkpoints hold the noise key, so they are deleted once the outputs are
+    /// written.
+    pub keep_final_checkpoint: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RawOutput {
-    /// Output folder for the adapter, certificate and report.
+    /// Run folder: `release/` (adapter, certificate, report: what may be published) and
+    /// `private/` (owner-only: seed, keys, per-step metrics, checkpoints; never publish it).
     pub dir: PathBuf,
 }

@@ -153,7 +153,7 @@ struct ClipFactors {
     clip: Option<f64>,
 }
 
-/// min(1, C / (‖g‖ + 1e-6)); 0 for a non-finite norm (the example is dropped); 1 without clipping.
+/// min(1, C·CLIP_MARGIN / (‖g‖ + 1e-6)); 0 for a non-finite norm (the example is dropped); 1 without clipping.
 pub fn clip_factor_from_sq(sq: f64, clip: Option<f64>) -> f32 {
     let norm = sq.sqrt();
     if !norm.is_finite() {
@@ -182,7 +182,8 @@ impl candle_core::CustomOp1 for ClipFactors {
         let out = dev.alloc_zeros::<f32>(b)?;
         if b > 0 {
             let sv = gpu::view::<f64>(s, l, self.name())?;
-            let (b64, clip, has) = (b as u64, self.clip.unwrap_or(0.0), self.clip.is_some() as i32);
+            let (b64, clip, has) =
+                (b as u64, self.clip.unwrap_or(0.0) * crate::privacy::clip::CLIP_MARGIN, self.clip.is_some() as i32);
             gpu_launch!(&dev, "dp_clip_factors", gpu::grid(b64); &sv, &out, &b64, &clip, &has)?;
         }
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))

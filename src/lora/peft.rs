@@ -27,6 +27,58 @@ pub struct Adapter {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// Module names a layer exposes to LoRA, longest first (so "attention.output.dense" wins over
+/// "output.dense").
+fn known_modules() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = crate::config::BERT_LORA_MODULES
+        .iter()
+        .chain(crate::model::llama::LLAMA_LORA_MODULES.iter())
+        .copied()
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    v
+}
+
+/// Full PEFT module names (`encoder.layer.4.attention.output.dense`, `model.layers.0.mlp.up_proj`)
+/// as (short module names, layer indices); `None` when the names are short ones (`query`). The
+/// set must be exactly the product of the two (dptrain adapts every target in every chosen layer).
+fn full_module_names(names: &[String]) -> Result<Option<(Vec<String>, Vec<usize>)>, String> {
+    let parse = |name: &str| -> Option<(String, usize)> {
+        let parts: Vec<&str> = name.split('.').collect();
+        let i = parts.iter().position(|p| *p == "layer" || *p == "layers")?;
+        let layer = parts.get(i + 1)?.parse::<usize>().ok()?;
+        let rest = parts.get(i + 2..)?.join(".");
+        let m = known_modules().into_iter().find(|m| rest == *m || rest.ends_with(&format!(".{m}")))?;
+        Some((m.to_string(), layer))
+    };
+    let parsed: Vec<Option<(String, usize)>> = names.iter().map(|n| parse(n)).collect();
+    if parsed.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut targets: Vec<String> = Vec::new();
+    let mut layers: Vec<usize> = Vec::new();
+    for (n, p) in names.iter().zip(&parsed) {
+        let (m, l) = p
+            .clone()
+            .ok_or_else(|| format!("target module `{n}` is neither a full layer module name nor a short one"))?;
+        if !targets.contains(&m) {
+            targets.push(m);
+        }
+        if !layers.contains(&l) {
+            layers.push(l);
+        }
+    }
+    layers.sort_unstable();
+    if targets.len() * layers.len() != names.len() {
+        return Err(format!(
+            "target_modules names {} modules, not every one of {:?} in every one of layers {layers:?}",
+            names.len(),
+            targets
+        ));
+    }
+    Ok(Some((targets, layers)))
+}
+
 impl Adapter {
     pub fn read(dir: &Path) -> Result<Adapter, AdapterError> {
         let cfg_path = dir.join("adapter_config.json");
@@ -42,7 +94,7 @@ impl Adapter {
         if v.get("use_rslora").and_then(|x| x.as_bool()) == Some(true) {
             return Err(bad("use_rslora = true is not supported (scale alpha/√r)".into()));
         }
-        let targets: Vec<String> = match v.get("target_modules") {
+        let names: Vec<String> = match v.get("target_modules") {
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .map(|x| x.as_str().map(String::from))
@@ -50,7 +102,7 @@ impl Adapter {
                 .ok_or_else(|| bad("target_modules must be a list of module names".into()))?,
             _ => return Err(bad("target_modules must be a list of module names".into())),
         };
-        let layers = match v.get("layers_to_transform") {
+        let configured_layers = match v.get("layers_to_transform") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::Array(a)) => Some(
                 a.iter()
@@ -62,6 +114,11 @@ impl Adapter {
                 Some(vec![n.as_u64().ok_or_else(|| bad("bad layer".into()))? as usize])
             }
             Some(_) => return Err(bad("layers_to_transform must be a list of layer indices".into())),
+        };
+        let (targets, layers) = match full_module_names(&names).map_err(bad)? {
+            // dptrain writes the full names of exactly the adapted modules.
+            Some((targets, layers)) => (targets, Some(layers)),
+            None => (names, configured_layers),
         };
         let task_type = v.get("task_type").and_then(|t| t.as_str()).unwrap_or("").to_string();
         if !st_path.exists() {
@@ -90,5 +147,34 @@ impl Adapter {
         }
         model.set_trainable(&out)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_module_names;
+
+    #[test]
+    fn full_module_names_give_the_trained_targets_and_layers() {
+        let names: Vec<String> = [
+            "encoder.layer.4.attention.output.dense",
+            "encoder.layer.4.output.dense",
+            "encoder.layer.5.attention.output.dense",
+            "encoder.layer.5.output.dense",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (t, l) = full_module_names(&names).unwrap().unwrap();
+        assert_eq!(t, ["attention.output.dense", "output.dense"]);
+        assert_eq!(l, [4, 5]);
+        let llama: Vec<String> =
+            ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            full_module_names(&llama).unwrap().unwrap(),
+            (vec!["q_proj".to_string(), "down_proj".to_string()], vec![0])
+        );
+        assert_eq!(full_module_names(&["query".to_string()]).unwrap(), None);
+        assert!(full_module_names(&names[..3]).is_err(), "not a full product");
     }
 }

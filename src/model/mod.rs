@@ -63,6 +63,34 @@ pub enum ExampleScore {
     Nll { sum: f64, tokens: usize },
 }
 
+/// The metric of each group of held-out records (`groups` parallel to `scores`), sorted by group
+/// name; records without a group form the group [`NO_GROUP`]. Empty when no record has a group.
+pub fn per_group(scores: &[ExampleScore], groups: &[Option<String>]) -> Vec<GroupMetric> {
+    assert_eq!(scores.len(), groups.len(), "one group entry per score");
+    if groups.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    let mut by: std::collections::BTreeMap<&str, Vec<ExampleScore>> = Default::default();
+    for (s, g) in scores.iter().zip(groups) {
+        by.entry(g.as_deref().unwrap_or(NO_GROUP)).or_default().push(*s);
+    }
+    by.into_iter()
+        .map(|(g, s)| GroupMetric { group: g.to_string(), size: s.len(), metric: EvalResult::aggregate(s) })
+        .collect()
+}
+
+/// The group name of held-out records without a `group` field, when others have one.
+pub const NO_GROUP: &str = "(no group)";
+
+/// One group's held-out metric.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupMetric {
+    pub group: String,
+    /// Held-out records in the group.
+    pub size: usize,
+    pub metric: EvalResult,
+}
+
 impl EvalResult {
     /// The metric over `scores`: accuracy when they are `Correct` (NaN for none), else perplexity
     /// exp(Σ NLL / Σ tokens) with sums in f64.

@@ -1,8 +1,8 @@
 //! Per-example clipping and summation.
 //!
-//! Flat clipping: example i is scaled by min(1, C / (‖g_i‖ + 1e-6)), ‖·‖ the L2 norm over all
-//! trainable tensors together, so every clipped gradient has norm ≤ C and the sum has
-//! add/remove-one sensitivity C. An example whose gradient is not finite is zeroed (not skipped
+//! Flat clipping: example i is scaled by min(1, C' / (‖g_i‖ + 1e-6)), ‖·‖ the L2 norm over all
+//! trainable tensors together and C' = C·CLIP_MARGIN (see there), so every clipped gradient has
+//! norm ≤ C in floating point too and the sum has add/remove-one sensitivity C. An example whose gradient is not finite is zeroed (not skipped
 //! silently: it is counted in the stats) before the sum.
 
 use candle_core::{DType, Result, Tensor};
@@ -17,9 +17,15 @@ pub struct ClipStats {
     pub nonfinite: usize,
 }
 
-/// Clip factor for one example's gradient norm.
+/// Examples are clipped to C·CLIP_MARGIN, not C: the clip factor is stored in f32 (relative
+/// rounding ≤ 2⁻²⁴) and each scaled value is rounded to f32 once more (≤ 2⁻²⁴), so a clipped norm
+/// computed exactly is at most C·CLIP_MARGIN·(1 + 2⁻²⁴)²·(1 + 2⁻⁵²) < C. The margin costs a
+/// relative 1e-6 of the signal; without it a clipped norm could exceed C by ~2⁻²⁴ relative.
+pub const CLIP_MARGIN: f64 = 1.0 - 1.0 / (1u64 << 20) as f64;
+
+/// Clip factor for one example's gradient norm: min(1, C·CLIP_MARGIN / (‖g‖ + 1e-6)).
 pub fn clip_factor(norm: f64, c: f64) -> f64 {
-    (c / (norm + 1e-6)).min(1.0)
+    (c * CLIP_MARGIN / (norm + 1e-6)).min(1.0)
 }
 
 /// Clip each row of `per_example` [b, P] to norm `clip` (no clipping when `None`, for the

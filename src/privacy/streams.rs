@@ -2,7 +2,8 @@
 //!
 //! Unseeded (the default, and the only mode fit for release), every stream is keyed with fresh
 //! OS entropy. Seeded, the streams share a key derived from the seed and differ in their ChaCha
-//! stream id, so a run is bit-reproducible; the certificate then says "seeded: not for release".
+//! stream id, so a run is bit-reproducible; such a run certifies nothing (its guarantee, certificate
+//! and `dptrain verify` say so).
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -11,6 +12,8 @@ pub struct RandomStreams {
     pub sampling: ChaCha20Rng,
     pub noise: ChaCha20Rng,
     pub init: ChaCha20Rng,
+    /// Draws the key of the data commitments (`CommitmentKey`).
+    pub commitment: ChaCha20Rng,
     pub seeded: bool,
 }
 
@@ -23,12 +26,19 @@ impl RandomStreams {
                     r.set_stream(id);
                     r
                 };
-                RandomStreams { sampling: stream(1), noise: stream(2), init: stream(3), seeded: true }
+                RandomStreams {
+                    sampling: stream(1),
+                    noise: stream(2),
+                    init: stream(3),
+                    commitment: stream(4),
+                    seeded: true,
+                }
             }
             None => RandomStreams {
                 sampling: ChaCha20Rng::from_os_rng(),
                 noise: ChaCha20Rng::from_os_rng(),
                 init: ChaCha20Rng::from_os_rng(),
+                commitment: ChaCha20Rng::from_os_rng(),
                 seeded: false,
             },
         }

@@ -16,6 +16,14 @@ fn num(v: &Value) -> String {
     }
 }
 
+/// An ε that may be unavailable (`{"unavailable": reason}`).
+fn eps(v: &Value) -> String {
+    match v.get("unavailable") {
+        Some(why) => format!("unavailable ({})", text(why)),
+        None => num(v),
+    }
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -69,10 +77,15 @@ pub fn render(r: &Value) -> String {
     let private = r["private"].as_bool().unwrap_or(false);
     let cert = &r["certificate"];
     let _ = writeln!(o, "# Privacy report\n");
-    let _ = writeln!(o, "Written by {} for the adapter in this folder (`adapter_model.safetensors`, sha256 `{}`). The same content is in `privacy_report.json`; the certificate below is also stored in the adapter file's safetensors metadata (`dptrain_certificate`), and `dptrain verify <this folder>` recomputes ε from the ledger and checks the hashes.\n", text(&cert["engine"]), text(&r["adapter_sha256"]));
+    let _ = writeln!(o, "Written by {} for the adapter in this folder (`adapter_model.safetensors`, sha256 `{}`). The same content is in `privacy_report.json`; the certificate below is also stored in the adapter file's safetensors metadata (`dptrain_certificate`), and `dptrain verify <this folder>` recomputes ε from the ledger, re-derives every claim below from the certificate and checks the hashes.\n", text(&cert["engine"]), text(&r["adapter_sha256"]));
+    let _ = writeln!(o, "This folder (`release/`) is meant to be published as a whole: it holds nothing outside ε's cover except what \"What the guarantee does not cover\" names. The run's `private/` folder (seed, keys, per-step metrics, checkpoints) must never be published.\n");
 
     let _ = writeln!(o, "## Guarantee\n");
-    if private {
+    let seeded = r["seeded"].as_bool().unwrap_or(false);
+    if private && seeded {
+        let _ = writeln!(o, "**{}.**\n", text(&r["guarantee"]));
+        let _ = writeln!(o, "**NO PRIVACY GUARANTEE.** The ε below is what the mechanism would give with secret randomness; this run's sampling and noise were derived from a configured seed, so anyone with the config can reproduce and remove the noise. `dptrain verify` fails on it.\n");
+    } else if private {
         let _ = writeln!(o, "**{}.**\n", text(&r["guarantee"]));
         let _ = writeln!(o, "That is: for any two training sets that differ by adding or removing one record (one JSONL line), the distribution of everything this run released (the adapter, and this report's ε) changes by at most a factor e^ε, except with probability δ. ε is an upper bound from the accountant named below, computed from the ledger of every step actually taken.\n");
     } else {
@@ -81,11 +94,11 @@ pub fn render(r: &Value) -> String {
     let _ = writeln!(o, "| quantity | value |\n|---|---|");
     let acc = text(&r["accountant"]);
     row(&mut o, &format!("ε (certified, {acc} accountant; upper bound)"), &num(&r["epsilon"]));
-    row(&mut o, "ε by PLD (upper bound)", &num(&r["epsilon_by_accountant"]["pld"]));
+    row(&mut o, "ε by PLD (upper bound)", &eps(&r["epsilon_by_accountant"]["pld"]));
     row(
         &mut o,
         "ε by RDP (upper bound)",
-        &format!("{} (optimal order {})", num(&r["epsilon_by_accountant"]["rdp"]), num(&r["rdp_optimal_order"])),
+        &format!("{} (optimal order {})", eps(&r["epsilon_by_accountant"]["rdp"]), num(&r["rdp_optimal_order"])),
     );
     row(&mut o, "target ε", &num(&r["target_epsilon"]));
     let n = r["dataset"]["size"].as_f64().unwrap_or(f64::NAN);
@@ -102,6 +115,7 @@ pub fn render(r: &Value) -> String {
     row(&mut o, "noise multiplier σ", &num(&r["noise_multiplier"]));
     row(&mut o, "clipping norm C", &num(&r["clip_norm"]));
     row(&mut o, "clipping", &text(&r["clipping"]));
+    row(&mut o, "gradient arithmetic", &text(&cert["gradient_dtype"]));
     row(&mut o, "sampling rate q", &num(&r["sample_rate"]));
     row(&mut o, "expected batch size", &num(&r["expected_batch_size"]));
     row(&mut o, "steps taken", &num(&r["steps"]));
@@ -113,8 +127,8 @@ pub fn render(r: &Value) -> String {
     row(
         &mut o,
         "seeded",
-        if r["seeded"].as_bool().unwrap_or(false) {
-            "YES: the noise was derived from a configured seed; anyone with the config can reproduce it. Not for release."
+        if seeded {
+            "YES: the noise was derived from a configured seed; anyone with the config can reproduce it. It certifies nothing."
         } else {
             "no: the noise key came from the operating system's entropy"
         },
@@ -126,9 +140,10 @@ pub fn render(r: &Value) -> String {
     let _ = writeln!(o, "## Data and model\n");
     let _ = writeln!(o, "| item | value |\n|---|---|");
     row(&mut o, "training records N", &num(&r["dataset"]["size"]));
-    row(&mut o, "training data sha256", &text(&r["dataset"]["sha256"]));
+    row(&mut o, "training data commitment", &text(&r["dataset"]["commitment"]));
     row(&mut o, "held-out records", &num(&r["test_dataset"]["size"]));
-    row(&mut o, "held-out data sha256", &text(&r["test_dataset"]["sha256"]));
+    row(&mut o, "held-out data commitment", &text(&r["test_dataset"]["commitment"]));
+    row(&mut o, "commitment scheme", &text(&cert["commitments"]["scheme"]));
     if let Some(labels) = r["dataset"]["labels"].as_array().filter(|l| !l.is_empty()) {
         row(&mut o, "labels", &labels.iter().map(text).collect::<Vec<_>>().join(", "));
     }
@@ -140,7 +155,7 @@ pub fn render(r: &Value) -> String {
         "LoRA target modules",
         &r["target_modules"].as_array().into_iter().flatten().map(text).collect::<Vec<_>>().join(", "),
     );
-    row(&mut o, "config sha256", &text(&cert["config_sha256"]));
+    row(&mut o, "config commitment", &text(&cert["commitments"]["config"]));
     o.push('\n');
 
     let _ = writeln!(o, "## Utility (held-out data)\n");
@@ -203,6 +218,10 @@ pub fn render(r: &Value) -> String {
     }
     o.push('\n');
 
-    let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
+    if r["config"].is_string() {
+        let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
+    } else {
+        let _ = writeln!(o, "## Config\n\nKept in the run's private part (`private/run.json`): this run is seeded and its config holds the seed.");
+    }
     o
 }

@@ -1,19 +1,23 @@
-//! Outputs of a run: the adapter in the HF PEFT layout with the privacy certificate in its
-//! safetensors `__metadata__`, `adapter_config.json`, `privacy_report.json` and `metrics.jsonl`.
+//! Outputs of a run, in two parts (`rundir`): the release (the adapter in the HF PEFT layout with
+//! the privacy certificate in its safetensors `__metadata__`, `adapter_config.json`,
+//! `privacy_report.json` / `.md`, the ε and group plots) and the private part (`run.json` with the
+//! seed, commitment key and plain hashes, `metrics.jsonl`, the loss and clip plots, checkpoints).
 //!
-//! Invariant: every file is written to a temporary name, fsynced and renamed, so a failure never
-//! leaves a half-written output, and an output folder holding another run is never overwritten
-//! without `--overwrite`.
+//! Invariants: nothing in the release is outside ε's cover except what `not_protected` names
+//! (tested by scanning every released byte); every file is written to a temporary name, fsynced
+//! and renamed, so a failure never leaves a half-written output; an output folder holding another
+//! run is never overwritten without `--overwrite`.
 
 pub mod markdown;
 pub mod plots;
+pub mod rundir;
 pub mod verify;
 
 use crate::accounting::event::Ledger;
 use crate::config::{hex_sha256, Plan};
 use crate::model::bert::HEAD_MODULE;
+use crate::model::GroupMetric;
 use crate::model::{DpModel, EvalResult, Task};
-use crate::train::eval::GroupMetric;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
@@ -28,10 +32,63 @@ pub const NOISE_GENERATOR: &str = "ChaCha20 CSPRNG, counter-based (256-bit secre
 pub enum ReportError {
     #[error("output folder {0} already holds a run (adapter or report); pass --overwrite to replace it")]
     OutputExists(PathBuf),
+    #[error("output folder {path}: {message}")]
+    Unusable { path: PathBuf, message: String },
+    #[error("output folder {path} is in use by {holder} (another dptrain run); wait for it to finish or choose another output folder")]
+    Locked { path: PathBuf, holder: String },
     #[error("writing {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("writing {path}: {message}")]
     Format { path: PathBuf, message: String },
+}
+
+/// ε by one accountant, or why it could not be computed (a cross-check that cannot be computed
+/// never sinks a run: it is reported as unavailable with its reason).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Epsilon {
+    Value(f64),
+    Unavailable(String),
+}
+
+impl Epsilon {
+    pub fn of<E: std::fmt::Display>(r: Result<f64, E>) -> Epsilon {
+        match r {
+            Ok(e) => Epsilon::Value(e),
+            Err(e) => Epsilon::Unavailable(e.to_string()),
+        }
+    }
+
+    pub fn value(&self) -> Option<f64> {
+        match self {
+            Epsilon::Value(e) => Some(*e),
+            Epsilon::Unavailable(_) => None,
+        }
+    }
+
+    /// A number, or `{"unavailable": reason}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Epsilon::Value(e) => json_number(*e),
+            Epsilon::Unavailable(why) => serde_json::json!({ "unavailable": why }),
+        }
+    }
+}
+
+/// Where an input file is, and how it is identified: the plain sha256 (private part only) and the
+/// keyed commitment (released).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct InputFile {
+    pub path: String,
+    pub sha256: String,
+    pub commitment: String,
+}
+
+/// The run's input files.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Inputs {
+    pub train: InputFile,
+    pub test: InputFile,
+    pub config: InputFile,
 }
 
 /// What a run did, as the report and certificate state it.
@@ -41,8 +98,8 @@ pub struct RunSummary {
     /// ε by the run's accountant (`plan.accountant`): the certified upper bound.
     pub epsilon: Option<f64>,
     /// ε by each accountant (the other one is the cross-check).
-    pub epsilon_pld: Option<f64>,
-    pub epsilon_rdp: Option<f64>,
+    pub epsilon_pld: Option<Epsilon>,
+    pub epsilon_rdp: Option<Epsilon>,
     pub rdp_optimal_order: Option<f64>,
     pub target_epsilon: Option<f64>,
     pub delta: f64,
@@ -54,37 +111,49 @@ pub struct RunSummary {
     pub clip_norm: Option<f64>,
     pub seeded: bool,
     pub dataset_size: usize,
-    pub dataset_hash: String,
-    pub test_dataset_hash: String,
     pub test_size: usize,
+    /// The input files: plain hashes (private) and keyed commitments (released).
+    pub inputs: Inputs,
     pub labels: Vec<String>,
     pub task: Task,
     /// LoRA target modules as trained (the configured ones or the architecture's default).
     pub target_modules: Vec<String>,
+    /// The full names of the modules that carry LoRA adapters (PEFT module paths).
+    pub adapted_modules: Vec<String>,
     /// Held-out metric after training: accuracy (classification) or perplexity (LM).
     pub test_metric: EvalResult,
     /// The same metric of the base model before training (LM runs; B = 0 is the base model).
     pub base_test_metric: Option<EvalResult>,
     /// The held-out metric per `group` of the test records (empty when they have none).
     pub test_groups: Vec<GroupMetric>,
-    /// A non-private run of the same config, model and data, for comparison (`--reference`).
+    /// A non-private run of the same config, model and data, for comparison (`--reference`):
+    /// private part only (a non-private model of the same data).
     pub reference: Option<Reference>,
     /// sha256 over the base model folder's config.json and weight files.
     pub model_hash: String,
     /// ε spent after each of a set of steps, by both accountants (empty for non-private runs).
     pub epsilon_curve: Vec<EpsilonPoint>,
+    /// Private part only (with the realised batch sizes they give the number of sampled records).
     pub train_seconds: f64,
     pub examples_per_second: f64,
     pub stopped_early: Option<String>,
     pub ledger: Ledger,
 }
 
+impl RunSummary {
+    /// Does the run certify a DP guarantee (private and not seeded)?
+    pub fn certifies(&self) -> bool {
+        !self.non_private && !self.seeded
+    }
+}
+
 /// ε after `step` steps, by each accountant.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct EpsilonPoint {
     pub step: u64,
-    pub pld: f64,
-    pub rdp: f64,
+    /// `None` where the accountant could not compute it (the run's own accountant never is).
+    pub pld: Option<f64>,
+    pub rdp: Option<f64>,
 }
 
 /// The utility of a non-private run on the same config, base model and data: the "what did
@@ -111,19 +180,8 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
 }
 
-const OUTPUT_FILES: [&str; 5] =
-    ["adapter_model.safetensors", "adapter_config.json", "privacy_report.json", "privacy_report.md", "metrics.jsonl"];
-
-/// Refuse an output folder that already holds a run, unless overwriting.
-pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<(), ReportError> {
-    let holds_run = OUTPUT_FILES.iter().any(|f| dir.join(f).exists());
-    if holds_run && !overwrite {
-        return Err(ReportError::OutputExists(dir.into()));
-    }
-    Ok(())
-}
-
-/// Write `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
+/// Write `bytes` to `path` atomically: temporary file in the same folder, fsync, rename. The
+/// temporary name (`.NAME.tmp-PID`) is removed by the next run of the folder if a crash leaves it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     let io = |source| ReportError::Io { path: path.into(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -148,17 +206,61 @@ fn json_number(x: f64) -> serde_json::Value {
         .unwrap_or_else(|| serde_json::Value::String(format!("{x}")))
 }
 
-/// What the guarantee does not cover, for this run.
-fn not_protected(plan: &Plan, s: &RunSummary) -> Vec<String> {
+/// `x` with `decimals` decimals, rounded up (never below `x`): how every human-readable ε is
+/// printed, so a rounded bound is still a bound.
+pub fn round_up(x: f64, decimals: usize) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let scale = 10f64.powi(decimals as i32);
+    let mut v = (x * scale).ceil() / scale;
+    loop {
+        let s = format!("{v:.decimals$}");
+        if s.parse::<f64>().is_ok_and(|p| p >= x) {
+            return s;
+        }
+        v += 0.5 / scale;
+    }
+}
+
+/// The guarantee sentence of a run, derived from the certificate's own values (`verify` derives
+/// it again and compares).
+pub fn guarantee_sentence(private: bool, seeded: bool, epsilon: Option<f64>, delta: f64) -> String {
+    if !private {
+        return "NONE: trained without clipping or noise (non-private reference run)".to_string();
+    }
+    if seeded {
+        return "NONE: a seeded run (training.seed): its sampling and noise can be reproduced from the config, so it certifies nothing; for experiments only".to_string();
+    }
+    format!(
+        "({}, {delta:e})-DP at the level of one record, {NEIGHBOURING}, under Poisson sampling",
+        round_up(epsilon.unwrap_or(f64::INFINITY), 6)
+    )
+}
+
+/// The dtype in which per-example gradients are really computed, for this run's base dtype.
+pub fn gradient_dtype_statement(base: candle_core::DType) -> String {
+    match base {
+        candle_core::DType::F32 => "per-example gradients, clipping and the clipped sum in f32 (squared norms, clip factors and noise in f64; the sum over micro-batches in f64)".into(),
+        other => format!("per-example gradients of the LoRA tensors in f32, but the gradient propagated through the frozen {other:?} base weights is rounded to {other:?} at every frozen linear layer; clipping in f32 (squared norms, clip factors and noise in f64; the sum over micro-batches in f64)").to_lowercase(),
+    }
+}
+
+/// What the guarantee does not cover in the released files, for this run. Everything else a run
+/// writes is in the private part (README "What to publish, what to keep").
+pub fn not_protected(plan: &Plan, s: &RunSummary) -> Vec<String> {
     let mut v = vec![
-        "training losses, gradient norms and clip fractions (metrics.jsonl, the plots, this report) are computed on the private data without noise: they are not covered by ε".to_string(),
-        "held-out metrics (overall and per group) are computed on the test file without noise: the test records are not protected".to_string(),
+        "held-out metrics (overall and per group, this report and plots/groups.svg) are computed on the test file without noise: the test records are not protected".to_string(),
+        format!(
+            "hyper-parameters: the config states privacy.hyperparameters-tuned-on-private-data = {}{}",
+            plan.tuned_on_private_data,
+            if plan.tuned_on_private_data {
+                ": that tuning leaks information ε does not account for"
+            } else {
+                " (the user's statement; if they were tuned on this data, that tuning leaks information ε does not account for)"
+            }
+        ),
     ];
-    v.push(if plan.tuned_on_private_data {
-        "hyper-parameters WERE tuned on this private data (privacy.hyperparameters-tuned-on-private-data = true): that tuning leaks information ε does not account for".to_string()
-    } else {
-        "hyper-parameters: the config states they were not tuned on this private data (privacy.hyperparameters-tuned-on-private-data = false); if they were, that tuning leaks information ε does not account for".to_string()
-    });
     if s.task == Task::Classification {
         v.push(if plan.labels.is_some() {
             "the label set is given in the config (public)".to_string()
@@ -166,8 +268,16 @@ fn not_protected(plan: &Plan, s: &RunSummary) -> Vec<String> {
             "the label set is read from the training data: which labels occur is not protected".to_string()
         });
     }
-    v.push("the dataset size N and the number of steps are treated as public".to_string());
+    v.push("the dataset size N, the number of steps and the stop reason are treated as public".to_string());
+    v.push(if s.seeded {
+        "the config text is kept in the private part (it holds the seed)".to_string()
+    } else {
+        "the config (hyper-parameters and file paths) is published as given in this report".to_string()
+    });
+    v.push("the data commitments are HMAC-SHA256 under a secret key kept in the private part: without the key they reveal nothing about the data".to_string());
     v.push("the base model's own training data (the guarantee covers only this fine-tuning data)".to_string());
+    v.push("not released, kept in the private part (never publish it): per-step losses, clip fractions, realised batch sizes, non-finite counts and timings (metrics.jsonl, the loss and clip plots), training time and examples/s (together with the batch sizes they give the noise-free number of sampled records), the --reference run's metrics, the seed, the commitment key, plain hashes of the input files, and the checkpoints (noise key, sampler state)".to_string());
+    v.push("side channels of running the job: whoever observes it (wall-clock time per step, memory, error messages such as a refused record's file and line, or whether a run was aborted) learns things ε does not cover".to_string());
     v
 }
 
@@ -181,45 +291,66 @@ fn perplexity_json(m: Option<EvalResult>) -> serde_json::Value {
     }
 }
 
+pub const COMMITMENT: &str =
+    "HMAC-SHA256 of the file's bytes under a fresh 256-bit key kept in the run's private part (private/run.json)";
+pub const CLIPPING: &str = "flat (total L2 norm over all trainable tensors), to C·(1 − 2⁻²⁰) so that the f32 rounding of the clip factor and of the scaled values keeps every clipped norm ≤ C";
+
 /// The certificate: the facts an auditor needs, stored in the adapter file itself.
 pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
+    let eps_json = |e: &Option<Epsilon>| e.as_ref().map(Epsilon::to_json).unwrap_or(serde_json::Value::Null);
     serde_json::json!({
         "engine": ENGINE,
         "private": !s.non_private,
-        "guarantee": if s.non_private {
-            "NONE: trained without clipping or noise (non-private reference run)".to_string()
-        } else {
-            format!("({:.6}, {:e})-DP at the level of one record, {NEIGHBOURING}, under Poisson sampling", s.epsilon.unwrap_or(f64::INFINITY), s.delta)
-        },
+        "seeded": s.seeded,
+        "certified": s.certifies(),
+        "guarantee": guarantee_sentence(!s.non_private, s.seeded, s.epsilon, s.delta),
         "epsilon": s.epsilon.map(json_number).unwrap_or(serde_json::Value::Null),
         "epsilon_kind": "upper bound",
         "delta": s.delta,
+        "target_epsilon": s.target_epsilon,
         "accountant": plan.accountant.name(),
         "accountant_detail": match plan.accountant {
             crate::accounting::AccountantKind::Pld => "privacy loss distribution, connect-the-dots discretisation (interval 1e-4), FFT composition, pessimistic tails; both add and remove directions",
             crate::accounting::AccountantKind::Rdp => "Rényi DP, orders 1.1-10.9 and 12-63, conversion of Balle et al. 2020",
         },
-        "epsilon_cross_check": {
-            "pld": s.epsilon_pld.map(json_number),
-            "rdp": s.epsilon_rdp.map(json_number),
-        },
+        "epsilon_cross_check": { "pld": eps_json(&s.epsilon_pld), "rdp": eps_json(&s.epsilon_rdp) },
         "noise_multiplier": s.noise_multiplier,
         "sample_rate": s.sample_rate,
         "expected_batch_size": s.expected_batch_size,
         "steps": s.steps,
         "clip_norm": s.clip_norm,
-        "clipping": "flat (total L2 norm over all trainable tensors)",
+        "clipping": CLIPPING,
+        "gradient_dtype": gradient_dtype_statement(plan.base_dtype()),
         "neighbouring_relation": NEIGHBOURING,
         "sampler": SAMPLER,
         "noise_generator": NOISE_GENERATOR,
         "dataset_size": s.dataset_size,
-        "dataset_sha256": s.dataset_hash,
-        "config_sha256": plan.config_hash,
-        "seeded": if s.seeded { "seeded: not for release" } else { "no (OS entropy)" },
+        "commitments": {
+            "scheme": COMMITMENT,
+            "train": s.inputs.train.commitment,
+            "test": s.inputs.test.commitment,
+            "config": s.inputs.config.commitment,
+        },
         "ledger": s.ledger,
     })
 }
 
+/// The full PEFT module names of the adapted layers, from the adapter's tensor names
+/// (`base_model.model.<module>.lora_A.weight`).
+pub fn adapted_modules(model: &dyn DpModel) -> Vec<String> {
+    let mut v: Vec<String> = model
+        .trainable()
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight").map(String::from))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// `adapter_config.json`. `target_modules` lists the full names of exactly the trained modules:
+/// PEFT matches a short name as a suffix (so "output.dense" would also wrap
+/// "attention.output.dense"), a full name only itself.
 fn adapter_config(plan: &Plan, s: &RunSummary) -> serde_json::Value {
     serde_json::json!({
         "peft_type": "LORA",
@@ -228,7 +359,7 @@ fn adapter_config(plan: &Plan, s: &RunSummary) -> serde_json::Value {
         "r": plan.lora_rank,
         "lora_alpha": plan.lora_alpha,
         "lora_dropout": 0.0,
-        "target_modules": s.target_modules,
+        "target_modules": s.adapted_modules,
         "bias": "none",
         "fan_in_fan_out": false,
         "modules_to_save": match s.task {
@@ -238,12 +369,31 @@ fn adapter_config(plan: &Plan, s: &RunSummary) -> serde_json::Value {
         "inference_mode": true,
         "init_lora_weights": true,
         "use_rslora": false,
-        "layers_to_transform": plan.lora_layers,
         "revision": null,
     })
 }
 
-/// The adapter tensors as safetensors bytes, with `metadata`.
+/// Rewrites a safetensors file's header as JSON with sorted keys (`__metadata__` entries included),
+/// padded with spaces to a multiple of 8 bytes: the `safetensors` crate writes its metadata map in
+/// hash order, which differs from process to process, so the same adapter would get a different
+/// file (and sha256) each time.
+pub fn canonical_safetensors(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let n = u64::from_le_bytes(bytes.get(..8).ok_or("no header")?.try_into().map_err(|_| "no header")?) as usize;
+    let header = bytes.get(8..8 + n).ok_or("truncated header")?;
+    // serde_json's map is ordered by key (no `preserve_order`), so this re-serialisation is sorted.
+    let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    let mut h = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+/// The adapter tensors as safetensors bytes, with `metadata` (byte-identical for equal inputs).
 pub fn adapter_bytes(model: &dyn DpModel, metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
     let named = model.trainable();
     let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
@@ -258,30 +408,38 @@ pub fn adapter_bytes(model: &dyn DpModel, metadata: HashMap<String, String>) -> 
         })
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+    canonical_safetensors(&safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())?)
 }
 
-pub fn write_outputs(
+/// The private run record (`private/run.json`): what identifies and reproduces the run and must
+/// never be published.
+pub fn run_record(
     plan: &Plan,
-    model: &dyn DpModel,
     s: &RunSummary,
-    metrics: &[StepMetrics],
-) -> Result<(), ReportError> {
-    let dir = &plan.output_dir;
-    let cert = certificate(plan, s);
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("dptrain_certificate".to_string(), cert.to_string());
-    let adapter_path = dir.join("adapter_model.safetensors");
-    let bytes =
-        adapter_bytes(model, meta).map_err(|message| ReportError::Format { path: adapter_path.clone(), message })?;
-    let adapter_hash = hex_sha256(&bytes);
-    let mut lines = String::new();
-    for m in metrics {
-        lines.push_str(&serde_json::to_string(m).expect("metrics serialise"));
-        lines.push('\n');
-    }
-    let report = serde_json::json!({
+    key: &crate::privacy::CommitmentKey,
+    adapter_sha256: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "engine": ENGINE,
+        "warning": "PRIVATE: never publish this folder (seed, commitment key, plain hashes of the data, timings)",
+        "seed": plan.seed,
+        "seeded": s.seeded,
+        "commitment_key": key.to_hex(),
+        "inputs": s.inputs,
+        "config_text": plan.config_text,
+        "base_model": { "path": plan.model_dir.display().to_string(), "sha256": s.model_hash },
+        "adapter_sha256": adapter_sha256,
+        "train_seconds": s.train_seconds,
+        "examples_per_second": s.examples_per_second,
+        "non_private_reference": s.reference,
+        "metrics": { "test": s.test_metric, "test_groups": s.test_groups },
+    })
+}
+
+/// The release report (`privacy_report.json`, rendered as `privacy_report.md`).
+fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter_hash: &str) -> serde_json::Value {
+    let eps_json = |e: &Option<Epsilon>| e.as_ref().map(Epsilon::to_json).unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
         "epsilon": s.epsilon.map(json_number).unwrap_or(serde_json::Value::Null),
         "delta": s.delta,
         "noise_multiplier": s.noise_multiplier,
@@ -291,33 +449,38 @@ pub fn write_outputs(
         "accountant": plan.accountant.name(),
         "seeded": s.seeded,
         "private": !s.non_private,
+        "certified": s.certifies(),
         "target_epsilon": s.target_epsilon,
         "planned_steps": s.planned_steps,
         "stopped_early": s.stopped_early,
         "expected_batch_size": s.expected_batch_size,
         "rdp_optimal_order": s.rdp_optimal_order,
-        "epsilon_by_accountant": {
-            "pld": s.epsilon_pld.map(json_number),
-            "rdp": s.epsilon_rdp.map(json_number),
-        },
+        "epsilon_by_accountant": { "pld": eps_json(&s.epsilon_pld), "rdp": eps_json(&s.epsilon_rdp) },
         "neighbouring_relation": NEIGHBOURING,
         "guarantee": cert["guarantee"],
         "delta_times_n": s.delta * s.dataset_size as f64,
         "epochs": s.steps as f64 * s.sample_rate,
         "sampler": SAMPLER,
         "noise_generator": NOISE_GENERATOR,
-        "clipping": "flat (total L2 norm over all trainable tensors)",
+        "clipping": CLIPPING,
         "base_model": { "path": plan.model_dir.display().to_string(), "sha256": s.model_hash },
         "task": s.task,
         "target_modules": s.target_modules,
-        "dataset": { "size": s.dataset_size, "sha256": s.dataset_hash, "labels": s.labels },
-        "test_dataset": { "size": s.test_size, "sha256": s.test_dataset_hash },
+        "adapted_modules": s.adapted_modules,
+        "dataset": { "size": s.dataset_size, "commitment": s.inputs.train.commitment, "labels": s.labels },
+        "test_dataset": { "size": s.test_size, "commitment": s.inputs.test.commitment },
         "hyperparameters_tuned_on_private_data": plan.tuned_on_private_data,
         "not_protected": not_protected(plan, s),
+        "release_files": rundir::RELEASE_FILES
+            .iter()
+            .filter(|(f, _)| *f != "plots/epsilon.svg" || plots::PLOTS[0].applies(s))
+            .filter(|(f, _)| *f != "plots/groups.svg" || plots::PLOTS[3].applies(s))
+            .map(|(f, covered)| serde_json::json!({ "file": f, "covered_by_epsilon": covered }))
+            .collect::<Vec<_>>(),
         "compute": {
             "device": plan.device.name(),
             "base_weights_dtype": format!("{:?}", plan.base_dtype()).to_lowercase(),
-            "per_example_gradients_clipping_noise_dtype": "f32 (noise and clip sums in f64)",
+            "gradient_dtype": gradient_dtype_statement(plan.base_dtype()),
         },
         "metrics": {
             "test_accuracy": match s.test_metric { EvalResult::Accuracy(a) => json_number(a), _ => serde_json::Value::Null },
@@ -326,32 +489,163 @@ pub fn write_outputs(
             "test": s.test_metric,
             "base_test": s.base_test_metric,
             "test_groups": s.test_groups,
-            "train_seconds": s.train_seconds,
-            "examples_per_second": s.examples_per_second,
         },
-        "non_private_reference": s.reference,
         "epsilon_curve": s.epsilon_curve,
         "plots": plots::PLOTS
             .iter()
-            .filter(|p| p.applies(s))
+            .filter(|p| p.release && p.applies(s))
             .map(|p| serde_json::json!({ "file": p.file, "title": p.title }))
             .collect::<Vec<_>>(),
         "adapter_sha256": adapter_hash,
         "certificate": cert,
         "ledger": s.ledger,
-        "config": plan.config_text,
-    });
+        "config": if s.seeded { serde_json::Value::Null } else { serde_json::Value::String(plan.config_text.clone()) },
+    })
+}
+
+/// Writes a finished run: the private part first (run record, metrics, private plots), then the
+/// release (adapter, adapter config, release plots, the report last). Every file is atomic.
+pub fn write_outputs(
+    plan: &Plan,
+    dir: &rundir::RunDir,
+    model: &dyn DpModel,
+    s: &RunSummary,
+    metrics: &[StepMetrics],
+    key: &crate::privacy::CommitmentKey,
+) -> Result<(), ReportError> {
+    let cert = certificate(plan, s);
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("dptrain_certificate".to_string(), cert.to_string());
+    let adapter_path = dir.release.join("adapter_model.safetensors");
+    let bytes =
+        adapter_bytes(model, meta).map_err(|message| ReportError::Format { path: adapter_path.clone(), message })?;
+    let adapter_hash = hex_sha256(&bytes);
+    let report = release_report(plan, s, &cert, &adapter_hash);
+
+    // Private part.
+    let mut lines = String::new();
+    for m in metrics {
+        lines.push_str(&serde_json::to_string(m).expect("metrics serialise"));
+        lines.push('\n');
+    }
+    write_atomic(&dir.private.join(rundir::METRICS), lines.as_bytes())?;
+    for p in plots::PLOTS.iter().filter(|p| p.applies(s)) {
+        // The private copy of the group plot carries the reference's bars; the release one never.
+        let (part, summary) = if p.release {
+            let mut public = s.clone();
+            public.reference = None;
+            (&dir.release, std::borrow::Cow::Owned(public))
+        } else {
+            (&dir.private, std::borrow::Cow::Borrowed(s))
+        };
+        let svg =
+            (p.draw)(&summary, metrics).map_err(|message| ReportError::Format { path: part.join(p.file), message })?;
+        write_atomic(&part.join(p.file), svg.as_bytes())?;
+        if p.release && s.reference.is_some() && p.file == "plots/groups.svg" {
+            let svg = (p.draw)(s, metrics)
+                .map_err(|message| ReportError::Format { path: dir.private.join(p.file), message })?;
+            write_atomic(&dir.private.join(p.file), svg.as_bytes())?;
+        }
+    }
+    write_atomic(
+        &dir.private.join(rundir::RUN_RECORD),
+        serde_json::to_string_pretty(&run_record(plan, s, key, &adapter_hash)).expect("json").as_bytes(),
+    )?;
+
+    // Release.
     write_atomic(&adapter_path, &bytes)?;
     write_atomic(
-        &dir.join("adapter_config.json"),
+        &dir.release.join("adapter_config.json"),
         serde_json::to_string_pretty(&adapter_config(plan, s)).expect("json").as_bytes(),
     )?;
-    write_atomic(&dir.join("metrics.jsonl"), lines.as_bytes())?;
-    for p in plots::PLOTS.iter().filter(|p| p.applies(s)) {
-        let svg = (p.draw)(s, metrics).map_err(|message| ReportError::Format { path: dir.join(p.file), message })?;
-        write_atomic(&dir.join(p.file), svg.as_bytes())?;
-    }
-    write_atomic(&dir.join("privacy_report.md"), markdown::render(&report).as_bytes())?;
-    write_atomic(&dir.join("privacy_report.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;
+    write_atomic(&dir.release.join("privacy_report.md"), markdown::render(&report).as_bytes())?;
+    write_atomic(
+        &dir.release.join("privacy_report.json"),
+        serde_json::to_string_pretty(&report).expect("json").as_bytes(),
+    )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounded_epsilon_is_never_below_the_bound() {
+        for &x in &[2.9999994, 2.9999995, 3.0, 0.1 + 0.2, 1.0 / 3.0, 7.123456789, 1e-9, 123456.0000001] {
+            for d in [2, 4, 6] {
+                let s = round_up(x, d);
+                assert!(s.parse::<f64>().unwrap() >= x, "{x} → {s}");
+                assert!(s.parse::<f64>().unwrap() - x <= 1.5 * 10f64.powi(-(d as i32)), "{x} → {s}");
+            }
+        }
+        assert_eq!(round_up(2.9999994, 6), "3.000000");
+        assert_eq!(round_up(1.0000001, 2), "1.01");
+        assert_eq!(round_up(3.0, 4), "3.0000");
+        assert!(guarantee_sentence(true, false, Some(2.99999941), 1e-5).starts_with("(3.000000, 1e-5)-DP"));
+        assert!(guarantee_sentence(true, true, Some(1.0), 1e-5).starts_with("NONE: a seeded run"));
+    }
+
+    /// `verify` re-renders the markdown from the parsed JSON: every number must read back as the
+    /// very f64 that was written (serde_json's default parser is off by an ulp for some, e.g.
+    /// δ·N = 1e-4 · 300 = 0.030000000000000002).
+    #[test]
+    fn every_number_a_report_writes_survives_the_json_round_trip() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(17);
+        let mut checked = 0;
+        for delta in [1e-3, 1e-4, 3e-5, 1e-5, 2.5e-6, 1e-6, 1e-7, 1e-8] {
+            for n in (50..20_000).step_by(97) {
+                let l = 1 + n / 37;
+                let sigma: f64 = rng.random_range(0.3..5.0);
+                let eps: f64 = rng.random_range(0.01..20.0);
+                let v = serde_json::json!({
+                    "delta_times_n": delta * n as f64,
+                    "sample_rate": l as f64 / n as f64,
+                    "noise_multiplier": sigma,
+                    "epsilon": eps,
+                    "epochs": 113.0 * (l as f64 / n as f64),
+                });
+                let back: serde_json::Value = serde_json::from_str(&serde_json::to_string_pretty(&v).unwrap()).unwrap();
+                for key in ["delta_times_n", "sample_rate", "noise_multiplier", "epsilon", "epochs"] {
+                    assert_eq!(
+                        back[key].as_f64().unwrap().to_bits(),
+                        v[key].as_f64().unwrap().to_bits(),
+                        "{key} = {} (δ {delta}, N {n})",
+                        v[key]
+                    );
+                }
+                assert_eq!(back, v);
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000);
+        let x: f64 = 1e-4 * 300.0;
+        assert_eq!(serde_json::from_str::<f64>(&serde_json::to_string(&x).unwrap()).unwrap().to_bits(), x.to_bits());
+    }
+
+    #[test]
+    fn canonical_header_has_sorted_keys_and_the_same_tensors() {
+        let data: Vec<u8> = (0..24u8).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &data).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let mut meta = HashMap::new();
+            for k in ["format", "dptrain_certificate", "b", "a", "zz"] {
+                meta.insert(k.to_string(), format!("v-{k}"));
+            }
+            let raw = safetensors::serialize(vec![("t".to_string(), view.clone())], Some(meta)).unwrap();
+            let c = canonical_safetensors(&raw).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&c).unwrap();
+            assert_eq!(st.tensor("t").unwrap().data(), &data[..]);
+            let n = u64::from_le_bytes(c[..8].try_into().unwrap()) as usize;
+            assert_eq!(n % 8, 0);
+            let header = std::str::from_utf8(&c[8..8 + n]).unwrap();
+            let pos = |k: &str| header.find(&format!("\"{k}\"")).unwrap();
+            assert!(pos("a") < pos("b") && pos("b") < pos("dptrain_certificate") && pos("format") < pos("zz"));
+            seen.insert(c);
+        }
+        assert_eq!(seen.len(), 1, "one byte sequence whatever the hash order");
+    }
 }

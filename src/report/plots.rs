@@ -1,6 +1,8 @@
 //! The report's plots, as SVG (drawn with plotters, no font files needed): ε spent per step by
 //! both accountants, the training loss, the clipped fraction per step, and the held-out metric
-//! per group (beside the non-private reference's, when given).
+//! per group (beside the non-private reference's, when given). The ε and group plots are part of
+//! the release; the loss and clip plots are computed on the private data without noise and go to
+//! the private part (`Plot::release`).
 //!
 //! Every series is one `<polyline>` (lines) or one `<rect>` per bar, and is named in the legend,
 //! so tests can read the plotted values back out of the XML.
@@ -10,8 +12,10 @@ use plotters::prelude::*;
 
 /// One plot of the report.
 pub struct Plot {
-    /// Path relative to the output folder.
+    /// Path relative to its part of the run folder.
     pub file: &'static str,
+    /// In `release/` (else `private/`).
+    pub release: bool,
     pub title: &'static str,
     /// Whether the run has anything to show in it.
     pub when: fn(&RunSummary) -> bool,
@@ -27,24 +31,28 @@ impl Plot {
 pub const PLOTS: [Plot; 4] = [
     Plot {
         file: "plots/epsilon.svg",
+        release: true,
         title: "ε spent vs step (PLD and RDP upper bounds)",
         when: |s| !s.non_private && !s.epsilon_curve.is_empty(),
         draw: epsilon_plot,
     },
     Plot {
         file: "plots/loss.svg",
+        release: false,
         title: "training loss vs step (mean over the logical batch)",
         when: |_| true,
         draw: loss_plot,
     },
     Plot {
         file: "plots/clip_fraction.svg",
+        release: false,
         title: "fraction of the batch clipped vs step",
         when: |s| !s.non_private,
         draw: clip_plot,
     },
     Plot {
         file: "plots/groups.svg",
+        release: true,
         title: "held-out metric per group",
         when: |s| !s.test_groups.is_empty(),
         draw: groups_plot,
@@ -130,8 +138,11 @@ pub fn line_chart(
 
 fn epsilon_plot(s: &RunSummary, _: &[StepMetrics]) -> Result<String, String> {
     // ε = 0 before the first step.
-    let pts = |f: fn(&super::EpsilonPoint) -> f64| {
-        std::iter::once((0.0, 0.0)).chain(s.epsilon_curve.iter().map(|p| (p.step as f64, f(p)))).collect()
+    // A point an accountant could not compute (e.g. PLD at a tiny σ) is left out of its line.
+    let pts = |f: fn(&super::EpsilonPoint) -> Option<f64>| {
+        std::iter::once((0.0, 0.0))
+            .chain(s.epsilon_curve.iter().filter_map(|p| f(p).map(|e| (p.step as f64, e))))
+            .collect()
     };
     let mut series = vec![
         Series { name: "PLD".into(), color: DP_COLOR, points: pts(|p| p.pld) },
@@ -241,7 +252,7 @@ fn groups_plot(s: &RunSummary, _: &[StepMetrics]) -> Result<String, String> {
         name: if s.non_private {
             "non-private".into()
         } else {
-            format!("DP (ε = {:.2})", s.epsilon.unwrap_or(f64::NAN))
+            format!("DP (ε ≤ {})", s.epsilon.map_or("?".into(), |e| super::round_up(e, 2)))
         },
         color: DP_COLOR,
         values: s.test_groups.iter().map(|g| g.metric.value()).collect(),

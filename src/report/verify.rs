@@ -1,11 +1,16 @@
 //! `dptrain verify DIR`: re-derives what a run's outputs claim and checks they agree — the
-//! adapter file's hash, the certificate in its metadata against the report, and ε recomputed
-//! from the stored ledger with the stated accountant. Any mismatch fails the verification.
+//! adapter file's hash, the certificate in its metadata against the report, every headline claim
+//! (guarantee sentence, seeded, certified, ε by each accountant, target) derived again from the
+//! certificate and its ledger rather than read from the report, the ledger's q and σ against the
+//! certificate and q = L/N. With the run's private part it also checks the data identity (the keyed
+//! commitments recomputed from the input files) and the per-step metrics. Any mismatch fails.
 
+use super::rundir::{self, RUN_RECORD};
 use crate::accounting::event::Ledger;
 use crate::accounting::{AccountantKind, PldAccountant, RdpAccountant};
 use crate::config::hex_sha256;
-use std::path::Path;
+use crate::privacy::CommitmentKey;
+use std::path::{Path, PathBuf};
 
 /// One verification check.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -15,18 +20,35 @@ pub struct VerifyCheck {
     pub detail: String,
 }
 
-/// Outcome of `verify`: every check, and whether the run claims a DP guarantee at all.
+/// Outcome of `verify`: every check, and whether the run certifies a DP guarantee at all.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Verification {
     pub private: bool,
+    pub seeded: bool,
+    /// The private part that was checked, if any.
+    pub private_part: Option<String>,
     pub checks: Vec<VerifyCheck>,
 }
 
 impl Verification {
-    /// All checks passed and the run is private.
+    /// All checks passed (a seeded run fails its "not seeded" check unless `allow_seeded` was
+    /// given) and the run is private.
     pub fn ok(&self) -> bool {
         self.private && self.checks.iter().all(|c| c.pass)
     }
+}
+
+/// What `verify` is given.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// The run's private part (default: `private/` beside the release folder, when present).
+    pub private: Option<PathBuf>,
+    /// The training / held-out data to check against the commitments (default: the paths in the
+    /// private run record).
+    pub train: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+    /// Downgrade "the run is seeded" from a failure to a warning (experiments only).
+    pub allow_seeded: bool,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, String> {
@@ -47,11 +69,12 @@ fn as_f64(v: &serde_json::Value) -> Option<f64> {
     }
 }
 
-/// Verifies the outputs in `dir`. Errors only when a file cannot be read at all; every
-/// disagreement is a failed check.
-pub fn verify(dir: &Path) -> Result<Verification, String> {
-    let report = read_json(&dir.join("privacy_report.json"))?;
-    let adapter_path = dir.join("adapter_model.safetensors");
+/// Verifies the run in `dir` (a run folder or its `release/` folder). Errors only when a file
+/// cannot be read at all; every disagreement is a failed check.
+pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verification, String> {
+    let release = rundir::release_of(dir);
+    let report = read_json(&release.join("privacy_report.json"))?;
+    let adapter_path = release.join("adapter_model.safetensors");
     let bytes = std::fs::read(&adapter_path).map_err(|e| format!("{}: {e}", adapter_path.display()))?;
     let mut checks = Vec::new();
     let mut check =
@@ -79,17 +102,70 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
         cert == report["certificate"],
         "the certificate in the adapter equals privacy_report.json's `certificate`".into(),
     );
-    for key in ["epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm", "accountant"] {
+    // Every headline of the report is the certificate's value (the markdown is checked below to
+    // be the rendering of this JSON, so it states the same).
+    for key in [
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "clip_norm",
+        "accountant",
+        "seeded",
+        "private",
+        "certified",
+        "target_epsilon",
+        "guarantee",
+        "expected_batch_size",
+    ] {
         check(
-            &format!("report `{key}`"),
+            &format!("report `{key}` = certificate"),
             report[key] == cert[key],
             format!("report {} vs certificate {}", report[key], cert[key]),
         );
     }
+    check(
+        "report ε by accountant = certificate's cross-check",
+        report["epsilon_by_accountant"] == cert["epsilon_cross_check"],
+        format!("report {} vs certificate {}", report["epsilon_by_accountant"], cert["epsilon_cross_check"]),
+    );
+    check(
+        "report dataset size = certificate",
+        report["dataset"]["size"] == cert["dataset_size"],
+        format!("report {} vs certificate {}", report["dataset"]["size"], cert["dataset_size"]),
+    );
+    check(
+        "report data commitments = certificate",
+        report["dataset"]["commitment"] == cert["commitments"]["train"]
+            && report["test_dataset"]["commitment"] == cert["commitments"]["test"],
+        "training and held-out commitments".into(),
+    );
     let private = cert["private"].as_bool().unwrap_or(false);
+    let seeded = cert["seeded"].as_bool().unwrap_or(true);
+    let delta = cert["delta"].as_f64().unwrap_or(f64::NAN);
+    let claimed = as_f64(&cert["epsilon"]);
+    // The guarantee sentence and the "certified" flag, derived again from the certificate's values.
+    let sentence = super::guarantee_sentence(private, seeded, claimed, delta);
+    check(
+        "guarantee sentence derived from ε, δ, private, seeded",
+        cert["guarantee"].as_str() == Some(sentence.as_str()),
+        format!("derived {sentence:?}, certificate says {}", cert["guarantee"]),
+    );
+    check(
+        "certified = private and not seeded",
+        cert["certified"].as_bool() == Some(private && !seeded),
+        format!("private {private}, seeded {seeded}, certified {}", cert["certified"]),
+    );
+    let private_part = opts.private.clone().or_else(|| rundir::private_beside(&release));
     if !private {
         check("private run", false, "the certificate says the run is NOT private: it certifies nothing".into());
-        return Ok(Verification { private, checks });
+        return Ok(Verification {
+            private,
+            seeded,
+            private_part: private_part.map(|p| p.display().to_string()),
+            checks,
+        });
     }
 
     let ledger: Option<Ledger> = serde_json::from_value(cert["ledger"].clone()).ok();
@@ -99,14 +175,27 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
         cert["ledger"] == report["ledger"],
         "certificate and report hold the same ledger".into(),
     );
-    let delta = cert["delta"].as_f64().unwrap_or(f64::NAN);
-    let claimed = as_f64(&cert["epsilon"]).unwrap_or(f64::NAN);
+    let claimed = claimed.unwrap_or(f64::NAN);
+    let q = cert["sample_rate"].as_f64().unwrap_or(f64::NAN);
+    let sigma = cert["noise_multiplier"].as_f64().unwrap_or(f64::NAN);
+    let l = cert["expected_batch_size"].as_u64();
+    let n = cert["dataset_size"].as_u64();
+    check(
+        "q = L / N",
+        matches!((l, n), (Some(l), Some(n)) if n > 0 && q == l as f64 / n as f64),
+        format!("q {q}, L {l:?}, N {n:?}"),
+    );
     if let Some(ledger) = ledger {
         let steps = cert["steps"].as_u64().unwrap_or(u64::MAX);
         check(
             "ledger step count",
             ledger.steps() == steps,
             format!("ledger {} steps, certificate {steps}", ledger.steps()),
+        );
+        check(
+            "every ledger step has the certificate's q and σ",
+            ledger.all_steps_are(q, sigma),
+            format!("q {q}, σ {sigma}"),
         );
         let event = ledger.as_event();
         let pld = PldAccountant::default().epsilon(&event, delta).map(|r| r.epsilon);
@@ -130,27 +219,81 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
             ),
         }
         for (name, value) in [("pld", &pld), ("rdp", &rdp)] {
-            let stated = as_f64(&cert["epsilon_cross_check"][name]);
-            let ok = matches!((value, stated), (Ok(v), Some(s)) if close(*v, s));
-            check(&format!("cross-check ε ({name})"), ok, format!("recomputed {value:?}, stated {stated:?}"));
+            let stated = &cert["epsilon_cross_check"][name];
+            let ok = match (value, as_f64(stated)) {
+                (Ok(v), Some(s)) => close(*v, s),
+                // Stated unavailable: only if it really cannot be computed.
+                (Err(_), None) => stated["unavailable"].is_string(),
+                _ => false,
+            };
+            check(&format!("cross-check ε ({name})"), ok, format!("recomputed {value:?}, stated {stated}"));
         }
     }
-    if let Some(t) = report["target_epsilon"].as_f64() {
+    if let Some(t) = cert["target_epsilon"].as_f64() {
         check("ε within the target", claimed <= t, format!("ε {claimed} ≤ target {t}"));
     }
-    check(
-        "δ below 1/N",
-        cert["dataset_size"].as_u64().is_some_and(|n| delta < 1.0 / n as f64),
-        format!("δ {delta}, N {}", cert["dataset_size"]),
-    );
-    let md = std::fs::read_to_string(dir.join("privacy_report.md")).unwrap_or_default();
+    check("δ below 1/N", n.is_some_and(|n| delta < 1.0 / n as f64), format!("δ {delta}, N {}", cert["dataset_size"]));
+    let md = std::fs::read_to_string(release.join("privacy_report.md")).unwrap_or_default();
     check(
         "privacy_report.md is the rendering of privacy_report.json",
         md == super::markdown::render(&report),
         if md.is_empty() { "missing or empty".into() } else { "re-rendered from the JSON".into() },
     );
-    let lines =
-        std::fs::read_to_string(dir.join("metrics.jsonl")).map(|t| t.lines().count() as u64).unwrap_or(u64::MAX);
-    check("metrics.jsonl has one line per step", Some(lines) == cert["steps"].as_u64(), format!("{lines} lines"));
-    Ok(Verification { private, checks })
+    check(
+        "not seeded",
+        !seeded || opts.allow_seeded,
+        if seeded {
+            format!(
+                "{}SEEDED run: its sampling and noise can be reproduced from the config; it certifies nothing",
+                if opts.allow_seeded { "WARNING (allowed by --allow-seeded): " } else { "" }
+            )
+        } else {
+            "the noise key came from the operating system's entropy".into()
+        },
+    );
+    match &private_part {
+        None => check(
+            "data identity (needs the private part)",
+            true,
+            "not checked: no private part given; the commitments can be checked only with the key in private/run.json"
+                .into(),
+        ),
+        Some(p) => check_private(p, &cert, opts, &mut check),
+    }
+    Ok(Verification { private, seeded, private_part: private_part.map(|p| p.display().to_string()), checks })
+}
+
+/// Checks with the run's private part: the keyed commitments recomputed from the input files, and
+/// the per-step metrics file.
+fn check_private(
+    private: &Path,
+    cert: &serde_json::Value,
+    opts: &VerifyOptions,
+    check: &mut impl FnMut(&str, bool, String),
+) {
+    let record = match read_json(&private.join(RUN_RECORD)) {
+        Ok(r) => r,
+        Err(e) => return check("private run record readable", false, e),
+    };
+    let key = match record["commitment_key"].as_str().map(CommitmentKey::from_hex) {
+        Some(Ok(k)) => k,
+        _ => return check("commitment key", false, format!("no valid key in {}", private.join(RUN_RECORD).display())),
+    };
+    for (what, given) in [("train", &opts.train), ("test", &opts.test), ("config", &None)] {
+        let path = given.clone().or_else(|| record["inputs"][what]["path"].as_str().map(PathBuf::from));
+        let stated = cert["commitments"][what].as_str().unwrap_or("");
+        let (ok, detail) = match path.as_deref().map(|p| (p, key.commit_file(p))) {
+            Some((p, Ok(c))) => (c == stated, format!("{} commits to {c}, certificate {stated}", p.display())),
+            Some((p, Err(e))) => (false, format!("cannot read {}: {e}", p.display())),
+            None => (false, "no path in the run record".into()),
+        };
+        check(&format!("{what} file matches its commitment"), ok, detail);
+    }
+    let steps = cert["steps"].as_u64();
+    let metrics = private.join(rundir::METRICS);
+    let (ok, detail) = match std::fs::read_to_string(&metrics) {
+        Ok(t) => (Some(t.lines().count() as u64) == steps, format!("{} lines", t.lines().count())),
+        Err(e) => (false, format!("{}: {e}", metrics.display())),
+    };
+    check("metrics.jsonl has one line per step", ok, detail);
 }

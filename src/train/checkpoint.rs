@@ -1,15 +1,19 @@
 //! Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
 //!
-//! Layout: `<output dir>/checkpoints/step-<k>/` with `state.json` (step count, sampler and noise
-//! states, ledger, metrics so far, fingerprints of config / model / data) and `tensors.safetensors`
-//! (parameters, optimiser state). A checkpoint is built in a temporary folder, every file is
-//! fsynced, then the folder is renamed into place and the parent fsynced: a crash leaves either
-//! the old checkpoints or the new one, never a half-written one. `state.json` holds the sha256 of
-//! the tensor file, so a corrupted checkpoint is refused, not loaded.
+//! Layout: `<output dir>/private/checkpoints/step-<k>/` with `state.json` (step count, sampler and
+//! noise states, commitment key, ledger, metrics so far, fingerprints of config / model / data),
+//! `state.sha256` (its checksum) and `tensors.safetensors` (parameters, optimiser state). A
+//! checkpoint is built in a temporary folder, every file is fsynced, then the folder is renamed
+//! into place and the parent fsynced: a crash leaves either the old checkpoints or the new one,
+//! never a half-written one (a folder of the same step is first renamed aside, never deleted
+//! before its replacement is in place). `state.sha256` covers `state.json`, and `state.json`
+//! holds the sha256 of the tensor file, so an edited or corrupted checkpoint is refused, not
+//! loaded; resume also checks that the sampler position, optimiser step count, ledger and metrics
+//! all account for the same number of steps.
 //!
-//! A checkpoint holds the noise key and the sampler state: whoever has it can reconstruct every
-//! step's noise. It is as sensitive as the training data and must never be released; dptrain
-//! writes it owner-readable only.
+//! A checkpoint holds the noise key and the sampler state: whoever has two of them can replay the
+//! steps between them without noise. It is as sensitive as the training data, lives in the run's
+//! private part (owner-only), and is deleted after a finished run unless the config keeps it.
 
 use crate::accounting::event::Ledger;
 use crate::config::hex_sha256;
@@ -23,8 +27,9 @@ use std::path::{Path, PathBuf};
 
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 const STATE: &str = "state.json";
+const STATE_SUM: &str = "state.sha256";
 const TENSORS: &str = "tensors.safetensors";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -32,7 +37,7 @@ pub enum CheckpointError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("checkpoint {path} is unusable: {message}")]
     Corrupt { path: PathBuf, message: String },
-    #[error("no checkpoint in {0} (expected {0}/checkpoints/step-*/ or a checkpoint folder)")]
+    #[error("no checkpoint in {0} (expected {0}/private/checkpoints/step-*/ or a checkpoint folder)")]
     NotFound(PathBuf),
     #[error("checkpoint {path} does not belong to this run: {differences}")]
     Mismatch { path: PathBuf, differences: String },
@@ -180,6 +185,8 @@ pub struct State {
     pub target_epsilon: Option<f64>,
     pub sampler: RngState,
     pub noise_key: [u8; 32],
+    /// The data commitments' key (hex), so a resumed run commits to its data under the same key.
+    pub commitment_key: String,
     pub seeded: bool,
     pub optimizer: OptimizerState,
     pub ledger: Ledger,
@@ -244,28 +251,39 @@ impl Checkpoint {
         safetensors::serialize(views, None).map_err(|e| e.to_string())
     }
 
-    /// Writes `<run_dir>/checkpoints/step-<k>` atomically and keeps only the newest `keep`.
-    pub fn write(&mut self, run_dir: &Path, keep: usize) -> Result<PathBuf, CheckpointError> {
-        let root = run_dir.join(CHECKPOINT_DIR);
-        std::fs::create_dir_all(&root).map_err(io(&root))?;
+    /// Writes `<root>/step-<k>` atomically (`root`: the run's checkpoint folder) and keeps only
+    /// the newest `keep`.
+    pub fn write(&mut self, root: &Path, keep: usize) -> Result<PathBuf, CheckpointError> {
+        std::fs::create_dir_all(root).map_err(io(root))?;
         let name = format!("step-{:08}", self.state.step);
         let fin = root.join(&name);
         let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)).map_err(io(&tmp))?;
+        }
         let tensors = self.tensor_bytes().map_err(|message| CheckpointError::Corrupt { path: tmp.clone(), message })?;
         self.state.tensors_sha256 = hex_sha256(&tensors);
         write_file(&tmp.join(TENSORS), &tensors)?;
         let state = serde_json::to_vec_pretty(&self.state).expect("state serialises");
         write_file(&tmp.join(STATE), &state)?;
+        write_file(&tmp.join(STATE_SUM), hex_sha256(&state).as_bytes())?;
         sync_dir(&tmp);
+        // A checkpoint of the same step (a resumed finished run) is renamed aside first and removed
+        // only once the new one is in place: a crash in between leaves a complete checkpoint.
+        let aside = root.join(format!(".old-{name}-{}", std::process::id()));
         if fin.exists() {
-            std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(&fin, &aside).map_err(io(&fin))?;
         }
         std::fs::rename(&tmp, &fin).map_err(io(&fin))?;
-        sync_dir(&root);
+        sync_dir(root);
+        let _ = std::fs::remove_dir_all(&aside);
         // Older checkpoints go only after the new one is in place.
-        let mut all = list(&root)?;
+        let mut all = list(root)?;
         all.sort();
         while all.len() > keep.max(1) {
             let (_, old) = all.remove(0);
@@ -278,6 +296,10 @@ impl Checkpoint {
     pub fn read(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         let corrupt = |message: String| CheckpointError::Corrupt { path: dir.into(), message };
         let state_bytes = std::fs::read(dir.join(STATE)).map_err(|e| corrupt(format!("{STATE}: {e}")))?;
+        let sum = std::fs::read_to_string(dir.join(STATE_SUM)).map_err(|e| corrupt(format!("{STATE_SUM}: {e}")))?;
+        if sum.trim() != hex_sha256(&state_bytes) {
+            return Err(corrupt(format!("{STATE} does not match the checksum in {STATE_SUM} (edited or corrupted)")));
+        }
         let state: State = serde_json::from_slice(&state_bytes).map_err(|e| corrupt(format!("{STATE}: {e}")))?;
         if state.format != FORMAT {
             return Err(corrupt(format!("format {} (this dptrain reads {FORMAT})", state.format)));
@@ -313,23 +335,50 @@ fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 }
 
 /// The checkpoint folder `--resume PATH` means: PATH itself if it is one, else the newest under
-/// PATH/checkpoints.
+/// PATH/private/checkpoints (a run folder) or PATH/checkpoints (its private part).
 pub fn locate(path: &Path) -> Result<PathBuf, CheckpointError> {
     if path.join(STATE).exists() {
         return Ok(path.into());
     }
-    let root = path.join(CHECKPOINT_DIR);
-    if !root.is_dir() {
-        return Err(CheckpointError::NotFound(path.into()));
-    }
+    let root = [path.join(crate::report::rundir::PRIVATE).join(CHECKPOINT_DIR), path.join(CHECKPOINT_DIR)]
+        .into_iter()
+        .find(|r| r.is_dir())
+        .ok_or_else(|| CheckpointError::NotFound(path.into()))?;
     let mut all = list(&root)?;
     all.sort();
     all.pop().map(|(_, p)| p).ok_or_else(|| CheckpointError::NotFound(path.into()))
 }
 
-/// Whether `run_dir` holds checkpoints (an interrupted or finished run).
-pub fn has_checkpoints(run_dir: &Path) -> bool {
-    list(&run_dir.join(CHECKPOINT_DIR)).map(|l| !l.is_empty()).unwrap_or(false)
+/// Whether the checkpoint folder `root` holds checkpoints (an interrupted or finished run).
+pub fn has_checkpoints(root: &Path) -> bool {
+    list(root).map(|l| !l.is_empty()).unwrap_or(false)
+}
+
+/// The run folder a checkpoint folder belongs to (`<run>/private/checkpoints/step-k`).
+pub fn run_dir_of(checkpoint: &Path) -> Option<PathBuf> {
+    let private = checkpoint.parent()?.parent()?;
+    (private.file_name()? == crate::report::rundir::PRIVATE).then(|| private.parent().map(PathBuf::from))?
+}
+
+impl State {
+    /// The sampler position and optimiser step count agree with the step count (each step draws
+    /// one 64-bit uniform, two 32-bit ChaCha words, per record of the `n`).
+    pub fn consistency_problems(&self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let want = 2u128 * n as u128 * self.step as u128;
+        if self.sampler.word_pos.parse::<u128>().ok() != Some(want) {
+            out.push(format!(
+                "the sampler stream is at word {}, but {} steps over {n} records put it at {want}",
+                self.sampler.word_pos, self.step
+            ));
+        }
+        if let OptimizerState::AdamW { steps } = self.optimizer {
+            if steps != self.step {
+                out.push(format!("the optimiser has taken {steps} steps, the checkpoint says {}", self.step));
+            }
+        }
+        out
+    }
 }
 
 /// sha256 over a model folder's config.json and weight files (in name order), streamed.

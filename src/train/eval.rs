@@ -64,33 +64,7 @@ pub fn perplexity(model: &LlamaLm, examples: &[Example], batch_size: usize) -> R
     Ok(EvalResult::aggregate(nll_per_example(model, examples, batch_size)?))
 }
 
-/// The metric of each group of held-out records (`groups` parallel to `scores`), sorted by group
-/// name; records without a group form the group [`NO_GROUP`]. Empty when no record has a group.
-pub fn per_group(scores: &[ExampleScore], groups: &[Option<String>]) -> Vec<GroupMetric> {
-    assert_eq!(scores.len(), groups.len(), "one group entry per score");
-    if groups.iter().all(Option::is_none) {
-        return Vec::new();
-    }
-    let mut by: std::collections::BTreeMap<&str, Vec<ExampleScore>> = Default::default();
-    for (s, g) in scores.iter().zip(groups) {
-        by.entry(g.as_deref().unwrap_or(NO_GROUP)).or_default().push(*s);
-    }
-    by.into_iter()
-        .map(|(g, s)| GroupMetric { group: g.to_string(), size: s.len(), metric: EvalResult::aggregate(s) })
-        .collect()
-}
-
-/// The group name of held-out records without a `group` field, when others have one.
-pub const NO_GROUP: &str = "(no group)";
-
-/// One group's held-out metric.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct GroupMetric {
-    pub group: String,
-    /// Held-out records in the group.
-    pub size: usize,
-    pub metric: EvalResult,
-}
+pub use crate::model::{per_group, GroupMetric, NO_GROUP};
 
 /// Hidden states entering the lowest adapted layer, for every example (see `FeatureCache`).
 /// Returns `None` when layer 0 is adapted (nothing to cache).
@@ -159,7 +133,8 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
     use crate::model::bert::load_tokenizer;
     use crate::model::{Architecture, LlamaConfig};
     let arch = Architecture::detect(&opts.model_dir)?;
-    let adapter = opts.adapter.as_deref().map(Adapter::read).transpose()?;
+    // A run folder or its release/ folder.
+    let adapter = opts.adapter.as_deref().map(|d| Adapter::read(&crate::report::rundir::release_of(d))).transpose()?;
     let mut rng = rand_chacha::ChaCha20Rng::from_seed([0; 32]);
     let (data, scores, samples) = match arch {
         Architecture::Bert => {

@@ -13,7 +13,8 @@ use crate::data::{load_classification, load_lm, Dataset, PoissonSampler};
 use crate::kernels::FusedAdamW;
 use crate::model::bert::{load_tokenizer, LoraSpec};
 use crate::model::{Architecture, BertClassifier, DpModel, LlamaConfig, LlamaLm, Task};
-use crate::privacy::{GaussianNoise, RandomStreams};
+use crate::privacy::{CommitmentKey, GaussianNoise, RandomStreams};
+use crate::report::rundir::{self, RunDir};
 use crate::report::{self, RunSummary, StepMetrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
@@ -65,20 +66,89 @@ pub enum RunError {
     Plan(String),
 }
 
+/// A run in three stages a reader can follow: `prepare` (output folder locked and checked, data,
+/// model and mechanism validated, resume state read and checked; nothing of an earlier run removed
+/// before this succeeds) → `train` (the steps, each in the ledger, checkpoints in the private part)
+/// → `release` (evaluation, ε re-checked against the target, outputs written, checkpoints removed).
 pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
-    if opts.resume.is_none() {
-        report::check_output_dir(&plan.output_dir, opts.overwrite)?;
-        if checkpoint::has_checkpoints(&plan.output_dir) {
-            if !opts.overwrite {
-                return Err(RunError::Plan(format!(
-                    "output folder {0} holds checkpoints of an earlier run: continue it with --resume {0}, or pass --overwrite to start over",
-                    plan.output_dir.display()
-                )));
-            }
-            let old = plan.output_dir.join(checkpoint::CHECKPOINT_DIR);
-            std::fs::remove_dir_all(&old).map_err(|source| CheckpointError::Io { path: old, source })?;
-        }
+    // Lock, writability and temporaries first: before any data or model is loaded.
+    let dir = RunDir::open(&plan.output_dir)?;
+    let resuming_here = check_existing(&dir, opts)?;
+    let mut prepared = prepare(plan, opts)?;
+    if opts.overwrite {
+        // Only now that config, model and data are known good is anything of an earlier run removed.
+        dir.clear_previous(resuming_here)?;
     }
+    let trained = train(plan, opts, &dir, &mut prepared)?;
+    release(plan, opts, &dir, prepared, trained)
+}
+
+/// Refuses a folder that holds another run unless `--overwrite`. Returns whether the run resumes
+/// from this very folder (then its outputs and checkpoints are its own).
+fn check_existing(dir: &RunDir, opts: &RunOptions) -> Result<bool, RunError> {
+    let resuming_here = match &opts.resume {
+        None => false,
+        Some(p) => {
+            let ck = checkpoint::locate(p)?;
+            let from = checkpoint::run_dir_of(&ck).and_then(|d| d.canonicalize().ok());
+            from.is_some() && from == dir.root.canonicalize().ok()
+        }
+    };
+    if resuming_here || opts.overwrite {
+        return Ok(resuming_here);
+    }
+    if dir.holds_outputs() {
+        return Err(report::ReportError::OutputExists(dir.root.clone()).into());
+    }
+    if checkpoint::has_checkpoints(&dir.checkpoints()) {
+        return Err(RunError::Plan(format!(
+            "output folder {0} holds checkpoints of an earlier run: continue it with --resume {0}, or pass --overwrite to start over",
+            dir.root.display()
+        )));
+    }
+    Ok(false)
+}
+
+/// Everything validated before the first step.
+struct Prepared {
+    train: Dataset,
+    test: Dataset,
+    q: f64,
+    steps: u64,
+    sigma: f64,
+    target: Option<f64>,
+    mech: Mechanism,
+    seeded: bool,
+    target_modules: Vec<String>,
+    model: Box<dyn DpModel>,
+    base_test_metric: Option<crate::model::EvalResult>,
+    model_hash: String,
+    reference: Option<report::Reference>,
+    fingerprint: Fingerprint,
+    key: CommitmentKey,
+    inputs: report::Inputs,
+    layout: FlatParams,
+    params: candle_core::Tensor,
+    cache: Option<crate::data::FeatureCache>,
+    opt: Optimizer,
+    sampler: PoissonSampler,
+    noise: GaussianNoise,
+    ledger: Ledger,
+    metrics: Vec<StepMetrics>,
+    start: u64,
+    prior_seconds: f64,
+    examples_seen: usize,
+    /// The stop rule's step limit (`None`: the planned steps).
+    max_steps: Option<u64>,
+}
+
+fn input_file(path: &std::path::Path, sha256: &str, key: &CommitmentKey) -> Result<report::InputFile, RunError> {
+    let commitment =
+        key.commit_file(path).map_err(|e| RunError::Plan(format!("cannot read {}: {e}", path.display())))?;
+    Ok(report::InputFile { path: path.display().to_string(), sha256: sha256.to_string(), commitment })
+}
+
+fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     // Open the device first: a missing GPU or a CPU-only build fails before any data is read.
     let device = plan.device.open()?;
     let arch = Architecture::detect(&plan.model_dir)?;
@@ -107,7 +177,6 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     let q = l as f64 / n as f64;
     let steps = plan.planned_steps(n);
-    let rdp_accountant = RdpAccountant::default();
     let (sigma, target) = if opts.non_private {
         (0.0, None)
     } else {
@@ -164,50 +233,27 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     };
     let resumed = match &opts.resume {
         None => None,
-        Some(path) => {
-            let dir = checkpoint::locate(path)?;
-            let c = Checkpoint::read(&dir)?;
-            let mut diffs = c.state.fingerprint.differences(&fingerprint);
-            if c.state.noise_multiplier != sigma || c.state.sample_rate != q {
-                diffs.push(format!(
-                    "σ / q: the checkpoint has {} / {}, this run computes {sigma} / {q}",
-                    c.state.noise_multiplier, c.state.sample_rate
-                ));
-            }
-            if !diffs.is_empty() {
-                return Err(CheckpointError::Mismatch { path: dir, differences: diffs.join("; ") }.into());
-            }
-            // The ledger must account for exactly the steps taken, each with this run's q and σ:
-            // a shortened or altered ledger would under-state ε in the certificate.
-            let mut expected = Ledger::default();
-            if !opts.non_private {
-                for _ in 0..c.state.step {
-                    expected.record_step(q, sigma);
-                }
-            }
-            if c.state.ledger != expected || c.state.metrics.len() as u64 != c.state.step {
-                return Err(CheckpointError::Corrupt {
-                    path: dir,
-                    message: format!(
-                        "its ledger ({} steps) and metrics ({} lines) do not account for its {} steps at q = {q}, σ = {sigma}",
-                        c.state.ledger.steps(),
-                        c.state.metrics.len(),
-                        c.state.step
-                    ),
-                }
-                .into());
-            }
-            eprintln!("resuming from {} (step {} of {})", dir.display(), c.state.step, c.state.planned_steps);
-            Some(c)
-        }
+        Some(path) => Some(read_resume_checkpoint(path, &fingerprint, n, q, sigma, opts.non_private)?),
+    };
+    let seeded = streams.seeded;
+    let key = match &resumed {
+        Some((_, c)) => CommitmentKey::from_hex(&c.state.commitment_key)
+            .map_err(|m| CheckpointError::Corrupt { path: plan.output_dir.clone(), message: m })?,
+        None if seeded => CommitmentKey::from_rng(&mut streams.commitment),
+        None => CommitmentKey::fresh(),
+    };
+    let inputs = report::Inputs {
+        train: input_file(&plan.train_path, &train.content_hash, &key)?,
+        test: input_file(&plan.test_path, &test.content_hash, &key)?,
+        config: input_file(&plan.config_path, &plan.config_hash, &key)?,
     };
     let layout = FlatParams::from_named(&model.trainable())?;
     let params = match &resumed {
         None => layout.to_tensor(model.device())?,
-        Some(c) => {
+        Some((dir, c)) => {
             if c.params.len() != layout.len() {
                 return Err(CheckpointError::Corrupt {
-                    path: plan.output_dir.clone(),
+                    path: dir.clone(),
                     message: format!("{} parameters, the model has {}", c.params.len(), layout.len()),
                 }
                 .into());
@@ -223,7 +269,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         OptimizerKind::AdamW { eps } => Optimizer::AdamW(FusedAdamW::new(plan.weight_decay, eps)),
         OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(momentum, plan.weight_decay)),
     };
-    let (mut sampler, noise, mut ledger, mut metrics, start, prior_seconds, mut examples_seen) = match resumed {
+    let (sampler, noise, ledger, metrics, start, prior_seconds, examples_seen) = match resumed {
         None => (
             PoissonSampler::new(q, streams.sampling.clone()),
             GaussianNoise::new(streams.noise.clone()),
@@ -233,8 +279,8 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             0.0,
             0usize,
         ),
-        Some(c) => {
-            let bad = |message: String| CheckpointError::Corrupt { path: plan.output_dir.clone(), message };
+        Some((dir, c)) => {
+            let bad = |message: String| CheckpointError::Corrupt { path: dir.clone(), message };
             let rng = c.state.sampler.restore().map_err(bad)?;
             let mut vectors = c.optimizer_vectors;
             match (&mut opt, &c.state.optimizer) {
@@ -262,23 +308,12 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             )
         }
     };
-
-    let bar = if opts.progress { ProgressBar::new(steps) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    let started = Instant::now();
-    bar.set_position(start);
-    let mut stopped_early = None;
     // ε of the planned steps by the run's accountant, before any step: an accountant failure
     // (e.g. a σ too small for the PLD grid) stops the run here, not after training. Every step is
-    // the same PoissonSampled(q, Gaussian(σ)), so ε grows with the step count: with a target, the
-    // stop rule is the largest step count within it (the planned one when σ was calibrated).
-    let eps_of = |k: u64| {
-        crate::accounting::epsilon(plan.accountant, &crate::accounting::DpEvent::dp_sgd(q, sigma, k), plan.delta)
-    };
+    // the same PoissonSampled(q, Gaussian(σ)), and the ledger of k such steps is exactly this
+    // event (`Ledger::as_event`), so the stop rule evaluates what the certificate will.
+    let eps_of =
+        |k: u64| crate::accounting::epsilon(plan.accountant, &Ledger::uniform(q, sigma, k).as_event(), plan.delta);
     let max_steps = if opts.non_private {
         None
     } else {
@@ -300,25 +335,112 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             _ => None,
         }
     };
-    let limit = max_steps.unwrap_or(steps);
-    if opts.resume.is_some() && start >= limit {
+    Ok(Prepared {
+        train,
+        test,
+        q,
+        steps,
+        sigma,
+        target,
+        mech,
+        seeded,
+        target_modules,
+        model,
+        base_test_metric,
+        model_hash,
+        reference,
+        fingerprint,
+        key,
+        inputs,
+        layout,
+        params,
+        cache,
+        opt,
+        sampler,
+        noise,
+        ledger,
+        metrics,
+        start,
+        prior_seconds,
+        examples_seen,
+        max_steps,
+    })
+}
+
+/// Reads the checkpoint `--resume PATH` names and refuses it unless it belongs to this run and
+/// every part of its state accounts for the same steps.
+fn read_resume_checkpoint(
+    path: &std::path::Path,
+    fingerprint: &Fingerprint,
+    n: usize,
+    q: f64,
+    sigma: f64,
+    non_private: bool,
+) -> Result<(std::path::PathBuf, Checkpoint), RunError> {
+    let dir = checkpoint::locate(path)?;
+    let c = Checkpoint::read(&dir)?;
+    let mut diffs = c.state.fingerprint.differences(fingerprint);
+    if c.state.noise_multiplier != sigma || c.state.sample_rate != q {
+        diffs.push(format!(
+            "σ / q: the checkpoint has {} / {}, this run computes {sigma} / {q}",
+            c.state.noise_multiplier, c.state.sample_rate
+        ));
+    }
+    if !diffs.is_empty() {
+        return Err(CheckpointError::Mismatch { path: dir, differences: diffs.join("; ") }.into());
+    }
+    // The ledger must account for exactly the steps taken, each with this run's q and σ: a
+    // shortened or altered ledger would under-state ε in the certificate; a sampler position that
+    // does not match the steps would replay (or skip) samples the ledger counts as fresh.
+    let expected = if non_private { Ledger::default() } else { Ledger::uniform(q, sigma, c.state.step) };
+    let mut problems = c.state.consistency_problems(n);
+    if c.state.ledger != expected || c.state.metrics.len() as u64 != c.state.step {
+        problems.push(format!(
+            "its ledger ({} steps) and metrics ({} lines) do not account for its {} steps at q = {q}, σ = {sigma}",
+            c.state.ledger.steps(),
+            c.state.metrics.len(),
+            c.state.step
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(CheckpointError::Corrupt { path: dir, message: problems.join("; ") }.into());
+    }
+    eprintln!("resuming from {} (step {} of {})", dir.display(), c.state.step, c.state.planned_steps);
+    Ok((dir, c))
+}
+
+/// What the steps produced.
+struct Trained {
+    stopped_early: Option<String>,
+    train_seconds: f64,
+}
+
+fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Result<Trained, RunError> {
+    let n = p.train.len();
+    let (q, sigma, steps) = (p.q, p.sigma, p.steps);
+    let rdp_accountant = RdpAccountant::default();
+    let bar = if opts.progress { ProgressBar::new(steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    bar.set_position(p.start);
+    let mut stopped_early = None;
+    let limit = p.max_steps.unwrap_or(steps);
+    if opts.resume.is_some() && p.start >= limit {
         eprintln!(
-            "no steps left: the checkpoint is at step {start}, the last one {} (ε target {:?}); writing the outputs from it",
-            if max_steps.is_some() { "within the privacy budget" } else { "planned" },
-            target
+            "no steps left: the checkpoint is at step {}, the last one {}{}; writing the outputs from it",
+            p.start,
+            if p.max_steps.is_some() { "within the privacy budget" } else { "planned" },
+            p.target.map(|t| format!(" (target ε = {t})")).unwrap_or_default()
         );
     }
-    let seeded = streams.seeded;
-    let save = |step: u64,
-                opt: &Optimizer,
-                sampler: &PoissonSampler,
-                ledger: &Ledger,
-                metrics: &[StepMetrics],
-                examples_seen: usize,
-                params: &candle_core::Tensor|
-     -> Result<std::path::PathBuf, RunError> {
+    let checkpoints = dir.checkpoints();
+    let save = |p: &Prepared, step: u64| -> Result<std::path::PathBuf, RunError> {
         let mut vectors = std::collections::HashMap::new();
-        let optimizer = match opt {
+        let optimizer = match &p.opt {
             Optimizer::AdamW(o) => {
                 let (steps, moments) = o.state()?;
                 if let Some((m, v)) = moments {
@@ -336,61 +458,62 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         };
         let mut c = Checkpoint {
             state: State {
-                format: 1,
+                format: 2,
                 engine: report::ENGINE.into(),
                 step,
                 planned_steps: steps,
-                max_steps,
+                max_steps: p.max_steps,
                 noise_multiplier: sigma,
                 sample_rate: q,
-                target_epsilon: target,
-                sampler: RngState::of(sampler.rng()),
-                noise_key: *noise.key().bytes(),
-                seeded,
+                target_epsilon: p.target,
+                sampler: RngState::of(p.sampler.rng()),
+                noise_key: *p.noise.key().bytes(),
+                commitment_key: p.key.to_hex(),
+                seeded: p.seeded,
                 optimizer,
-                ledger: ledger.clone(),
-                metrics: metrics.to_vec(),
-                examples_seen,
-                train_seconds: prior_seconds + started.elapsed().as_secs_f64(),
-                fingerprint: fingerprint.clone(),
+                ledger: p.ledger.clone(),
+                metrics: p.metrics.clone(),
+                examples_seen: p.examples_seen,
+                train_seconds: p.prior_seconds + started.elapsed().as_secs_f64(),
+                fingerprint: p.fingerprint.clone(),
                 tensors_sha256: String::new(),
             },
-            params: params.to_vec1::<f32>()?,
+            params: p.params.to_vec1::<f32>()?,
             optimizer_vectors: vectors,
         };
-        Ok(c.write(&plan.output_dir, plan.keep_checkpoints)?)
+        Ok(c.write(&checkpoints, plan.keep_checkpoints)?)
     };
-    for t in start..steps {
-        if let (Some(limit), Some(target)) = (max_steps, target) {
+    for t in p.start..steps {
+        if let (Some(limit), Some(target)) = (p.max_steps, p.target) {
             // Stop rule: never take the step that would exceed the target.
             if t >= limit {
                 stopped_early = Some(format!("step {} would spend more than the target ε = {target}", t + 1));
                 break;
             }
         }
-        let indices = sampler.sample(n);
+        let indices = p.sampler.sample(n);
         let (grad, rep) = private_gradient(
-            model.as_ref(),
-            &train.examples,
-            cache.as_ref(),
+            p.model.as_ref(),
+            &p.train.examples,
+            p.cache.as_ref(),
             &indices,
             plan.micro_batch_limits(),
-            layout.len(),
-            &mech,
-            &noise,
+            p.layout.len(),
+            &p.mech,
+            &p.noise,
             t,
         )?;
         let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps, steps, plan.lr_schedule);
-        opt.step(&params, &grad, lr)?;
-        model.set_trainable(&layout.split(&params)?)?;
+        p.opt.step(&p.params, &grad, lr)?;
+        p.model.set_trainable(&p.layout.split(&p.params)?)?;
         if !opts.non_private {
-            ledger.record_step(q, sigma);
+            p.ledger.record_step(q, sigma);
         }
-        examples_seen += rep.batch_size;
+        p.examples_seen += rep.batch_size;
         let eps = if opts.non_private {
             f64::INFINITY
         } else {
-            rdp_accountant.epsilon(&ledger.as_event(), plan.delta)?.epsilon
+            rdp_accountant.epsilon(&p.ledger.as_event(), plan.delta)?.epsilon
         };
         let m = StepMetrics {
             step: t + 1,
@@ -403,21 +526,22 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             elapsed_s: started.elapsed().as_secs_f64(),
         };
         let msg = format!(
-            "ε(rdp) {eps:.3}  loss {:.4}  {:.1} ex/s",
+            "ε(rdp) ≤ {}  loss {:.4}  {:.1} ex/s",
+            report::round_up(eps, 3),
             m.mean_loss,
-            examples_seen as f64 / started.elapsed().as_secs_f64()
+            p.examples_seen as f64 / started.elapsed().as_secs_f64()
         );
         if !opts.progress && opts.log_lines && ((t + 1) % (steps / 10).max(1) == 0 || t + 1 == steps) {
             eprintln!("step {}/{steps}  {msg}", t + 1);
         }
         bar.set_message(msg);
         bar.inc(1);
-        metrics.push(m);
+        p.metrics.push(m);
         let done = t + 1;
         let signalled = super::interrupt::requested();
         if (signalled || opts.stop_after == Some(done)) && done < limit {
             bar.abandon();
-            let path = save(done, &opt, &sampler, &ledger, &metrics, examples_seen, &params)?;
+            let path = save(p, done)?;
             return Err(RunError::Interrupted {
                 why: if signalled { "by a signal" } else { "as asked (--stop-after-step)" },
                 step: done,
@@ -427,27 +551,62 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             });
         }
         if plan.checkpoint_every > 0 && done.is_multiple_of(plan.checkpoint_every) && done < limit {
-            save(done, &opt, &sampler, &ledger, &metrics, examples_seen, &params)?;
+            save(p, done)?;
         }
     }
     bar.finish();
     // The final state (also what a crash while writing the outputs would resume from).
-    save(metrics.len() as u64, &opt, &sampler, &ledger, &metrics, examples_seen, &params)?;
+    save(p, p.metrics.len() as u64)?;
     if let Some(why) = &stopped_early {
         eprintln!("stopped before the privacy budget was exceeded: {why}");
     }
-    let train_seconds = prior_seconds + started.elapsed().as_secs_f64();
+    Ok(Trained { stopped_early, train_seconds: p.prior_seconds + started.elapsed().as_secs_f64() })
+}
+
+fn release(
+    plan: &Plan,
+    opts: &RunOptions,
+    dir: &RunDir,
+    p: Prepared,
+    trained: Trained,
+) -> Result<RunOutcome, RunError> {
+    let eval_batch = plan.max_physical_batch.max(1);
     let eval_started = Instant::now();
-    let scores = model.score_examples(&test.examples, eval_batch)?;
+    let scores = p.model.score_examples(&p.test.examples, eval_batch)?;
     let test_metric = crate::model::EvalResult::aggregate(scores.iter().copied());
-    let test_groups = super::eval::per_group(&scores, &test.groups);
+    let test_groups = super::eval::per_group(&scores, &p.test.groups);
     if std::env::var_os("DPTRAIN_TIMING").is_some() {
-        eprintln!("timing: train {train_seconds:.1}s, eval {:.1}s", eval_started.elapsed().as_secs_f64());
+        eprintln!("timing: train {:.1}s, eval {:.1}s", trained.train_seconds, eval_started.elapsed().as_secs_f64());
     }
-    let rdp = if opts.non_private { None } else { Some(rdp_accountant.epsilon(&ledger.as_event(), plan.delta)?) };
-    let pld =
-        if opts.non_private { None } else { Some(PldAccountant::default().epsilon(&ledger.as_event(), plan.delta)?) };
-    if let Some(r) = &rdp {
+    let event = p.ledger.as_event();
+    // The run's own accountant must succeed (it was evaluated for the planned steps before
+    // training); the other one is a cross-check and may be unavailable.
+    let (rdp, pld) = if opts.non_private {
+        (None, None)
+    } else {
+        (
+            Some(RdpAccountant::default().epsilon(&event, plan.delta).map_err(|e| (e, "rdp"))),
+            Some(PldAccountant::default().epsilon(&event, plan.delta).map_err(|e| (e, "pld"))),
+        )
+    };
+    let certified = match (plan.accountant, &pld, &rdp) {
+        (_, None, None) => None,
+        (AccountantKind::Pld, Some(r), _) => Some(r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string())),
+        (AccountantKind::Rdp, _, Some(r)) => Some(r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string())),
+        _ => unreachable!("both accountants are evaluated for a private run"),
+    }
+    .transpose()
+    .map_err(|e| RunError::Plan(format!("the {} accountant failed on the ledger: {e}", plan.accountant.name())))?;
+    // Before any output is written: the certified ε from the ledger is within the target.
+    if let (Some(eps), Some(t)) = (certified, p.target) {
+        if eps > t {
+            return Err(RunError::Plan(format!(
+                "the certified ε {eps} exceeds the target {t}: no outputs written (the checkpoints in {} are kept)",
+                dir.checkpoints().display()
+            )));
+        }
+    }
+    if let Some(Ok(r)) = &rdp {
         if r.order_at_grid_edge {
             eprintln!(
                 "warning: the RDP optimal order {} is at the edge of the order grid; ε may be loose",
@@ -455,50 +614,51 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
             );
         }
     }
-    let epsilon_curve = if opts.non_private { Vec::new() } else { epsilon_curve(&ledger, plan.delta)? };
+    let epsilon_curve = if opts.non_private { Vec::new() } else { epsilon_curve(&p.ledger, plan.delta) };
+    let as_eps = |r: &Option<Result<f64, String>>| r.clone().map(report::Epsilon::of);
     let summary = RunSummary {
         non_private: opts.non_private,
-        epsilon: match plan.accountant {
-            AccountantKind::Pld => pld.as_ref().map(|p| p.epsilon),
-            AccountantKind::Rdp => rdp.as_ref().map(|r| r.epsilon),
-        },
-        epsilon_pld: pld.as_ref().map(|p| p.epsilon),
-        epsilon_rdp: rdp.as_ref().map(|r| r.epsilon),
-        rdp_optimal_order: rdp.as_ref().map(|r| r.optimal_order),
-        target_epsilon: target,
+        epsilon: certified,
+        epsilon_pld: as_eps(&pld.as_ref().map(|r| r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string()))),
+        epsilon_rdp: as_eps(&rdp.as_ref().map(|r| r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string()))),
+        rdp_optimal_order: rdp.as_ref().and_then(|r| r.as_ref().ok()).map(|r| r.optimal_order),
+        target_epsilon: p.target,
         delta: plan.delta,
-        noise_multiplier: sigma,
-        sample_rate: q,
-        expected_batch_size: l,
-        steps: metrics.len() as u64,
-        planned_steps: steps,
-        clip_norm: mech.clip,
-        seeded,
-        dataset_size: n,
-        dataset_hash: train.content_hash.clone(),
-        test_dataset_hash: test.content_hash.clone(),
-        test_size: test.len(),
-        labels: train.labels.clone(),
-        task: model.task(),
-        target_modules,
+        noise_multiplier: p.sigma,
+        sample_rate: p.q,
+        expected_batch_size: plan.expected_batch_size,
+        steps: p.metrics.len() as u64,
+        planned_steps: p.steps,
+        clip_norm: p.mech.clip,
+        seeded: p.seeded,
+        dataset_size: p.train.len(),
+        test_size: p.test.len(),
+        inputs: p.inputs.clone(),
+        labels: p.train.labels.clone(),
+        task: p.model.task(),
+        target_modules: p.target_modules.clone(),
+        adapted_modules: report::adapted_modules(p.model.as_ref()),
         test_metric,
-        base_test_metric,
+        base_test_metric: p.base_test_metric,
         test_groups,
-        reference,
-        model_hash,
+        reference: p.reference.clone(),
+        model_hash: p.model_hash.clone(),
         epsilon_curve,
-        train_seconds,
-        examples_per_second: examples_seen as f64 / train_seconds,
-        stopped_early,
-        ledger,
+        train_seconds: trained.train_seconds,
+        examples_per_second: p.examples_seen as f64 / trained.train_seconds,
+        stopped_early: trained.stopped_early,
+        ledger: p.ledger.clone(),
     };
-    report::write_outputs(plan, model.as_ref(), &summary, &metrics)?;
+    report::write_outputs(plan, dir, p.model.as_ref(), &summary, &p.metrics, &p.key)?;
+    if !plan.keep_final_checkpoint {
+        dir.remove_checkpoints()?;
+    }
     Ok(RunOutcome { summary })
 }
 
 /// ε after each of up to `EPSILON_CURVE_POINTS` evenly spaced steps (always including the last),
 /// by both accountants, from the ledger's prefixes.
-fn epsilon_curve(ledger: &Ledger, delta: f64) -> Result<Vec<report::EpsilonPoint>, RunError> {
+fn epsilon_curve(ledger: &Ledger, delta: f64) -> Vec<report::EpsilonPoint> {
     const EPSILON_CURVE_POINTS: u64 = 40;
     let total = ledger.steps();
     let mut steps: Vec<u64> = (1..=EPSILON_CURVE_POINTS).map(|i| (i * total).div_ceil(EPSILON_CURVE_POINTS)).collect();
@@ -509,28 +669,32 @@ fn epsilon_curve(ledger: &Ledger, delta: f64) -> Result<Vec<report::EpsilonPoint
         .into_iter()
         .map(|k| {
             let event = ledger.prefix(k).as_event();
-            Ok(report::EpsilonPoint {
+            report::EpsilonPoint {
                 step: k,
-                pld: pld.epsilon(&event, delta)?.epsilon,
-                rdp: rdp.epsilon(&event, delta)?.epsilon,
-            })
+                pld: pld.epsilon(&event, delta).ok().map(|e| e.epsilon),
+                rdp: rdp.epsilon(&event, delta).ok().map(|e| e.epsilon),
+            }
         })
         .collect()
 }
 
-/// The held-out metrics of a non-private run in `dir`, refused unless it is non-private and used
-/// the same base model, training data and held-out data.
+/// The held-out metrics of a non-private run in the run folder `dir`, refused unless it is
+/// non-private and used the same base model, training data and held-out data (checked against
+/// the plain hashes in its private part: the release carries only keyed commitments).
 fn read_reference(
     dir: &std::path::Path,
     model_hash: &str,
     train: &Dataset,
     test: &Dataset,
 ) -> Result<report::Reference, RunError> {
-    let path = dir.join("privacy_report.json");
     let bad = |why: String| RunError::Plan(format!("--reference {}: {why}", dir.display()));
-    let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-    let r: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("{} is not JSON: {e}", path.display())))?;
+    let read = |path: std::path::PathBuf| -> Result<serde_json::Value, RunError> {
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| bad(format!("{} is not JSON: {e}", path.display())))
+    };
+    let path = dir.join(rundir::RELEASE).join("privacy_report.json");
+    let r = read(path.clone())?;
+    let private = read(dir.join(rundir::PRIVATE).join(rundir::RUN_RECORD))?;
     if r["private"].as_bool() != Some(false) {
         return Err(bad("is not a non-private run (train it with --non-private)".into()));
     }
@@ -542,8 +706,8 @@ fn read_reference(
         }
     };
     same("base model", &r["base_model"]["sha256"], model_hash)?;
-    same("training data", &r["dataset"]["sha256"], &train.content_hash)?;
-    same("held-out data", &r["test_dataset"]["sha256"], &test.content_hash)?;
+    same("training data", &private["inputs"]["train"]["sha256"], &train.content_hash)?;
+    same("held-out data", &private["inputs"]["test"]["sha256"], &test.content_hash)?;
     let test_metric = serde_json::from_value(r["metrics"]["test"].clone())
         .map_err(|e| bad(format!("no held-out metric in {}: {e}", path.display())))?;
     let test_groups = serde_json::from_value(r["metrics"]["test_groups"].clone())

@@ -139,13 +139,15 @@ pub fn private_gradient_with(
     how: ClipImpl,
 ) -> Result<(Tensor, StepReport)> {
     let mut report = StepReport::default();
-    let mut sum = Tensor::zeros(num_params, DType::F32, model.device())?;
+    // The sum over micro-batches accumulates in f64 (each micro-batch's sum is itself accumulated
+    // in f64 and rounded to f32 once) and is rounded to f32 once, before the noise.
+    let mut sum64 = Tensor::zeros(num_params, DType::F64, model.device())?;
     let mut losses = Vec::new();
     let mut sq_norms = Vec::new();
     for mb in make_micro_batches(examples, indices, max_physical_batch) {
         let batch = Batch::gather(examples, &mb, cache, model.device())?;
         let m = clipped_sum_micro_batch(model, &batch, mech.clip, how)?;
-        sum = (sum + m.sum)?;
+        sum64 = (sum64 + m.sum.to_dtype(DType::F64)?)?;
         losses.push(m.loss_sum);
         sq_norms.push(m.sq_norms);
         report.batch_size += m.size;
@@ -153,6 +155,8 @@ pub fn private_gradient_with(
         report.micro_batches += 1;
         profile::mark(model.device(), "other")?;
     }
+    let sum = sum64.to_dtype(DType::F32)?;
+    drop(sum64);
     // Noise once per logical step, also when the batch was empty (PITFALLS 4, 5).
     if mech.noise_multiplier > 0.0 {
         let Some(clip) = mech.clip else {
