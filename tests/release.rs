@@ -136,12 +136,12 @@ fn forbidden(f: &Fixture, config: &str, family: Family, run: &Path) -> Vec<(Stri
     out.push(("noise key (hex)".into(), key_hex.into_bytes()));
     out.push(("noise key (bytes)".into(), key.clone()));
     let key_json = serde_json::to_string(&state["noise_key"]).unwrap();
-    out.push(("noise key (JSON)".into(), key_json[..key_json.len() / 2].as_bytes().to_vec()));
+    out.push(("noise key (JSON)".into(), key_json.as_bytes()[..key_json.len() / 2].to_vec()));
     let record = json(&run.join("private/run.json"));
     out.push(("commitment key".into(), record["commitment_key"].as_str().unwrap().as_bytes().to_vec()));
     out.push(("sampler seed (JSON)".into(), {
         let s = serde_json::to_string(&state["sampler"]["seed"]).unwrap();
-        s[..s.len() / 2].as_bytes().to_vec()
+        s.as_bytes()[..s.len() / 2].to_vec()
     }));
     if let Some(seed) = cfg_text.lines().find_map(|l| l.strip_prefix("seed = ")) {
         out.push(("the seed".into(), seed.trim().as_bytes().to_vec()));

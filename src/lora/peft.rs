@@ -39,10 +39,13 @@ fn known_modules() -> Vec<&'static str> {
     v
 }
 
+/// Short module names and layer indices.
+type TargetsAndLayers = (Vec<String>, Vec<usize>);
+
 /// Full PEFT module names (`encoder.layer.4.attention.output.dense`, `model.layers.0.mlp.up_proj`)
 /// as (short module names, layer indices); `None` when the names are short ones (`query`). The
 /// set must be exactly the product of the two (dptrain adapts every target in every chosen layer).
-fn full_module_names(names: &[String]) -> Result<Option<(Vec<String>, Vec<usize>)>, String> {
+fn full_module_names(names: &[String]) -> Result<Option<TargetsAndLayers>, String> {
     let parse = |name: &str| -> Option<(String, usize)> {
         let parts: Vec<&str> = name.split('.').collect();
         let i = parts.iter().position(|p| *p == "layer" || *p == "layers")?;
