@@ -678,6 +678,28 @@ mod tests {
             .collect()
     }
 
+    /// The sensitivity bound in floating point: each example's clipped gradient, as the f32 values
+    /// the sum receives, has an exactly computed (f64) norm ≤ C — for gradients far larger than C,
+    /// many clip norms and sizes. Without the clip margin about half of these exceed C by ~2⁻²⁴.
+    #[test]
+    fn every_clipped_gradient_has_norm_at_most_c_in_floating_point() {
+        let mut worst = 0f64;
+        for case in 0..400u64 {
+            let n = 1 + (case as usize * 37) % 700;
+            let scale = [1.0f32, 7.5, 1e3, 3e5][case as usize % 4];
+            let g: Vec<f32> = rand_matrix(1, n, case + 11).iter().map(|x| x * scale).collect();
+            let c = [1.0, 0.1, 2.0, 0.7318, 1e-3][case as usize % 5];
+            let part = Tensor::from_vec(g, (1, n), &Device::Cpu).unwrap();
+            let f = clip_factors(&per_example_sq_norms(std::slice::from_ref(&part)).unwrap(), Some(c)).unwrap();
+            let out: Vec<f32> = clipped_sum(&[part], &f).unwrap().to_vec1().unwrap();
+            let norm = out.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            assert!(norm <= c, "case {case}: clipped norm {norm} > C = {c} (relative excess {:e})", norm / c - 1.0);
+            worst = worst.max(norm / c);
+        }
+        // The margin costs almost nothing: clipped examples still reach within 2e-6 of C.
+        assert!(worst > 1.0 - 2e-6, "{worst}");
+    }
+
     #[test]
     fn fused_clip_matches_f64_reference_across_parts_with_a_nan_row() {
         let (b, widths) = (7usize, [5usize, 300, 1]);
