@@ -9,6 +9,17 @@
 //! moves on instead of living until the end of the step. Because the tap *is* the scaling op, the
 //! DP forward keeps exactly as many [b, T, out] activations as the non-private one.
 
+/// LoRA settings applied when building the model.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Module names (`config::BERT_LORA_MODULES`, `model::llama::LLAMA_LORA_MODULES`).
+    pub targets: Vec<String>,
+    /// Encoder layers that get adapters (PEFT `layers_to_transform`); `None` = all.
+    pub layers: Option<Vec<usize>>,
+}
+
 pub mod peft;
 
 use candle_core::backend::BackendStorage;

@@ -1,7 +1,7 @@
 //! Reading an adapter folder written by dptrain (HF PEFT layout: adapter_config.json and
 //! adapter_model.safetensors) back onto a model.
 
-use crate::model::bert::LoraSpec;
+use crate::lora::LoraSpec;
 use crate::model::DpModel;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

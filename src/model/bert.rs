@@ -55,16 +55,8 @@ impl BertConfig {
     }
 }
 
-/// LoRA settings applied when building the model.
-#[derive(Debug, Clone)]
-pub struct LoraSpec {
-    pub rank: usize,
-    pub alpha: f64,
-    /// Module names (see `config::BERT_LORA_MODULES`).
-    pub targets: Vec<String>,
-    /// Encoder layers that get adapters (PEFT `layers_to_transform`); `None` = all.
-    pub layers: Option<Vec<usize>>,
-}
+pub use super::{load_tokenizer, HEAD_MODULE};
+pub use crate::lora::LoraSpec;
 
 struct BertLayer {
     query: LoraLinear,
@@ -90,9 +82,6 @@ pub struct BertClassifier {
     /// [C]
     pub head_b: Tensor,
 }
-
-/// Name of the head in adapters (saved as PEFT saves `modules_to_save`).
-pub const HEAD_MODULE: &str = "classifier";
 
 impl BertClassifier {
     /// Build from a weight source. `lora = None` builds the plain encoder (no adapters).
@@ -403,7 +392,7 @@ impl super::DpModel for BertClassifier {
         super::Task::Classification
     }
     fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<super::ExampleScore>> {
-        crate::train::eval::correct_per_example(self, examples, batch_size)
+        super::score::correct_per_example(self, examples, batch_size)
     }
 }
 
@@ -419,21 +408,6 @@ pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor) -> Result<Ten
     let logp = super::ops::log_softmax_last(logits)?;
     let onehot = labels.unsqueeze(1)?.broadcast_eq(&Tensor::arange(0u32, c as u32, logits.device())?.unsqueeze(0)?)?;
     (logp * onehot.to_dtype(DType::F32)?)?.sum(1)?.neg()
-}
-
-/// Load `tokenizer.json` from a model folder with padding off (batches pad themselves) and
-/// truncation at `max_len` tokens (the MiniLM file ships with fixed padding to 128), or none.
-pub fn load_tokenizer(dir: &Path, max_len: Option<usize>) -> std::result::Result<tokenizers::Tokenizer, ModelError> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Err(ModelError::MissingFile(path));
-    }
-    let err = |message: String| ModelError::Tokenizer { path: path.clone(), message };
-    let mut tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
-    tok.with_padding(None);
-    tok.with_truncation(max_len.map(|max_length| tokenizers::TruncationParams { max_length, ..Default::default() }))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(tok)
 }
 
 /// A tensor of uniform values in [-scale, scale) from `rng`.

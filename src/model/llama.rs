@@ -187,7 +187,7 @@ impl LlamaLm {
     pub fn new(
         vb: VarBuilder,
         config: LlamaConfig,
-        lora: Option<&super::bert::LoraSpec>,
+        lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
     ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
@@ -270,7 +270,7 @@ impl LlamaLm {
     /// in model.safetensors.index.json. Frozen linear weights are kept in `base_dtype`.
     pub fn load(
         dir: &Path,
-        lora: Option<&super::bert::LoraSpec>,
+        lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
         device: &Device,
         base_dtype: DType,
@@ -496,7 +496,7 @@ impl DpModel for LlamaLm {
         Task::CausalLm
     }
     fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<super::ExampleScore>> {
-        crate::train::eval::nll_per_example(self, examples, batch_size)
+        super::score::nll_per_example(self, examples, batch_size)
     }
 }
 

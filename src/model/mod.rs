@@ -8,6 +8,7 @@ pub mod fused;
 pub mod gelu;
 pub mod llama;
 pub mod ops;
+pub mod score;
 
 pub use bert::{BertClassifier, BertConfig};
 pub use llama::{LlamaConfig, LlamaLm};
@@ -89,6 +90,24 @@ pub struct GroupMetric {
     /// Held-out records in the group.
     pub size: usize,
     pub metric: EvalResult,
+}
+
+/// Name of the head in adapters (saved as PEFT saves `modules_to_save`).
+pub const HEAD_MODULE: &str = "classifier";
+
+/// Load `tokenizer.json` from a model folder with padding off (batches pad themselves) and
+/// truncation at `max_len` tokens (the MiniLM file ships with fixed padding to 128), or none.
+pub fn load_tokenizer(dir: &Path, max_len: Option<usize>) -> std::result::Result<tokenizers::Tokenizer, ModelError> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(ModelError::MissingFile(path));
+    }
+    let err = |message: String| ModelError::Tokenizer { path: path.clone(), message };
+    let mut tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+    tok.with_padding(None);
+    tok.with_truncation(max_len.map(|max_length| tokenizers::TruncationParams { max_length, ..Default::default() }))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(tok)
 }
 
 impl EvalResult {

@@ -15,8 +15,8 @@ pub mod verify;
 
 use crate::accounting::event::Ledger;
 use crate::config::{hex_sha256, Plan};
-use crate::model::bert::HEAD_MODULE;
 use crate::model::GroupMetric;
+use crate::model::HEAD_MODULE;
 use crate::model::{DpModel, EvalResult, Task};
 use serde::Serialize;
 use std::collections::HashMap;

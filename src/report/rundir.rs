@@ -25,6 +25,8 @@ pub const PRIVATE: &str = "private";
 /// The private run record (seed, commitment key, hashes, timings).
 pub const RUN_RECORD: &str = "run.json";
 pub const METRICS: &str = "metrics.jsonl";
+/// The checkpoint folder inside the private part.
+pub const CHECKPOINTS: &str = "checkpoints";
 const LOCK: &str = "lock";
 
 /// Files of the release part, each with whether ε covers it (else the report's not-protected
@@ -166,7 +168,7 @@ impl RunDir {
     }
 
     pub fn checkpoints(&self) -> PathBuf {
-        self.private.join(crate::train::checkpoint::CHECKPOINT_DIR)
+        self.private.join(CHECKPOINTS)
     }
 
     /// Whether the folder holds the outputs of a finished run.

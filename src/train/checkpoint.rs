@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub const CHECKPOINT_DIR: &str = "checkpoints";
+pub use crate::report::rundir::CHECKPOINTS as CHECKPOINT_DIR;
 const STATE: &str = "state.json";
 const STATE_SUM: &str = "state.sha256";
 const TENSORS: &str = "tensors.safetensors";
