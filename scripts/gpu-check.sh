@@ -30,7 +30,7 @@ if [[ -n "${QUICKSTART_ONLY:-}" ]]; then
   for i in $(seq "$QUICKSTART_ONLY"); do
     echo "== DP run $i"
     timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out "/tmp/run-$i" 2>&1 | tail -n 2
-    cp "/tmp/run-$i/privacy_report.json" "$OUT/privacy_report_$i.json"
+    cp "/tmp/run-$i/release/privacy_report.json" "$OUT/privacy_report_$i.json"
   done 2>&1 | tee "$OUT/quickstart.txt"
   exit 0
 fi
@@ -52,7 +52,7 @@ ALL=query,key,value,attention.output.dense,intermediate.dense,output.dense
 {
   echo "== DP (configs/quickstart.toml on cuda, base weights bf16)"
   time DPTRAIN_TIMING=1 timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-dp 2>&1
-  cp /tmp/run-dp/privacy_report.json "$OUT/privacy_report.json"
+  cp /tmp/run-dp/release/privacy_report.json "$OUT/privacy_report.json"
   echo "== non-private, same config"
   time DPTRAIN_TIMING=1 timeout 150 "$D" --config /tmp/quickstart-gpu.toml --device cuda --out /tmp/run-np --non-private 2>&1
 } 2>&1 | tee "$OUT/quickstart.txt"

@@ -37,10 +37,10 @@ B=("$D" bench --device cuda --steps 10 --warmup 2)
 {
   echo "== DP (configs/smollm2-lm.toml on cuda, base weights bf16)"
   time DPTRAIN_TIMING=1 timeout 110 "$D" --config /tmp/smollm2-lm.toml --out /tmp/run-dp 2>&1
-  cp /tmp/run-dp/privacy_report.json "$OUT/privacy_report_dp.json"
+  cp /tmp/run-dp/release/privacy_report.json "$OUT/privacy_report_dp.json"
   echo "== non-private, same config"
   time DPTRAIN_TIMING=1 timeout 90 "$D" --config /tmp/smollm2-lm.toml --out /tmp/run-np --non-private 2>&1
-  cp /tmp/run-np/privacy_report.json "$OUT/privacy_report_np.json"
+  cp /tmp/run-np/release/privacy_report.json "$OUT/privacy_report_np.json"
   echo "== eval of the DP adapter (greedy samples)"
   timeout 30 "$D" eval --model /tmp/smollm2 --adapter /tmp/run-dp --data /tmp/moby/test.jsonl --device cuda \
     --prompt "Call me Ishmael." --prompt "The whale" --max-new-tokens 24 2>&1
