@@ -390,3 +390,42 @@ fn older_hub_and_transformers5_config_layouts_give_identical_logits() {
     let diff = a.iter().zip(&c).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(diff > 1e-3, "θ = 1e6 and θ = 1e4 give nearly the same logits ({diff}): the test could not fail");
 }
+
+#[test]
+fn llama_attention_bias_puts_a_bias_on_o_proj_as_well() {
+    // transformers' LlamaAttention: attention_bias = true gives q, k, v *and* o_proj biases (Qwen2:
+    // q, k, v only). An o_proj bias that were not read would change the model silently.
+    let cfg = |model_type: &str| {
+        dptrain::model::LlamaConfig::from_json(
+            &serde_json::json!({
+                "model_type": model_type, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "tie_word_embeddings": true, "attention_bias": true
+            })
+            .to_string(),
+        )
+        .unwrap()
+    };
+    assert!(cfg("llama").o_bias() && cfg("llama").qkv_bias());
+    assert!(!cfg("qwen2").o_bias() && cfg("qwen2").qkv_bias());
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(3);
+    let w = dptrain::model::llama::random_weights(&cfg("llama"), &mut rng, &Device::Cpu).unwrap();
+    let name = "model.layers.1.self_attn.o_proj.bias";
+    assert!(w.contains_key(name));
+    let ids = Tensor::new(&[[4u32, 9, 17, 22, 3, 30]], &Device::Cpu).unwrap();
+    let logits = |w: std::collections::HashMap<String, Tensor>| -> candle_core::Result<Vec<f32>> {
+        let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+        LlamaLm::new(vb, cfg("llama"), None, &mut rng)?.logits(&ids)?.flatten_all()?.to_vec1()
+    };
+    let base = logits(w.clone()).unwrap();
+    let mut zeroed = w.clone();
+    zeroed.insert(name.into(), zeroed[name].zeros_like().unwrap());
+    let without = logits(zeroed).unwrap();
+    let diff = base.iter().zip(&without).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff > 1e-3, "the o_proj bias does not reach the logits ({diff})");
+    let mut missing = w;
+    missing.remove(name);
+    let e = logits(missing).unwrap_err().to_string();
+    assert!(e.contains("o_proj.bias"), "{e}");
+}

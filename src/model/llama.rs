@@ -115,7 +115,11 @@ fn plain_rope_theta(
             serde_json::Value::Object(p.clone())
         ));
     }
-    if let Some(k) = p.keys().find(|k| !matches!(k.as_str(), "rope_type" | "type" | "rope_theta")) {
+    // A partial_rotary_factor of 1 rotates every dimension: plain RoPE.
+    let plain = |k: &str, v: &serde_json::Value| {
+        matches!(k, "rope_type" | "type" | "rope_theta") || (k == "partial_rotary_factor" && v.as_f64() == Some(1.0))
+    };
+    if let Some(k) = p.iter().find(|(k, v)| !plain(k, v)).map(|(k, _)| k) {
         return Err(format!(
             "unsupported `{name}.{k}` (only plain RoPE is implemented, with rope_type and rope_theta)"
         ));
@@ -242,6 +246,12 @@ impl LlamaConfig {
         self.model_type.as_deref() == Some("qwen2") || self.attention_bias == Some(true)
     }
 
+    /// An o_proj bias: Llama's `attention_bias` puts one on all four attention projections
+    /// (transformers' LlamaAttention); Qwen2's fixed q/k/v biases leave o_proj without.
+    pub fn o_bias(&self) -> bool {
+        self.model_type.as_deref() == Some("llama") && self.attention_bias == Some(true)
+    }
+
     /// Mistral-style sliding-window attention, when it is active.
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_deref() {
@@ -357,7 +367,7 @@ impl LlamaLm {
                 q: lin(&att, i, "q_proj", nh * hd, h, bias)?,
                 k: lin(&att, i, "k_proj", nkv * hd, h, bias)?,
                 v: lin(&att, i, "v_proj", nkv * hd, h, bias)?,
-                o: lin(&att, i, "o_proj", h, nh * hd, false)?,
+                o: lin(&att, i, "o_proj", h, nh * hd, config.o_bias())?,
                 gate: lin(&mlp, i, "gate_proj", f, h, false)?,
                 up: lin(&mlp, i, "up_proj", f, h, false)?,
                 down: lin(&mlp, i, "down_proj", h, f, false)?,
@@ -699,6 +709,9 @@ pub fn random_weights(
                 put(format!("{p}.self_attn.{m}.bias"), &[o], 0.1, rng)?;
             }
         }
+        if cfg.o_bias() {
+            put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.1, rng)?;
+        }
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0, rng)?;
         put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, rng)?;
     }
@@ -775,7 +788,7 @@ mod tests {
     /// Everything of a config that the computation reads.
     fn effective(c: &LlamaConfig) -> String {
         format!(
-            "{:?} V{} H{} F{} L{} heads {}/{} hd{} eps{} θ{:?} tied {} bias {} window {:?} eos {:?} act {:?}",
+            "{:?} V{} H{} F{} L{} heads {}/{} hd{} eps{} θ{:?} tied {} bias {}/{} window {:?} eos {:?} act {:?}",
             c.model_type,
             c.vocab_size,
             c.hidden_size,
@@ -788,6 +801,7 @@ mod tests {
             c.rope_theta(),
             c.tied(),
             c.qkv_bias(),
+            c.o_bias(),
             c.window(),
             c.eos_token(),
             c.hidden_act
@@ -864,6 +878,13 @@ mod tests {
             Some(serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "factor": 2.0})),
         );
         assert!(LlamaConfig::from_json(&extra).unwrap_err().contains("`rope_parameters.factor`"));
+        // Rotating every dimension is plain RoPE; rotating a part is not.
+        let partial = |f: f64| {
+            let p = serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": f});
+            LlamaConfig::from_json(&with(&qwen2_v5(), "rope_parameters", Some(p)))
+        };
+        assert_eq!(partial(1.0).unwrap().rope_theta(), Ok(1e6));
+        assert!(partial(0.5).unwrap_err().contains("`rope_parameters.partial_rotary_factor`"));
         // Gemma 3's per-layer-type map.
         let per_layer = with(
             &qwen2_v5(),
