@@ -3,10 +3,15 @@
 //! a few seeded DP-SGD steps of a small random BERT and of a small random Llama (GQA, tied
 //! embeddings, language-modelling targets) on D against the same steps on the CPU.
 //!
-//! On `--device cpu` both sides are the CPU (the checks still run end to end); the point is
-//! `--device cuda` on a GPU machine. Tolerances are stated per check as atol + rtol·|reference|;
-//! checks whose arithmetic is specified to round identically also report the fraction of
-//! bit-identical values.
+//! On `--device cpu` the CPU twins would be compared with themselves, which proves nothing; there
+//! each fused CPU path is compared against its independent slow twin instead: the keystream
+//! against the scalar ChaCha20 block function (checked against RFC 8439's vector), the noise
+//! against the twin written from the specification on that block function (bit for bit), norms,
+//! clip factors and clipped sums against f64 loops (`privacy::clip_and_sum_reference`), AdamW
+//! against the textbook update, GELU against libm's erfc, and the DP steps against the same steps
+//! clipping by concatenation and candle ops. Every check names its reference. Tolerances are
+//! stated per check as atol + rtol·|reference|; checks whose arithmetic is specified to round
+//! identically also report the fraction of bit-identical values.
 
 use crate::data::Example;
 use crate::kernels::{self, FusedAdamW, NoiseKey};
@@ -14,7 +19,7 @@ use crate::model::bert::{random_weights, uniform_tensor, BertClassifier, BertCon
 use crate::model::{DpModel, LlamaConfig, LlamaLm};
 use crate::privacy::GaussianNoise;
 use crate::train::params::FlatParams;
-use crate::train::step::{private_gradient, Mechanism};
+use crate::train::step::{private_gradient, private_gradient_with, ClipImpl, Mechanism};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -34,6 +39,16 @@ pub struct Check {
     /// Fraction of values that are bit-identical (1 for empty cases).
     pub exact_fraction: f64,
     pub pass: bool,
+    /// What the device's values were compared against.
+    pub reference: String,
+}
+
+impl Check {
+    /// The same check, naming its reference.
+    pub fn against(mut self, reference: String) -> Check {
+        self.reference = reference;
+        self
+    }
 }
 
 /// Compares `got` against the reference `want`: |got − want| ≤ atol + rtol·|want| everywhere, with
@@ -49,6 +64,7 @@ pub fn compare(name: &str, case: String, got: &[f64], want: &[f64], atol: f64, r
         rtol,
         exact_fraction: 1.0,
         pass: got.len() == want.len(),
+        reference: String::new(),
     };
     let mut exact = 0usize;
     for (&g, &w) in got.iter().zip(want) {
@@ -82,7 +98,9 @@ fn random_vec(rng: &mut ChaCha20Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
 }
 
-/// Runs every check on `device`; the CPU is the reference.
+/// Runs every check on `device`. On a GPU the reference is the CPU twin of each kernel (the CPU
+/// path the training step takes); on the CPU, where that would compare a function with itself,
+/// it is each path's independent slow twin instead (`Check::reference` says which).
 ///
 /// Zero-size cases run only on the CPU: CUDA (like cuMemAlloc) refuses zero-byte allocations, so
 /// an empty tensor cannot exist there, and an empty Poisson batch never builds one (it has no
@@ -90,6 +108,8 @@ fn random_vec(rng: &mut ChaCha20Rng, n: usize, scale: f32) -> Vec<f32> {
 pub fn run(device: &Device) -> Result<Vec<Check>> {
     let mut out = Vec::new();
     let sizes_ok = |n: usize| n > 0 || device.is_cpu();
+    let slow = device.is_cpu();
+    let twin = |label: &str| if slow { label.to_string() } else { CPU_TWIN.to_string() };
     let cpu = Device::Cpu;
     let mut rng = ChaCha20Rng::seed_from_u64(0x5e1f_7e57);
     let mut key = [0u8; 32];
@@ -101,22 +121,40 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
         [(0usize, 0u64, 0u64), (1, 0, 1), (255, 3, 7), (256, 0, 1 << 40), (257, 1, 2), (1000, 0, 9)]
     {
         let d = kernels::chacha20_blocks(device, &key, stream, first, n)?.flatten_all()?.to_vec1::<u32>()?;
-        let c = kernels::chacha20_blocks(&cpu, &key, stream, first, n)?.flatten_all()?.to_vec1::<u32>()?;
+        let c: Vec<u32> = if slow {
+            (first..first + n as u64).flat_map(|b| kernels::chacha::chacha20_block(key.bytes(), b, stream)).collect()
+        } else {
+            kernels::chacha20_blocks(&cpu, &key, stream, first, n)?.flatten_all()?.to_vec1::<u32>()?
+        };
         let (d, c): (Vec<f64>, Vec<f64>) =
             (d.iter().map(|&x| x as f64).collect(), c.iter().map(|&x| x as f64).collect());
-        out.push(compare("chacha20 keystream", format!("{n} blocks from {first}, stream {stream}"), &d, &c, 0.0, 0.0));
+        let case = format!("{n} blocks from {first}, stream {stream}");
+        out.push(compare("chacha20 keystream", case, &d, &c, 0.0, 0.0).against(twin(SCALAR_CHACHA)));
     }
 
-    // Gaussian noise.
+    // Gaussian noise: on the CPU bit for bit against the twin written from the specification.
+    let (noise_atol, noise_rtol) = if slow { (0.0, 0.0) } else { (1e-6, 1e-6) };
     for n in [0usize, 1, 2, 3, 255, 256, 257, 511, 513, 100_003] {
         if !sizes_ok(n) {
             continue;
         }
         let v = random_vec(&mut rng, n, 3.0);
-        let (td, tc) = (Tensor::from_slice(&v, n, device)?, Tensor::from_slice(&v, n, &cpu)?);
+        let td = Tensor::from_slice(&v, n, device)?;
         kernels::add_gaussian_noise(&td, &key, 11, 1.7)?;
-        kernels::add_gaussian_noise(&tc, &key, 11, 1.7)?;
-        out.push(compare("gaussian noise", format!("n = {n}, std 1.7"), &f64s(&td)?, &f64s(&tc)?, 1e-6, 1e-6));
+        let want: Vec<f64> = if slow {
+            let mut w = v.clone();
+            crate::privacy::noise::add_noise_reference(&mut w, &key, 11, 1.7);
+            w.iter().map(|&x| x as f64).collect()
+        } else {
+            let tc = Tensor::from_slice(&v, n, &cpu)?;
+            kernels::add_gaussian_noise(&tc, &key, 11, 1.7)?;
+            f64s(&tc)?
+        };
+        let case = format!("n = {n}, std 1.7");
+        out.push(
+            compare("gaussian noise", case, &f64s(&td)?, &want, noise_atol, noise_rtol)
+                .against(twin("privacy::noise::add_noise_reference (scalar ChaCha20 + Box–Muller)")),
+        );
     }
 
     // Norms, clip factors, clipped sums.
@@ -136,18 +174,60 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
             parts_c.push(Tensor::from_vec(v, (b, n), &cpu)?);
         }
         let parts_d = parts_c.iter().map(|t| t.to_device(device)).collect::<Result<Vec<_>>>()?;
+        // Each example's gradient over all parts, for the slow twins.
+        let host: Vec<Vec<Vec<f32>>> = parts_c.iter().map(|t| t.to_vec2::<f32>()).collect::<Result<_>>()?;
+        let rows: Vec<Vec<f32>> = (0..b).map(|i| host.iter().flat_map(|p| p[i].iter().copied()).collect()).collect();
         let case = format!("b = {b}, widths {widths:?}");
         let sq_c = kernels::per_example_sq_norms(&parts_c)?;
         let sq_d = kernels::per_example_sq_norms(&parts_d)?;
-        out.push(compare("per-example squared norms", case.clone(), &f64s(&sq_d)?, &f64s(&sq_c)?, 0.0, 1e-12));
+        let sq_want: Vec<f64> = if slow {
+            rows.iter().map(|r| r.iter().map(|&v| v as f64 * v as f64).sum()).collect()
+        } else {
+            f64s(&sq_c)?
+        };
+        out.push(
+            compare("per-example squared norms", case.clone(), &f64s(&sq_d)?, &sq_want, 0.0, 1e-12)
+                .against(twin("f64 sum of squares over each example's concatenated gradient")),
+        );
         let sq_same = sq_c.to_device(device)?;
         for clip in [Some(0.5), None] {
             let f_c = kernels::clip_factors(&sq_c, clip)?;
             let f_d = kernels::clip_factors(&sq_same, clip)?;
-            out.push(compare("clip factors", format!("{case}, C = {clip:?}"), &f64s(&f_d)?, &f64s(&f_c)?, 0.0, 0.0));
-            let s_c = kernels::clipped_sum(&parts_c, &f_c)?;
+            let f_want: Vec<f64> = if slow {
+                // min(1, C / (‖g‖ + 1e-6)), 0 for a non-finite norm, 1 without clipping.
+                f64s(&sq_c)?
+                    .iter()
+                    .map(|&sq| {
+                        let norm = sq.sqrt();
+                        let f =
+                            if !norm.is_finite() { 0.0 } else { clip.map_or(1.0, |c| (c / (norm + 1e-6)).min(1.0)) };
+                        f as f32 as f64
+                    })
+                    .collect()
+            } else {
+                f64s(&f_c)?
+            };
+            let case = format!("{case}, C = {clip:?}");
+            out.push(
+                compare("clip factors", case.clone(), &f64s(&f_d)?, &f_want, 0.0, 0.0)
+                    .against(twin("min(1, C/(‖g‖ + 1e-6)) in f64")),
+            );
             let s_d = kernels::clipped_sum(&parts_d, &f_c.to_device(device)?)?;
-            out.push(compare("clipped sum", format!("{case}, C = {clip:?}"), &f64s(&s_d)?, &f64s(&s_c)?, 1e-7, 1e-6));
+            let s_want: Vec<f64> = if slow {
+                let p: usize = widths.iter().sum();
+                let (sum, _) = crate::privacy::clip_and_sum_reference(&rows, clip.unwrap_or(f64::INFINITY));
+                if sum.is_empty() {
+                    vec![0.0; p]
+                } else {
+                    sum
+                }
+            } else {
+                f64s(&kernels::clipped_sum(&parts_c, &f_c)?)?
+            };
+            out.push(
+                compare("clipped sum", case, &f64s(&s_d)?, &s_want, 1e-7, 1e-6)
+                    .against(twin("privacy::clip_and_sum_reference (f64 loops)")),
+            );
         }
     }
 
@@ -159,16 +239,31 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
         let p0 = random_vec(&mut rng, n, 1.0);
         let (pd, pc) = (Tensor::from_slice(&p0, n, device)?, Tensor::from_slice(&p0, n, &cpu)?);
         let (mut od, mut oc) = (FusedAdamW::new(0.01, 1e-8), FusedAdamW::new(0.01, 1e-8));
+        let mut textbook = TextbookAdamW::new(&p0, 0.01, 1e-8);
         for t in 0..3 {
             let g = random_vec(&mut rng, n, 0.3);
-            od.step(&pd, &Tensor::from_slice(&g, n, device)?, 1e-2 * (t + 1) as f64)?;
-            oc.step(&pc, &Tensor::from_slice(&g, n, &cpu)?, 1e-2 * (t + 1) as f64)?;
+            let lr = 1e-2 * (t + 1) as f64;
+            od.step(&pd, &Tensor::from_slice(&g, n, device)?, lr)?;
+            if slow {
+                textbook.step(&g, lr);
+            } else {
+                oc.step(&pc, &Tensor::from_slice(&g, n, &cpu)?, lr)?;
+            }
         }
-        out.push(compare("fused AdamW parameters", format!("n = {n}, 3 steps"), &f64s(&pd)?, &f64s(&pc)?, 1e-7, 1e-6));
+        let (p_want, mv_want) = if slow {
+            (textbook.p.iter().map(|&x| x as f64).collect(), [textbook.m.clone(), textbook.v.clone()].concat())
+        } else {
+            let (mc, vc) = oc.moments().map_or(Ok((vec![], vec![])), |m| m.to_host())?;
+            (f64s(&pc)?, [mc, vc].concat())
+        };
+        let reference = twin("textbook AdamW (f64 moments, f32 parameters)");
+        let case = format!("n = {n}, 3 steps");
+        out.push(
+            compare("fused AdamW parameters", case.clone(), &f64s(&pd)?, &p_want, 1e-7, 1e-6)
+                .against(reference.clone()),
+        );
         let (md, vd) = od.moments().map_or(Ok((vec![], vec![])), |m| m.to_host())?;
-        let (mc, vc) = oc.moments().map_or(Ok((vec![], vec![])), |m| m.to_host())?;
-        let (d, c) = ([md, vd].concat(), [mc, vc].concat());
-        out.push(compare("fused AdamW moments", format!("n = {n}, 3 steps"), &d, &c, 1e-15, 1e-12));
+        out.push(compare("fused AdamW moments", case, &[md, vd].concat(), &mv_want, 1e-15, 1e-12).against(reference));
     }
 
     // Exact-erf GELU forward and backward.
@@ -183,22 +278,46 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
             let gx = g.get(xv.as_tensor()).expect("gradient reaches x").clone();
             res.push((f64s(&y)?, f64s(&gx)?));
         }
-        out.push(compare("gelu forward", format!("n = {n}"), &res[0].0, &res[1].0, 1e-7, 1e-6));
-        out.push(compare("gelu backward", format!("n = {n}"), &res[0].1, &res[1].1, 1e-7, 1e-6));
+        if slow {
+            use crate::model::gelu::{gelu_grad_reference, gelu_reference};
+            res[1] = (
+                x.iter().map(|&v| gelu_reference(v) as f64).collect(),
+                x.iter().zip(&c).map(|(&v, &g)| gelu_grad_reference(v, g) as f64).collect(),
+            );
+        }
+        let reference = twin("model::gelu::gelu_reference, gelu_grad_reference (libm erfc)");
+        out.push(
+            compare("gelu forward", format!("n = {n}"), &res[0].0, &res[1].0, 1e-7, 1e-6).against(reference.clone()),
+        );
+        out.push(compare("gelu backward", format!("n = {n}"), &res[0].1, &res[1].1, 1e-7, 1e-6).against(reference));
     }
 
-    // Seeded DP-SGD steps of a small BERT: the device against the CPU.
+    // Seeded DP-SGD steps of a small BERT: the device against the CPU (on the CPU: the fused clip
+    // against the concatenate-then-candle-ops clip, and pure noise against the noise twin).
+    let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
     let empty = |dev: &Device| -> Result<Vec<f64>> {
         let (model, layout, examples) = small_bert(dev, DType::F32)?;
-        let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
         let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(5));
         f64s(&private_gradient(&model, &examples, None, &[], 7, layout.len(), &mech, &noise, 0)?.0)
     };
-    out.push(compare("DP step, empty Poisson batch", "noise only".into(), &empty(device)?, &empty(&cpu)?, 1e-7, 1e-6));
+    let got = empty(device)?;
+    let want = if slow {
+        let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(5));
+        let mut w = vec![0f32; got.len()];
+        crate::privacy::noise::add_noise_reference(&mut w, noise.key(), 0, 0.8 * 0.5);
+        w.iter().map(|&x| (x / 12.0) as f64).collect()
+    } else {
+        empty(&cpu)?
+    };
+    out.push(
+        compare("DP step, empty Poisson batch", "noise only".into(), &got, &want, 1e-7, 1e-6)
+            .against(twin("N(0, (σC)²) from add_noise_reference, divided by L")),
+    );
     for family in ["bert", "llama"] {
-        let reference = train_steps(&cpu, DType::F32, family)?;
+        let reference =
+            train_steps(&cpu, DType::F32, family, if slow { ClipImpl::CandleOps } else { ClipImpl::Fused })?;
         for (dtype, atol_rel) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
-            let got = train_steps(device, dtype, family)?;
+            let got = train_steps(device, dtype, family, ClipImpl::Fused)?;
             for (what, g, w) in [("privatised gradients", &got.0, &reference.0), ("parameters", &got.1, &reference.1)] {
                 // AdamW moves every coordinate by about ±lr whatever its gradient's size, so a
                 // coordinate whose tiny gradient changes sign under bf16 rounding ends up 2·lr
@@ -207,24 +326,67 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
                     continue;
                 }
                 let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
-                out.push(compare(
-                    &format!("3 DP-SGD steps ({family}): {what}"),
-                    format!("base weights {dtype:?}; atol = {atol_rel:e} · max |reference| = {:.3e}", atol_rel * scale),
-                    g,
-                    w,
-                    atol_rel * scale,
-                    0.0,
-                ));
+                out.push(
+                    compare(
+                        &format!("3 DP-SGD steps ({family}): {what}"),
+                        format!(
+                            "base weights {dtype:?}; atol = {atol_rel:e} · max |reference| = {:.3e}",
+                            atol_rel * scale
+                        ),
+                        g,
+                        w,
+                        atol_rel * scale,
+                        0.0,
+                    )
+                    .against(twin(
+                        "the same steps, f32, clipping by concatenation and candle ops (privacy::clip_and_sum)",
+                    )),
+                );
             }
         }
     }
     Ok(out)
 }
 
+/// `Check::reference` on a GPU: the CPU path of the same computation.
+const CPU_TWIN: &str = "CPU twin";
+const SCALAR_CHACHA: &str = "kernels::chacha::chacha20_block (scalar, RFC 8439 vector)";
+
+/// Textbook AdamW (Loshchilov & Hutter) over host vectors: moments in f64, parameters stored in
+/// f32 after every step (as dptrain keeps them).
+struct TextbookAdamW {
+    p: Vec<f32>,
+    m: Vec<f64>,
+    v: Vec<f64>,
+    t: i32,
+    weight_decay: f64,
+    eps: f64,
+}
+
+impl TextbookAdamW {
+    fn new(p: &[f32], weight_decay: f64, eps: f64) -> Self {
+        TextbookAdamW { p: p.to_vec(), m: vec![0.0; p.len()], v: vec![0.0; p.len()], t: 0, weight_decay, eps }
+    }
+
+    fn step(&mut self, g: &[f32], lr: f64) {
+        let (b1, b2) = (0.9f64, 0.999f64);
+        self.t += 1;
+        let (bc1, bc2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
+        for (((p, &gj), m), v) in self.p.iter_mut().zip(g).zip(&mut self.m).zip(&mut self.v) {
+            let gj = gj as f64;
+            *m = b1 * *m + (1.0 - b1) * gj;
+            *v = b2 * *v + (1.0 - b2) * gj * gj;
+            let (mhat, vhat) = (*m / bc1, *v / bc2);
+            let pj = *p as f64;
+            *p = (pj - lr * (mhat / (vhat.sqrt() + self.eps) + self.weight_decay * pj)) as f32;
+        }
+    }
+}
+
 /// Three seeded DP-SGD steps (clip, noise, AdamW) of a 2-layer random `family` model with LoRA on
 /// every linear module, micro-batches of 7 (not dividing the batches): returns (the privatised
 /// gradients of all steps, the final parameters), flattened.
-fn train_steps(device: &Device, base: DType, family: &str) -> Result<(Vec<f64>, Vec<f64>)> {
+fn train_steps(device: &Device, base: DType, family: &str, how: ClipImpl) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut model, layout, examples): (Box<dyn DpModel>, _, _) = match family {
         "bert" => {
             let (m, l, e) = small_bert(device, base)?;
@@ -242,7 +404,8 @@ fn train_steps(device: &Device, base: DType, family: &str) -> Result<(Vec<f64>, 
     let mut grads = Vec::new();
     for t in 0..3u64 {
         let idx: Vec<usize> = (0..24).filter(|i| !(i * 5 + t as usize).is_multiple_of(3)).collect();
-        let (g, _) = private_gradient(model.as_ref(), &examples, None, &idx, 7, layout.len(), &mech, &noise, t)?;
+        let (g, _) =
+            private_gradient_with(model.as_ref(), &examples, None, &idx, 7, layout.len(), &mech, &noise, t, how)?;
         grads.extend(f64s(&g)?);
         opt.step(&params, &g, 1e-2)?;
         model.set_trainable(&layout.split(&params)?)?;

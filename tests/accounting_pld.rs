@@ -16,29 +16,35 @@ fn params(c: &Value) -> (f64, f64, u64, f64) {
     (c["q"].as_f64().unwrap(), c["sigma"].as_f64().unwrap(), c["steps"].as_u64().unwrap(), c["delta"].as_f64().unwrap())
 }
 
+/// dptrain's ε is an upper bound; the reference (dp_accounting's pessimistic PLD, Δ = 1e-4, or the
+/// exact ε for q = 1) is the tightest bound a grid this fine gives, so dptrain may be above it
+/// (a coarser grid costs a little ε) but never below it: one-sided, ε ≥ reference·(1 − 1e-9)
+/// (slack for the rounding of the two pipelines; measured lowest: −4.6e-11), and at most 0.1%
+/// above it (measured highest: +0.0084%). Never below the PRV accountant's lower bound either.
 #[test]
-fn pld_is_within_one_percent_of_dp_accounting_and_never_below_prv_lower_bound() {
+fn pld_is_never_below_the_reference_at_most_a_tenth_of_a_percent_above_and_above_prv_lower_bound() {
     let acc = PldAccountant::default();
-    let (mut checked, mut worst) = (0, 0f64);
+    let (mut checked, mut worst_up, mut worst_down) = (0, 0f64, 0f64);
     for c in cases() {
         let (q, s, k, d) = params(&c);
         let got = acc.epsilon(&DpEvent::dp_sgd(q, s, k), d).unwrap().epsilon;
         let reference = if q == 1.0 { c["eps_exact_gaussian"].as_f64() } else { c["eps_pld"].as_f64() };
         let Some(want) = reference else { continue };
-        let rel = (got - want).abs() / want;
-        worst = worst.max(rel);
-        assert!(rel <= 0.01, "q={q} σ={s} steps={k} δ={d}: PLD ε {got} vs reference {want} ({:.3}%)", 100.0 * rel);
+        let rel = (got - want) / want;
+        (worst_up, worst_down) = (worst_up.max(rel), worst_down.min(rel));
+        assert!(
+            got >= want * (1.0 - 1e-9),
+            "q={q} σ={s} steps={k} δ={d}: PLD ε {got} below the pessimistic reference {want} ({:.5}%)",
+            100.0 * rel
+        );
+        assert!(rel <= 1e-3, "q={q} σ={s} steps={k} δ={d}: PLD ε {got} vs reference {want} (+{:.3}%)", 100.0 * rel);
         if let Some(lower) = c["prv"]["eps_lower"].as_f64() {
             assert!(got >= lower, "q={q} σ={s} steps={k} δ={d}: PLD ε {got} below the PRV lower bound {lower}");
-        }
-        if q == 1.0 {
-            // The exact ε is a lower bound for any valid accountant.
-            assert!(got >= want * (1.0 - 1e-9), "q = 1: {got} below the exact {want}");
         }
         checked += 1;
     }
     assert!(checked > 100, "only {checked} cases");
-    eprintln!("PLD vs reference: {checked} cases, worst relative difference {:.4}%", 100.0 * worst);
+    eprintln!("PLD vs reference: {checked} cases, relative difference from {:+e} to {:+e}", worst_down, worst_up);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Claims about one logical DP-SGD step on a tiny random BERT: an empty Poisson batch still adds
 //! noise, the noisy sum is divided by the expected (not realised) batch size, micro-batching gives
-//! the one-shot result, and a seeded step reproduces bit for bit.
+//! the one-shot result, and a seeded step reproduces bit for bit (and another seed gives other noise
+//! of the right size).
 
 mod common;
 
@@ -85,12 +86,23 @@ fn seeded_step_reproduces_bit_for_bit() {
     let p = num_params(&model);
     let exs = examples(9);
     let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.1, expected_batch_size: 4 };
-    let step = || {
-        let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(99));
+    let step = |seed: u64| {
+        let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(seed));
         vec1(private_gradient(&model, &exs, None, &[1, 2, 6], 2, p, &mech, &noise, 0).unwrap().0)
     };
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-    assert_eq!(bits(step()), bits(step()));
+    assert_eq!(bits(step(99)), bits(step(99)));
+    // ... and the seed is what it reproduces: another seed's noise differs by N(0, 2(σC/L)²) per
+    // coordinate (same clipped sum, independent noise), so the sample std of the difference is
+    // √2·σC/L within 6 of its sd ≈ std/√(2p). Without noise the difference is 0 and this fails.
+    let (a, b) = (step(99), step(100));
+    let sd = (a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / p as f64).sqrt();
+    let want = 2f64.sqrt() * 1.1 * 1.0 / 4.0;
+    let tol = 6.0 / (2.0 * p as f64).sqrt();
+    assert!(
+        p > 500 && (sd / want - 1.0).abs() < tol,
+        "std of the seed difference {sd} vs {want} (±{tol:.3} relative, p = {p})"
+    );
 }
 
 #[test]

@@ -341,3 +341,91 @@ fn cached_frozen_prefix_gives_the_full_forward_losses_and_gradients() {
         assert!((a - b).abs() <= 1e-5 * scale);
     }
 }
+
+#[test]
+fn older_hub_and_transformers5_config_layouts_give_identical_logits() {
+    // A tiny Qwen2 (θ = 1e6, q/k/v biases) saved in the older Hub layout (top-level rope_theta,
+    // torch_dtype) and in the transformers 5 layout (rope_parameters, dtype, layer_types), over
+    // the same weights; and the same with θ = 10000, what a reader ignoring rope_parameters uses.
+    let shape = serde_json::json!({
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 50, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "max_window_layers": 2, "tie_word_embeddings": false,
+        "hidden_act": "silu", "eos_token_id": 3, "bos_token_id": 2, "attention_dropout": 0.0, "use_cache": true,
+        "initializer_range": 0.02, "use_sliding_window": false
+    });
+    let layout = |extra: serde_json::Value| {
+        let mut v = shape.clone();
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v.to_string()
+    };
+    let old = layout(serde_json::json!({
+        "rope_theta": 1e6, "rope_scaling": null, "sliding_window": 32, "torch_dtype": "float32",
+        "transformers_version": "4.40.1"
+    }));
+    let v5 = layout(serde_json::json!({
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "sliding_window": null, "dtype": "float32",
+        "layer_types": ["full_attention", "full_attention"], "pad_token_id": null, "transformers_version": "5.0.0"
+    }));
+    let theta_1e4 = layout(serde_json::json!({"rope_theta": 1e4}));
+    let cfg = dptrain::model::LlamaConfig::from_json(&old).unwrap();
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(21);
+    let weights = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[4u32, 9, 17, 22, 3, 30, 41, 8, 8, 12, 49, 5, 27, 33, 6, 19]], &Device::Cpu).unwrap();
+    let logits = |name: &str, config: &str| -> Vec<f32> {
+        let dir = std::env::temp_dir().join(format!("dptrain-layout-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+        let model = LlamaLm::load(&dir, None, &mut rng, &Device::Cpu, DType::F32).unwrap();
+        let out = model.logits(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        out
+    };
+    let (a, b, c) = (logits("old", &old), logits("v5", &v5), logits("1e4", &theta_1e4));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b), "the two layouts of one model give different logits");
+    // θ matters on this model, so a reader that dropped rope_parameters (θ = 10000) would fail above.
+    let diff = a.iter().zip(&c).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff > 1e-3, "θ = 1e6 and θ = 1e4 give nearly the same logits ({diff}): the test could not fail");
+}
+
+#[test]
+fn llama_attention_bias_puts_a_bias_on_o_proj_as_well() {
+    // transformers' LlamaAttention: attention_bias = true gives q, k, v *and* o_proj biases (Qwen2:
+    // q, k, v only). An o_proj bias that were not read would change the model silently.
+    let cfg = |model_type: &str| {
+        dptrain::model::LlamaConfig::from_json(
+            &serde_json::json!({
+                "model_type": model_type, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "tie_word_embeddings": true, "attention_bias": true
+            })
+            .to_string(),
+        )
+        .unwrap()
+    };
+    assert!(cfg("llama").o_bias() && cfg("llama").qkv_bias());
+    assert!(!cfg("qwen2").o_bias() && cfg("qwen2").qkv_bias());
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(3);
+    let w = dptrain::model::llama::random_weights(&cfg("llama"), &mut rng, &Device::Cpu).unwrap();
+    let name = "model.layers.1.self_attn.o_proj.bias";
+    assert!(w.contains_key(name));
+    let ids = Tensor::new(&[[4u32, 9, 17, 22, 3, 30]], &Device::Cpu).unwrap();
+    let logits = |w: std::collections::HashMap<String, Tensor>| -> candle_core::Result<Vec<f32>> {
+        let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+        LlamaLm::new(vb, cfg("llama"), None, &mut rng)?.logits(&ids)?.flatten_all()?.to_vec1()
+    };
+    let base = logits(w.clone()).unwrap();
+    let mut zeroed = w.clone();
+    zeroed.insert(name.into(), zeroed[name].zeros_like().unwrap());
+    let without = logits(zeroed).unwrap();
+    let diff = base.iter().zip(&without).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff > 1e-3, "the o_proj bias does not reach the logits ({diff})");
+    let mut missing = w;
+    missing.remove(name);
+    let e = logits(missing).unwrap_err().to_string();
+    assert!(e.contains("o_proj.bias"), "{e}");
+}

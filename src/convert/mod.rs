@@ -613,6 +613,9 @@ mod tests {
         assert_eq!(cfg["rms_norm_eps"].as_f64().unwrap(), 1e-5f32 as f64);
         assert_eq!(cfg["bos_token_id"], 1);
         assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+        // What the converter writes passes dptrain's strict config reading, with the θ it wrote.
+        let strict = crate::model::LlamaConfig::from_json(&cfg.to_string()).unwrap();
+        assert_eq!(strict.rope_theta(), Ok(100000.0));
         let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
         assert_eq!(tok.encode("the", false).unwrap().get_tokens(), ["t", "he"]);
         // Non-empty output: refused without --overwrite, replaced with it; no temp folders left.

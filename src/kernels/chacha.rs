@@ -59,15 +59,21 @@ mod tests {
     use rand::{RngCore, SeedableRng};
     use rand_chacha::ChaCha20Rng;
 
-    /// RFC 7539 §2.3.2 test vector (its 96-bit nonce 00000009 0000004a 00000000 with block
-    /// count 1 is, in the djb layout, counter = 0x0900_0000_0000_0001, stream = 0x4a00_0000).
+    /// RFC 8439 (formerly 7539) §2.3.2 test vector, the whole published block. The RFC's state is
+    /// 32-bit block count (word 12) + 96-bit nonce (words 13–15); the djb layout here (and
+    /// rand_chacha's) is a 64-bit counter (words 12–13, low word first) + 64-bit stream (words
+    /// 14–15). Key 00:01:…:1f; nonce 00:00:00:09 00:00:00:4a 00:00:00:00 read as little-endian
+    /// words is 0x0900_0000, 0x4a00_0000, 0; with block count 1 that is counter =
+    /// 0x0900_0000_0000_0001, stream = 0x4a00_0000.
     #[test]
-    fn block_function_matches_rfc7539_test_vector() {
+    fn block_function_matches_rfc8439_test_vector() {
         let key: [u8; 32] = std::array::from_fn(|i| i as u8);
         let out = chacha20_block(&key, 0x0900_0000_0000_0001, 0x4a00_0000);
-        assert_eq!(out[0], 0xe4e7_f110);
-        assert_eq!(out[1], 0x1559_3bd1);
-        assert_eq!(out[15], 0x4e3c_50a2);
+        let published: [u32; 16] = [
+            0xe4e7f110, 0x15593bd1, 0x1fdd0f50, 0xc47120a3, 0xc7f4d1c7, 0x0368c033, 0x9aaa2204, 0x4e6cd4c3, 0x466482d2,
+            0x09aa9f07, 0x05d7c214, 0xa2028bd9, 0xd19c12b5, 0xb94e16de, 0xe883d0cb, 0x4e3c50a2,
+        ];
+        assert_eq!(out, published);
     }
 
     #[test]

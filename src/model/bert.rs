@@ -14,6 +14,24 @@ use rand_chacha::ChaCha20Rng;
 use serde::Deserialize;
 use std::path::Path;
 
+/// Keys of a BERT config.json known not to change dptrain's computation, beyond
+/// `config_keys::IGNORED_KEYS` (see there).
+pub const BERT_IGNORED_KEYS: &[(&str, &[&str])] = &[(
+    "BERT's pooler and pre-training heads: dptrain mean-pools the last hidden states into its own \
+         head and never runs the pooler or the masked-LM head (whose tying this is)",
+    &[
+        "pooler_fc_size",
+        "pooler_num_attention_heads",
+        "pooler_num_fc_layers",
+        "pooler_size_per_head",
+        "pooler_type",
+        "tie_word_embeddings",
+    ],
+)];
+
+/// A BERT config.json. Every key is a field here (parsed and used or validated), or lands in
+/// `other`, where `validate` accepts it only when it is known not to change the computation
+/// (`config_keys`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
     pub model_type: Option<String>,
@@ -26,32 +44,47 @@ pub struct BertConfig {
     pub type_vocab_size: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: String,
+    /// Only "absolute" (learned position embeddings) is implemented.
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// Every other key of config.json (checked by `validate`).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl BertConfig {
     pub fn from_file(path: &Path) -> std::result::Result<BertConfig, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|_| ModelError::MissingFile(path.into()))?;
-        let cfg: BertConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.into(), message: format!("not a BERT config: {e}") })?;
-        let bad = |message: String| ModelError::Config { path: path.into(), message };
-        match cfg.model_type.as_deref() {
+        Self::from_json(&text).map_err(|message| ModelError::Config { path: path.into(), message })
+    }
+
+    /// Parses and validates the text of a config.json.
+    pub fn from_json(text: &str) -> std::result::Result<BertConfig, String> {
+        let cfg: BertConfig = serde_json::from_str(text).map_err(|e| format!("not a BERT config: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what this implementation supports; every unsupported feature, and every key that is
+    /// neither understood nor known not to matter, is named.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self.model_type.as_deref() {
             Some("bert") => {}
-            other => return Err(bad(format!("unsupported architecture {other:?}: this model family is `bert`"))),
+            other => return Err(format!("unsupported architecture {other:?}: this model family is `bert`")),
         }
-        if cfg.hidden_act != "gelu" {
-            return Err(bad(format!("unsupported hidden_act `{}` (supported: gelu)", cfg.hidden_act)));
+        super::config_keys::check_other_keys(&self.other, BERT_IGNORED_KEYS, "BERT")?;
+        if self.hidden_act != "gelu" {
+            return Err(format!("unsupported hidden_act `{}` (supported: gelu)", self.hidden_act));
         }
-        if let Some(p) = cfg.position_embedding_type.as_deref() {
+        if let Some(p) = self.position_embedding_type.as_deref() {
             if p != "absolute" {
-                return Err(bad(format!("unsupported position_embedding_type `{p}` (supported: absolute)")));
+                return Err(format!("unsupported position_embedding_type `{p}` (supported: absolute)"));
             }
         }
-        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-            return Err(bad("hidden_size is not a multiple of num_attention_heads".into()));
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err("hidden_size is not a multiple of num_attention_heads".into());
         }
-        Ok(cfg)
+        Ok(())
     }
 }
 
@@ -93,6 +126,7 @@ impl BertClassifier {
         num_labels: usize,
         init_rng: &mut ChaCha20Rng,
     ) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::Msg)?;
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
         let ln = |vb: VarBuilder| -> Result<(Tensor, Tensor)> { Ok((vb.get(h, "weight")?, vb.get(h, "bias")?)) };
@@ -455,4 +489,69 @@ pub fn random_weights(
         }
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// all-MiniLM-L6-v2's config.json (as in the fetched model; written by transformers 4.8).
+    const MINILM: &str = r#"{
+      "_name_or_path": "nreimers/MiniLM-L6-H384-uncased", "architectures": ["BertModel"],
+      "attention_probs_dropout_prob": 0.1, "gradient_checkpointing": false, "hidden_act": "gelu",
+      "hidden_dropout_prob": 0.1, "hidden_size": 384, "initializer_range": 0.02, "intermediate_size": 1536,
+      "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+      "num_hidden_layers": 6, "pad_token_id": 0, "position_embedding_type": "absolute",
+      "transformers_version": "4.8.2", "type_vocab_size": 2, "use_cache": true, "vocab_size": 30522
+    }"#;
+
+    /// The same saved by transformers 5 (`dtype`; no `gradient_checkpointing`).
+    const MINILM_V5: &str = r#"{
+      "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "classifier_dropout": null,
+      "dtype": "float32", "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 384,
+      "initializer_range": 0.02, "intermediate_size": 1536, "layer_norm_eps": 1e-12,
+      "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12, "num_hidden_layers": 6,
+      "pad_token_id": 0, "position_embedding_type": "absolute", "transformers_version": "5.0.0",
+      "type_vocab_size": 2, "use_cache": true, "vocab_size": 30522
+    }"#;
+
+    fn with(text: &str, key: &str, value: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v.as_object_mut().unwrap().insert(key.into(), value);
+        v.to_string()
+    }
+
+    fn effective(c: &BertConfig) -> String {
+        let mut c = c.clone();
+        c.other.clear();
+        format!("{c:?}")
+    }
+
+    #[test]
+    fn minilm_config_loads_in_both_layouts_and_from_the_fetched_model() {
+        let old = BertConfig::from_json(MINILM).unwrap();
+        let new = BertConfig::from_json(MINILM_V5).unwrap();
+        assert_eq!((old.hidden_size, old.num_hidden_layers, old.vocab_size), (384, 6, 30522));
+        assert_eq!(effective(&old), effective(&new));
+        let fetched = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/all-MiniLM-L6-v2/config.json");
+        if fetched.exists() {
+            assert_eq!(effective(&BertConfig::from_file(&fetched).unwrap()), effective(&old));
+        } else {
+            eprintln!("skipping the fetched config: {} not there (scripts/fetch-assets.sh)", fetched.display());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_unsupported_settings_are_refused_naming_them() {
+        let e = BertConfig::from_json(&with(MINILM, "foo_scaling", 2.into())).unwrap_err();
+        assert!(e.contains("`foo_scaling`"), "{e}");
+        let e = BertConfig::from_json(&with(MINILM, "is_decoder", true.into())).unwrap_err();
+        assert!(e.contains("`is_decoder`"), "{e}");
+        assert!(BertConfig::from_json(&with(MINILM, "is_decoder", false.into())).is_ok());
+        let e = BertConfig::from_json(&with(MINILM, "position_embedding_type", "relative_key".into())).unwrap_err();
+        assert!(e.contains("relative_key"), "{e}");
+        // Keys of another family are not silently accepted either.
+        let e = BertConfig::from_json(&with(MINILM, "rope_theta", 10000.0.into())).unwrap_err();
+        assert!(e.contains("`rope_theta`"), "{e}");
+    }
 }

@@ -22,10 +22,16 @@ use std::path::{Path, PathBuf};
 /// Module names a Llama layer exposes to LoRA (PEFT names).
 pub const LLAMA_LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
+/// Keys of a Llama-family config.json known not to change dptrain's computation, beyond
+/// `config_keys::IGNORED_KEYS` (see there).
+pub const LLAMA_IGNORED_KEYS: &[(&str, &[&str])] =
+    &[("nanotron's marker of a config written in Llama form (SmolLM2); no setting", &["is_llama_config"])];
 
+/// A Llama-family config.json. Every key is a field here (parsed and used or validated), or lands
+/// in `other`, where `validate` accepts it only when it is known not to change the computation
+/// (`config_keys`). RoPE settings come in two layouts that must give the same model: the older
+/// Hub one (`rope_theta`, `rope_scaling`) and the one transformers 5 writes (`rope_parameters`:
+/// {"rope_type": "default", "rope_theta": θ}); see [`LlamaConfig::rope_theta`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaConfig {
     pub model_type: Option<String>,
@@ -39,16 +45,25 @@ pub struct LlamaConfig {
     #[serde(default)]
     pub head_dim: Option<usize>,
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Older layout's θ (absent: `rope_parameters`' θ, else 10000, transformers' default).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// The trained context length: with plain RoPE it changes nothing that dptrain computes.
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Older layout: null, or a scaled RoPE (refused unless its type is "default").
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 layout: {"rope_type": "default", "rope_theta": θ}; any other type is refused.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// nanotron's flag for interleaved RoPE pairs (SmolLM2 writes false); only false is implemented.
+    #[serde(default)]
+    pub rope_interleaved: Option<bool>,
     #[serde(default)]
     pub attention_bias: Option<bool>,
     #[serde(default)]
@@ -57,24 +72,107 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// Qwen2: the sliding window applies from this layer up. dptrain refuses any sequence longer
+    /// than an active window (`run_layers`), where sliding and full attention agree.
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// Per-layer attention kind ("full_attention" or "sliding_attention"; Qwen2, transformers ≥ 4.53).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
+    /// Every other key of config.json (checked by `validate`).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// θ of a RoPE settings object (`rope_scaling` or `rope_parameters`, named `name`) that describes
+/// plain RoPE: `Some(θ)` when it states one. Anything else (a scaled RoPE type, an unknown field,
+/// per-layer-type parameters) is refused, naming it.
+fn plain_rope_theta(
+    name: &str,
+    p: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<Option<f64>, String> {
+    let kind = p.get("rope_type").or_else(|| p.get("type"));
+    let kind = match kind {
+        Some(serde_json::Value::String(t)) => t.as_str(),
+        Some(other) => return Err(format!("`{name}`: rope_type {other} is not a string")),
+        None if p.values().any(|v| v.is_object()) => {
+            let kinds: Vec<&str> = p.keys().map(|k| k.as_str()).collect();
+            return Err(format!(
+                "unsupported `{name}` with parameters per layer type ({}): only one plain RoPE for every \
+                 layer is implemented",
+                kinds.join(", ")
+            ));
+        }
+        None => "default",
+    };
+    if kind != "default" {
+        return Err(format!(
+            "unsupported {name} with rope_type `{kind}` (only plain RoPE is implemented): {}",
+            serde_json::Value::Object(p.clone())
+        ));
+    }
+    // A partial_rotary_factor of 1 rotates every dimension: plain RoPE.
+    let plain = |k: &str, v: &serde_json::Value| {
+        matches!(k, "rope_type" | "type" | "rope_theta") || (k == "partial_rotary_factor" && v.as_f64() == Some(1.0))
+    };
+    if let Some(k) = p.iter().find(|(k, v)| !plain(k, v)).map(|(k, _)| k) {
+        return Err(format!(
+            "unsupported `{name}.{k}` (only plain RoPE is implemented, with rope_type and rope_theta)"
+        ));
+    }
+    match p.get("rope_theta") {
+        None => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("`{name}.rope_theta` is {v}, not a number")),
+    }
 }
 
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> std::result::Result<LlamaConfig, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|_| ModelError::MissingFile(path.into()))?;
-        let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.into(),
-            message: format!("not a Llama-family config: {e}"),
-        })?;
-        cfg.validate().map_err(|message| ModelError::Config { path: path.into(), message })?;
+        Self::from_json(&text).map_err(|message| ModelError::Config { path: path.into(), message })
+    }
+
+    /// Parses and validates the text of a config.json.
+    pub fn from_json(text: &str) -> std::result::Result<LlamaConfig, String> {
+        let cfg: LlamaConfig = serde_json::from_str(text).map_err(|e| format!("not a Llama-family config: {e}"))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Checks what this implementation supports; every unsupported feature is named.
+    /// θ of the (plain) RoPE, from either layout: `rope_theta` at the top level, or
+    /// `rope_parameters` {"rope_type": "default", "rope_theta": θ} as transformers 5 writes it
+    /// (also accepted inside a `rope_scaling` of type "default"). Where several state θ they must
+    /// agree; where none does, θ = 10000 (transformers' default). Scaled RoPE is refused.
+    pub fn rope_theta(&self) -> std::result::Result<f64, String> {
+        let mut stated: Vec<(String, f64)> =
+            self.rope_theta.map(|t| ("rope_theta".to_string(), t)).into_iter().collect();
+        for (name, v) in [("rope_scaling", &self.rope_scaling), ("rope_parameters", &self.rope_parameters)] {
+            match v {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::Object(p)) => {
+                    if let Some(t) = plain_rope_theta(name, p)? {
+                        stated.push((format!("{name}.rope_theta"), t));
+                    }
+                }
+                Some(other) => return Err(format!("`{name}` is {other}, not an object")),
+            }
+        }
+        let theta = stated.first().map_or(10_000.0, |s| s.1);
+        if let Some((name, t)) = stated.iter().find(|s| s.1 != theta) {
+            return Err(format!("`{}` = {theta} and `{name}` = {t} disagree", stated[0].0));
+        }
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("RoPE theta {theta} is not a positive number"));
+        }
+        Ok(theta)
+    }
+
+    /// Checks what this implementation supports; every unsupported feature, and every key that is
+    /// neither understood nor known not to matter, is named.
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self.model_type.as_deref() {
             Some(t) if super::LLAMA_MODEL_TYPES.contains(&t) => {}
@@ -85,18 +183,35 @@ impl LlamaConfig {
                 ))
             }
         }
+        super::config_keys::check_other_keys(&self.other, LLAMA_IGNORED_KEYS, "Llama-family")?;
         if let Some(act) = self.hidden_act.as_deref() {
             if act != "silu" {
                 return Err(format!("unsupported hidden_act `{act}` (supported: silu)"));
             }
         }
-        if let Some(s) = &self.rope_scaling {
-            if !s.is_null() {
-                return Err(format!("unsupported rope_scaling {s} (only plain RoPE is implemented)"));
-            }
+        self.rope_theta()?;
+        if self.rope_interleaved == Some(true) {
+            return Err("unsupported rope_interleaved = true (dptrain implements rotate-half RoPE)".into());
         }
         if self.mlp_bias == Some(true) {
             return Err("unsupported mlp_bias = true".into());
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return Err(format!(
+                    "layer_types lists {} layers, the model has {}",
+                    types.len(),
+                    self.num_hidden_layers
+                ));
+            }
+            if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention")) {
+                return Err(format!(
+                    "unsupported layer type `{t}` in layer_types (supported: full_attention, sliding_attention)"
+                ));
+            }
+            if types.iter().any(|t| t == "sliding_attention") && self.window().is_none() {
+                return Err("layer_types has sliding_attention layers but no sliding window is set".into());
+            }
         }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
@@ -129,6 +244,12 @@ impl LlamaConfig {
     /// q/k/v biases: Qwen2 always has them; Llama when `attention_bias` says so.
     pub fn qkv_bias(&self) -> bool {
         self.model_type.as_deref() == Some("qwen2") || self.attention_bias == Some(true)
+    }
+
+    /// An o_proj bias: Llama's `attention_bias` puts one on all four attention projections
+    /// (transformers' LlamaAttention); Qwen2's fixed q/k/v biases leave o_proj without.
+    pub fn o_bias(&self) -> bool {
+        self.model_type.as_deref() == Some("llama") && self.attention_bias == Some(true)
     }
 
     /// Mistral-style sliding-window attention, when it is active.
@@ -246,7 +367,7 @@ impl LlamaLm {
                 q: lin(&att, i, "q_proj", nh * hd, h, bias)?,
                 k: lin(&att, i, "k_proj", nkv * hd, h, bias)?,
                 v: lin(&att, i, "v_proj", nkv * hd, h, bias)?,
-                o: lin(&att, i, "o_proj", h, nh * hd, false)?,
+                o: lin(&att, i, "o_proj", h, nh * hd, config.o_bias())?,
                 gate: lin(&mlp, i, "gate_proj", f, h, false)?,
                 up: lin(&mlp, i, "up_proj", f, h, false)?,
                 down: lin(&mlp, i, "down_proj", h, f, false)?,
@@ -324,7 +445,7 @@ impl LlamaLm {
             }
         }
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let (cos, sin) = rope_tables(t, hd, cfg.rope_theta, x.device())?;
+        let (cos, sin) = rope_tables(t, hd, cfg.rope_theta().map_err(candle_core::Error::Msg)?, x.device())?;
         let bias = attention_bias(mask)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers[layers] {
@@ -588,8 +709,208 @@ pub fn random_weights(
                 put(format!("{p}.self_attn.{m}.bias"), &[o], 0.1, rng)?;
             }
         }
+        if cfg.o_bias() {
+            put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.1, rng)?;
+        }
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0, rng)?;
         put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, rng)?;
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-0.5B's config.json as on the Hub (transformers 4.x layout: top-level `rope_theta`).
+    pub(crate) const QWEN2_OLD: &str = r#"{
+      "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+      "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+      "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+      "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+      "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": true,
+      "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": true,
+      "use_sliding_window": false, "vocab_size": 151936
+    }"#;
+
+    /// The same model saved by transformers 5: `rope_parameters`, `dtype`, `layer_types`, no
+    /// top-level `rope_theta` or `rope_scaling`.
+    fn qwen2_v5() -> String {
+        let layer_types = serde_json::json!(vec!["full_attention"; 24]);
+        format!(
+            r#"{{
+          "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+          "dtype": "bfloat16", "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896,
+          "initializer_range": 0.02, "intermediate_size": 4864, "layer_types": {layer_types},
+          "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+          "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "pad_token_id": null,
+          "rms_norm_eps": 1e-06, "rope_parameters": {{"rope_theta": 1000000.0, "rope_type": "default"}},
+          "sliding_window": null, "tie_word_embeddings": true, "transformers_version": "5.0.0",
+          "use_cache": true, "use_sliding_window": false, "vocab_size": 151936
+        }}"#
+        )
+    }
+
+    /// SmolLM2-135M-Instruct's config.json as on the Hub (written by nanotron).
+    const SMOLLM2_HUB: &str = r#"{
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+      "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": true,
+      "max_position_embeddings": 8192, "mlp_bias": false, "model_type": "llama", "num_attention_heads": 9,
+      "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05, "rope_interleaved": false, "rope_scaling": null, "rope_theta": 100000,
+      "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}},
+      "transformers_version": "4.42.3", "use_cache": true, "vocab_size": 49152
+    }"#;
+
+    /// Llama-3.2-1B's settings in both layouts (llama3-scaled RoPE).
+    fn llama3(v5: bool) -> String {
+        let scaling = r#"{"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3""#;
+        let rope = if v5 {
+            format!(r#""rope_parameters": {scaling}, "rope_theta": 500000.0}}"#)
+        } else {
+            format!(r#""rope_scaling": {scaling}}}, "rope_theta": 500000.0"#)
+        };
+        format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+            "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+            "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+            "pretraining_tp": 1, "rms_norm_eps": 1e-05, {rope}, "tie_word_embeddings": true,
+            "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0", "use_cache": true,
+            "vocab_size": 128256}}"#
+        )
+    }
+
+    /// Everything of a config that the computation reads.
+    fn effective(c: &LlamaConfig) -> String {
+        format!(
+            "{:?} V{} H{} F{} L{} heads {}/{} hd{} eps{} θ{:?} tied {} bias {}/{} window {:?} eos {:?} act {:?}",
+            c.model_type,
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.head_dim(),
+            c.rms_norm_eps,
+            c.rope_theta(),
+            c.tied(),
+            c.qkv_bias(),
+            c.o_bias(),
+            c.window(),
+            c.eos_token(),
+            c.hidden_act
+        )
+    }
+
+    /// With one key replaced (`None`: removed).
+    fn with(text: &str, key: &str, value: Option<serde_json::Value>) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        let m = v.as_object_mut().unwrap();
+        match value {
+            Some(x) => m.insert(key.into(), x),
+            None => m.remove(key),
+        };
+        v.to_string()
+    }
+
+    #[test]
+    fn older_hub_and_transformers5_layouts_give_the_same_config() {
+        let old = LlamaConfig::from_json(QWEN2_OLD).unwrap();
+        let new = LlamaConfig::from_json(&qwen2_v5()).unwrap();
+        assert_eq!(old.rope_theta(), Ok(1e6));
+        assert_eq!(new.rope_theta(), Ok(1e6));
+        assert_eq!(effective(&old), effective(&new));
+        // Both layouts at once are fine when they agree, an error naming both when they do not.
+        let both = with(&qwen2_v5(), "rope_theta", Some(1e6.into()));
+        assert_eq!(LlamaConfig::from_json(&both).unwrap().rope_theta(), Ok(1e6));
+        let e = LlamaConfig::from_json(&with(&qwen2_v5(), "rope_theta", Some(1e4.into()))).unwrap_err();
+        assert!(
+            e.contains("`rope_theta`") && e.contains("`rope_parameters.rope_theta`") && e.contains("disagree"),
+            "{e}"
+        );
+        // A `rope_scaling` of type "default" is plain RoPE too; `rope_scaling: null` is nothing.
+        let default_scaling = with(QWEN2_OLD, "rope_scaling", Some(serde_json::json!({"rope_type": "default"})));
+        assert_eq!(LlamaConfig::from_json(&default_scaling).unwrap().rope_theta(), Ok(1e6));
+        let null_scaling = with(QWEN2_OLD, "rope_scaling", Some(serde_json::Value::Null));
+        assert_eq!(LlamaConfig::from_json(&null_scaling).unwrap().rope_theta(), Ok(1e6));
+        // Neither layout: transformers' default.
+        assert_eq!(LlamaConfig::from_json(&with(QWEN2_OLD, "rope_theta", None)).unwrap().rope_theta(), Ok(1e4));
+    }
+
+    #[test]
+    fn hub_and_converted_smollm2_configs_load() {
+        let hub = LlamaConfig::from_json(SMOLLM2_HUB).unwrap();
+        assert_eq!((hub.rope_theta(), hub.kv_heads(), hub.head_dim(), hub.eos_token()), (Ok(1e5), 3, 64, Some(2)));
+        let e = LlamaConfig::from_json(&with(SMOLLM2_HUB, "rope_interleaved", Some(true.into()))).unwrap_err();
+        assert!(e.contains("rope_interleaved"), "{e}");
+        let converted = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct/config.json");
+        if converted.exists() {
+            // (rms_norm_eps differs: the GGUF stores it as f32.)
+            let c = LlamaConfig::from_file(&converted).unwrap();
+            let shape = |c: &LlamaConfig| {
+                (c.rope_theta(), c.kv_heads(), c.head_dim(), c.tied(), c.num_hidden_layers, c.vocab_size, c.eos_token())
+            };
+            assert_eq!(shape(&c), shape(&hub), "converted vs Hub config");
+        } else {
+            eprintln!("skipping the converted config: {} not there (scripts/fetch-assets.sh)", converted.display());
+        }
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_in_both_layouts_naming_the_rope_type() {
+        for v5 in [false, true] {
+            let e = LlamaConfig::from_json(&llama3(v5)).unwrap_err();
+            let key = if v5 { "rope_parameters" } else { "rope_scaling" };
+            assert!(e.contains(key) && e.contains("`llama3`") && e.contains("only plain RoPE"), "{e}");
+        }
+        // The legacy `type` spelling, and a "default" type with a scaling field.
+        let linear = with(QWEN2_OLD, "rope_scaling", Some(serde_json::json!({"type": "linear", "factor": 2.0})));
+        assert!(LlamaConfig::from_json(&linear).unwrap_err().contains("`linear`"));
+        let extra = with(
+            &qwen2_v5(),
+            "rope_parameters",
+            Some(serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "factor": 2.0})),
+        );
+        assert!(LlamaConfig::from_json(&extra).unwrap_err().contains("`rope_parameters.factor`"));
+        // Rotating every dimension is plain RoPE; rotating a part is not.
+        let partial = |f: f64| {
+            let p = serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": f});
+            LlamaConfig::from_json(&with(&qwen2_v5(), "rope_parameters", Some(p)))
+        };
+        assert_eq!(partial(1.0).unwrap().rope_theta(), Ok(1e6));
+        assert!(partial(0.5).unwrap_err().contains("`rope_parameters.partial_rotary_factor`"));
+        // Gemma 3's per-layer-type map.
+        let per_layer = with(
+            &qwen2_v5(),
+            "rope_parameters",
+            Some(serde_json::json!({
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}
+            })),
+        );
+        let e = LlamaConfig::from_json(&per_layer).unwrap_err();
+        assert!(e.contains("per layer type") && e.contains("full_attention"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_unsupported_layer_types_are_refused_naming_them() {
+        let e = LlamaConfig::from_json(&with(QWEN2_OLD, "foo_scaling", Some(2.into()))).unwrap_err();
+        assert!(e.contains("`foo_scaling`"), "{e}");
+        let q = with(QWEN2_OLD, "quantization_config", Some(serde_json::json!({"quant_method": "awq"})));
+        assert!(LlamaConfig::from_json(&q).unwrap_err().contains("`quantization_config`"));
+        let sliding = with(&qwen2_v5(), "layer_types", Some(serde_json::json!(vec!["sliding_attention"; 24])));
+        assert!(LlamaConfig::from_json(&sliding).unwrap_err().contains("no sliding window"));
+        let short = with(&qwen2_v5(), "layer_types", Some(serde_json::json!(["full_attention"])));
+        assert!(LlamaConfig::from_json(&short).unwrap_err().contains("layer_types lists 1"));
+        // A config built in code is held to the same rules when a model is built from it.
+        let mut c = LlamaConfig::from_json(QWEN2_OLD).unwrap();
+        c.other.insert("foo_scaling".into(), 2.into());
+        assert!(c.validate().unwrap_err().contains("`foo_scaling`"));
+    }
 }

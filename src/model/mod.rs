@@ -4,6 +4,7 @@
 //! Training sees them only through `DpModel`.
 
 pub mod bert;
+pub mod config_keys;
 pub mod fused;
 pub mod gelu;
 pub mod llama;

@@ -79,6 +79,38 @@ pub fn add_noise_cpu(values: &mut [f32], key: &NoiseKey, stream: u64, std: f64) 
     }
 }
 
+/// The slow twin of [`add_noise_cpu`], written from the layout in the module comment with the
+/// scalar block function `kernels::chacha::chacha20_block` (checked against RFC 8439's published
+/// block) instead of rand_chacha: coordinate j reads block ⌊j/2⌋ of stream `stream` and, of its
+/// 16 little-endian 32-bit words, words 8(j mod 2) … 8(j mod 2)+7 as four 64-bit words
+/// a₀ b₀ a₁ b₁ (low word first). Each (a, b) gives a Box–Muller pair r·cos 2πu₂, r·sin 2πu₂ with
+/// u₁ = 1 − ⌊a/2¹¹⌋·2⁻⁵³, u₂ = ⌊b/2¹¹⌋·2⁻⁵³, r = √(−2 ln u₁); each of the four normals is scaled
+/// by std/2 and added in that order to z = 0 in f64, and the value becomes f32(value + z). The
+/// operation order is part of the specification (the CUDA kernel follows it with round-to-nearest
+/// intrinsics), so this twin and the fast path agree bit for bit. One block per coordinate: slow.
+pub fn add_noise_reference(values: &mut [f32], key: &NoiseKey, stream: u64, std: f64) {
+    let two_53 = (1u64 << 53) as f64;
+    for (j, x) in values.iter_mut().enumerate() {
+        let block = crate::kernels::chacha::chacha20_block(key.bytes(), (j / 2) as u64, stream);
+        let word = |k: usize| {
+            let lo = 8 * (j % 2) + 2 * k;
+            block[lo] as u64 | (block[lo + 1] as u64) << 32
+        };
+        let scale = std / 2.0;
+        let mut z = 0.0f64;
+        for pair in 0..2 {
+            let (a, b) = (word(2 * pair), word(2 * pair + 1));
+            let u1 = 1.0 - (a >> 11) as f64 / two_53;
+            let u2 = (b >> 11) as f64 / two_53;
+            let r = (-2.0 * u1.ln()).sqrt();
+            let angle = 2.0 * std::f64::consts::PI * u2;
+            z += scale * (r * angle.cos());
+            z += scale * (r * angle.sin());
+        }
+        *x = (*x as f64 + z) as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,13 +177,51 @@ mod tests {
         assert_eq!(short[..], long[..9]);
     }
 
+    /// add_noise_cpu (rand_chacha's keystream, 8 u64 per coordinate pair) against the twin written
+    /// from the specification on the RFC-checked scalar block function: bit for bit, for a known
+    /// key, odd and even lengths, and streams that use both halves of the 64-bit stream id.
     #[test]
-    fn tensor_path_equals_slice_path() {
+    fn cpu_noise_equals_the_scalar_reference_from_the_specification_bit_for_bit() {
+        let key = NoiseKey::new(std::array::from_fn(|i| i as u8));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (n, stream, std) in
+            [(0usize, 0u64, 1.0), (1, 0, 1.0), (2, 1, 0.3), (7, 0x4a00_0000, 2.5), (100, 1 << 40, 1.3)]
+        {
+            let start: Vec<f32> = (0..n).map(|i| (i as f32 - 3.0) * 0.37).collect();
+            let (mut fast, mut slow) = (start.clone(), start.clone());
+            add_noise_cpu(&mut fast, &key, stream, std);
+            add_noise_reference(&mut slow, &key, stream, std);
+            assert_eq!(bits(&fast), bits(&slow), "n = {n}, stream {stream}, std {std}");
+            if n > 0 {
+                assert_ne!(bits(&fast), bits(&start), "no noise was added");
+            }
+        }
+        // The reference's first draw, by hand from the block words (a check on the reference itself).
+        let w = crate::kernels::chacha::chacha20_block(key.bytes(), 0, 5);
+        let u = |k: usize| ((w[2 * k] as u64 | (w[2 * k + 1] as u64) << 32) >> 11) as f64 / 9007199254740992.0;
+        let normals = [(0, 1), (2, 3)].map(|(a, b)| {
+            let r = (-2.0 * (1.0 - u(a)).ln()).sqrt();
+            (r * (std::f64::consts::TAU * u(b)).cos(), r * (std::f64::consts::TAU * u(b)).sin())
+        });
+        let want = 0.5 * (normals[0].0 + normals[0].1 + normals[1].0 + normals[1].1);
+        let mut v = [0f32];
+        add_noise_cpu(&mut v, &key, 5, 1.0);
+        assert!((v[0] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "{} vs {want}", v[0]);
+    }
+
+    /// The tensor op (what the training step calls; the CUDA kernel on a GPU) hands key, step and
+    /// std to the CPU twin and noises exactly the tensor's own elements, also inside a larger
+    /// buffer (a narrowed view starts at an offset).
+    #[test]
+    fn tensor_noise_op_noises_exactly_its_view_with_the_given_key_step_and_std() {
         let g = noise(11);
-        let mut v = vec![0.25f32; 31];
-        let t = Tensor::from_vec(v.clone(), 31, &candle_core::Device::Cpu).unwrap();
-        g.add_noise(&mut v, 5, 0.3);
-        g.add_noise_tensor(&t, 5, 0.3).unwrap();
-        assert_eq!(t.to_vec1::<f32>().unwrap(), v);
+        let full = Tensor::from_vec(vec![0.25f32; 40], 40, &candle_core::Device::Cpu).unwrap();
+        let view = full.narrow(0, 5, 31).unwrap();
+        g.add_noise_tensor(&view, 5, 0.3).unwrap();
+        let got = full.to_vec1::<f32>().unwrap();
+        let mut want = vec![0.25f32; 31];
+        add_noise_reference(&mut want, g.key(), 5, 0.3);
+        assert_eq!(&got[5..36], &want[..]);
+        assert!(got[..5].iter().chain(&got[36..]).all(|&x| x == 0.25), "noise outside the view: {got:?}");
     }
 }
