@@ -194,13 +194,16 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
             let f_c = kernels::clip_factors(&sq_c, clip)?;
             let f_d = kernels::clip_factors(&sq_same, clip)?;
             let f_want: Vec<f64> = if slow {
-                // min(1, C / (‖g‖ + 1e-6)), 0 for a non-finite norm, 1 without clipping.
+                // min(1, C·CLIP_MARGIN / (‖g‖ + 1e-6)), 0 for a non-finite norm, 1 without clipping.
                 f64s(&sq_c)?
                     .iter()
                     .map(|&sq| {
                         let norm = sq.sqrt();
-                        let f =
-                            if !norm.is_finite() { 0.0 } else { clip.map_or(1.0, |c| (c / (norm + 1e-6)).min(1.0)) };
+                        let f = if !norm.is_finite() {
+                            0.0
+                        } else {
+                            clip.map_or(1.0, |c| (c * crate::privacy::clip::CLIP_MARGIN / (norm + 1e-6)).min(1.0))
+                        };
                         f as f32 as f64
                     })
                     .collect()
@@ -210,7 +213,7 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
             let case = format!("{case}, C = {clip:?}");
             out.push(
                 compare("clip factors", case.clone(), &f64s(&f_d)?, &f_want, 0.0, 0.0)
-                    .against(twin("min(1, C/(‖g‖ + 1e-6)) in f64")),
+                    .against(twin("min(1, C·(1 − 2⁻²⁰)/(‖g‖ + 1e-6)) in f64")),
             );
             let s_d = kernels::clipped_sum(&parts_d, &f_c.to_device(device)?)?;
             let s_want: Vec<f64> = if slow {
@@ -349,7 +352,8 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
 }
 
 /// `Check::reference` on a GPU: the CPU path of the same computation.
-const CPU_TWIN: &str = "CPU twin";
+/// The reference a GPU check names: the CPU path of the same kernel.
+pub const CPU_TWIN: &str = "CPU twin";
 const SCALAR_CHACHA: &str = "kernels::chacha::chacha20_block (scalar, RFC 8439 vector)";
 
 /// Textbook AdamW (Loshchilov & Hutter) over host vectors: moments in f64, parameters stored in

@@ -303,7 +303,7 @@ fn configured_label_set_rejects_other_labels_in_training_data() {
 }
 
 #[test]
-fn selftest_on_cpu_runs_every_check_and_writes_json() {
+fn selftest_on_cpu_checks_every_fast_path_against_its_independent_slow_twin() {
     let path = std::env::temp_dir().join(format!("dptrain-selftest-{}.json", std::process::id()));
     let (ok, out) = dptrain(&["selftest", "--device", "cpu", "--json", path.to_str().unwrap()]);
     assert!(ok, "{out}");
@@ -316,6 +316,15 @@ fn selftest_on_cpu_runs_every_check_and_writes_json() {
         assert!(checks.iter().any(|c| c["name"] == name), "no {name} check");
     }
     assert!(checks.iter().any(|c| c["name"] == "clipped sum" && c["case"].as_str().unwrap().starts_with("b = 0")));
+    // On the CPU no check compares a function with itself: each names an independent reference.
+    for c in checks {
+        let r = c["reference"].as_str().unwrap_or("");
+        assert!(!r.is_empty() && r != dptrain::selftest::CPU_TWIN, "{c}");
+    }
+    // The noise is specified bit for bit: the reference computes it exactly.
+    for c in checks.iter().filter(|c| c["name"] == "gaussian noise") {
+        assert_eq!(c["exact_fraction"].as_f64(), Some(1.0), "{c}");
+    }
 }
 
 #[test]
@@ -471,6 +480,8 @@ fn lora_targets_or_layers_matching_nothing_and_integer_weights_are_clear_errors(
     run("llama module on bert", "target-modules = [\"q_proj\"]", &["lora.target-modules", "`q_proj`", "BERT-family"]);
     run("unknown module", "target-modules = [\"qkv\"]", &["lora.target-modules", "`qkv`"]);
     run("missing layer", "layers = [7]", &["lora.layers", "layer 7 does not exist"]);
+    std::fs::write(&cfg, original.replace("[lora]\n", "[lora]\nlayers = [7]\n")).unwrap();
+    assert!(!dptrain(&["--config", cfg.to_str().unwrap()]).1.contains("(see message)"));
     // An integer tensor where a weight should be.
     std::fs::write(&cfg, &original).unwrap();
     let st = f.dir.join("model/model.safetensors");
@@ -492,4 +503,41 @@ fn delta_between_a_tenth_of_one_over_n_and_one_over_n_warns_but_trains() {
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(ok, "{log}");
     assert!(log.contains("warning: privacy.delta") && log.contains("0.1/N"), "{log}");
+}
+
+#[test]
+fn bad_bytes_overlong_records_and_an_impossible_max_seq_len_are_errors_naming_line_or_key() {
+    let f = Fixture::new("badbytes");
+    let cfg = f.config("target-epsilon = 5.0", "run");
+    let train = f.dir.join("train.jsonl");
+    let good = std::fs::read(&train).unwrap();
+    let lines: Vec<&[u8]> = good.split(|&b| b == b'\n').collect();
+    let with_line = |k: usize, bad: &[u8]| {
+        let mut out = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            out.extend_from_slice(if i + 1 == k { bad } else { l });
+            out.push(b'\n');
+        }
+        std::fs::write(&train, out).unwrap();
+    };
+    // A byte that is not UTF-8 on line 3: named by line, not by byte offset in the file.
+    with_line(3, b"{\"text\": \"w4 \xff w5\", \"label\": \"a\"}");
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && log.contains("train.jsonl:3") && log.contains("not UTF-8"), "{log}");
+    // A 2 MiB record on line 5: refused by name before it is parsed or tokenised.
+    let long = format!("{{\"text\": \"{}\", \"label\": \"a\"}}", "w4 ".repeat(700_000));
+    with_line(5, long.as_bytes());
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && log.contains("train.jsonl:5") && log.contains("over the limit"), "{log}");
+    std::fs::write(&train, &good).unwrap();
+    // max-seq-len beyond the model's positions (16): the key, before any record is read.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("max-seq-len = 12", "max-seq-len = 100000")).unwrap();
+    std::fs::remove_file(&train).unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && log.contains("model.max-seq-len 100000 exceeds") && log.contains("16"), "{log}");
+    // A missing file: its cause is printed once.
+    std::fs::write(&cfg, &text).unwrap();
+    let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && log.contains("train.jsonl") && log.matches("os error 2").count() == 1, "{log}");
 }

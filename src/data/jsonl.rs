@@ -147,16 +147,27 @@ type Records = Vec<(usize, JsonObject)>;
 
 /// Reads a JSONL file: (line number, parsed object) per non-blank line, and the file's bytes.
 /// An empty file, a line that is not JSON or not an object is an error naming file and line.
+/// The longest line (record) accepted: far more text than any `max-seq-len` keeps (a record is
+/// truncated to it), and a bound on the memory one line can take while it is parsed and tokenised.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
 fn read_objects(path: &Path) -> Result<(Records, Vec<u8>), DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|e| DataError::Dataset { path: path.into(), message: format!("not UTF-8: {e}") })?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let err = |message: String| DataError::Record { path: path.into(), line: i + 1, message };
+        if raw.len() > MAX_LINE_BYTES {
+            return Err(err(format!(
+                "the line is {} bytes, over the limit of {MAX_LINE_BYTES} (1 MiB) per record; records are truncated to model.max-seq-len tokens anyway: shorten it",
+                raw.len()
+            )));
+        }
+        let line = std::str::from_utf8(raw)
+            .map_err(|e| err(format!("not UTF-8 (byte {} of the line)", e.valid_up_to() + 1)))?;
+        let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
-        let err = |message: String| DataError::Record { path: path.into(), line: i + 1, message };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("malformed JSON: {e}")))?;
         match v {
             serde_json::Value::Object(o) => out.push((i + 1, o)),

@@ -214,11 +214,8 @@ impl BertClassifier {
         // SAFETY: the file is memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
-        Self::new(vb, config, lora, num_labels, init_rng).map_err(|e| ModelError::Tensor {
-            file: st,
-            name: "(see message)".into(),
-            message: e.to_string(),
-        })
+        Self::new(vb, config, lora, num_labels, init_rng)
+            .map_err(|e| ModelError::Load { file: st, message: e.to_string() })
     }
 
     pub fn device(&self) -> &Device {

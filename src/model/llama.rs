@@ -407,11 +407,8 @@ impl LlamaLm {
         super::check_weight_dtypes(&files)?;
         // SAFETY: the files are memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base_dtype, device)? };
-        Self::new(vb, config, lora, init_rng).map_err(|e| ModelError::Tensor {
-            file: files[0].clone(),
-            name: "(see message)".into(),
-            message: e.to_string(),
-        })
+        Self::new(vb, config, lora, init_rng)
+            .map_err(|e| ModelError::Load { file: files[0].clone(), message: e.to_string() })
     }
 
     pub fn num_layers(&self) -> usize {

@@ -271,6 +271,9 @@ pub enum ModelError {
     Config { path: PathBuf, message: String },
     #[error("{file}: tensor `{name}`: {message}")]
     Tensor { file: PathBuf, name: String, message: String },
+    /// Building the model from its weights failed (the message names the tensor or setting).
+    #[error("{file}: {message}")]
+    Load { file: PathBuf, message: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error(transparent)]

@@ -36,7 +36,7 @@ pub enum ReportError {
     Unusable { path: PathBuf, message: String },
     #[error("output folder {path} is in use by {holder} (another dptrain run); wait for it to finish or choose another output folder")]
     Locked { path: PathBuf, holder: String },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("writing {path}: {message}")]
     Format { path: PathBuf, message: String },

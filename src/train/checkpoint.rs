@@ -33,7 +33,7 @@ const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("checkpoint {path} is unusable: {message}")]
     Corrupt { path: PathBuf, message: String },

@@ -718,6 +718,20 @@ fn read_reference(
 
 /// Training and held-out data in the format of the model's task.
 pub fn load_data(plan: &Plan, arch: Architecture) -> Result<(Dataset, Dataset), RunError> {
+    // model.max-seq-len against the model's positions, before any record is read.
+    let positions = match arch {
+        Architecture::Bert => {
+            Some(crate::model::BertConfig::from_file(&plan.model_dir.join("config.json"))?.max_position_embeddings)
+        }
+        Architecture::Llama => LlamaConfig::from_file(&plan.model_dir.join("config.json"))?.max_position_embeddings,
+    };
+    if let Some(p) = positions.filter(|&p| plan.max_seq_len > p) {
+        return Err(RunError::Plan(format!(
+            "model.max-seq-len {} exceeds the model's max_position_embeddings {p} ({})",
+            plan.max_seq_len,
+            plan.model_dir.join("config.json").display()
+        )));
+    }
     match arch {
         Architecture::Bert => {
             let tokenizer = load_tokenizer(&plan.model_dir, Some(plan.max_seq_len))?;
