@@ -71,7 +71,8 @@ def train(tmp, name, model, data, test, extra):
             f'[output]\ndir = "{os.path.join(tmp, name)}"\n'
         )
     dptrain("--config", cfg)
-    return os.path.join(tmp, name)
+    # The publishable part of the run folder is what PEFT loads.
+    return os.path.join(tmp, name, "release")
 
 
 def lora_tensors_match(model, adapter_dir):
@@ -87,12 +88,23 @@ def lora_tensors_match(model, adapter_dir):
     return ok, f"{len(lora)} LoRA tensors, missing {missing[:3]}, max |diff| {worst}, max |B| {b:.3g}"
 
 
+def wrapped_modules_match(model, adapter_dir):
+    """The set of modules PEFT wrapped with LoRA equals the set dptrain trained (PEFT matches short
+    target names by suffix; dptrain writes full names so nothing else is wrapped)."""
+    want = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    ours = {k[len("base_model.model."):-len(".lora_A.weight")] for k in want if k.endswith(".lora_A.weight")}
+    theirs = {n[len("base_model.model."):] for n, m in model.named_modules() if hasattr(m, "lora_A") and n.startswith("base_model.model.")}
+    return ours == theirs and len(ours) > 0, f"{len(ours)} trained, {len(theirs)} wrapped by PEFT, differ: {sorted(ours ^ theirs)[:4]}"
+
+
 def bert(tmp):
     model_dir = os.path.join(ROOT, ".cache/models/all-MiniLM-L6-v2")
     data, test = os.path.join(tmp, "spam-train.jsonl"), os.path.join(tmp, "spam-test.jsonl")
     sample_lines(os.path.join(ROOT, ".cache/data/spamassassin/train.jsonl"), data, 400)
     sample_lines(os.path.join(ROOT, ".cache/data/spamassassin/test.jsonl"), test, 64)
-    adapter = train(tmp, "bert", model_dir, data, test, {"len": 64, "targets": ["query", "value"], "lr": 0.05})
+    # output.dense as well: its short name is a suffix of attention.output.dense, which PEFT would
+    # also wrap if the adapter config listed short names.
+    adapter = train(tmp, "bert", model_dir, data, test, {"len": 64, "targets": ["query", "value", "output.dense"], "lr": 0.05})
     ours = json.loads(dptrain("eval", "--model", model_dir, "--adapter", adapter, "--data", test, "--max-seq-len", "64", "--json"))
     labels = json.load(open(os.path.join(adapter, "privacy_report.json")))["dataset"]["labels"]
 
@@ -100,6 +112,8 @@ def bert(tmp):
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     ok, detail = lora_tensors_match(model, adapter)
     check("bert: PeftModel.from_pretrained loads every LoRA tensor unchanged", ok, detail)
+    ok, detail = wrapped_modules_match(model, adapter)
+    check("bert: PEFT wraps exactly the modules dptrain trained", ok, detail)
     tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     w, b = tensors["base_model.model.classifier.weight"], tensors["base_model.model.classifier.bias"]
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -129,6 +143,8 @@ def llama(tmp):
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     ok, detail = lora_tensors_match(model, adapter)
     check("llama: PeftModel.from_pretrained loads every LoRA tensor unchanged", ok, detail)
+    ok, detail = wrapped_modules_match(model, adapter)
+    check("llama: PEFT wraps exactly the modules dptrain trained", ok, detail)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     nll, count = 0.0, 0
     for line in open(test):

@@ -278,6 +278,10 @@ impl Checkpoint {
         if fin.exists() {
             let _ = std::fs::remove_dir_all(&aside);
             std::fs::rename(&fin, &aside).map_err(io(&fin))?;
+            #[cfg(test)]
+            if tests::CRASH_AFTER_ASIDE.with(|c| c.get()) {
+                return Err(CheckpointError::Corrupt { path: fin, message: "simulated crash".into() });
+            }
         }
         std::fs::rename(&tmp, &fin).map_err(io(&fin))?;
         sync_dir(root);
@@ -400,7 +404,77 @@ pub fn model_hash(dir: &Path) -> Result<String, CheckpointError> {
 
 #[cfg(test)]
 mod tests {
-    use super::changed_keys;
+    use super::*;
+
+    thread_local! {
+        /// Stop `Checkpoint::write` right after a same-step checkpoint was renamed aside (the
+        /// window in which a SIGKILL used to leave a half-deleted `step-N`).
+        pub(super) static CRASH_AFTER_ASIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn checkpoint(step: u64) -> Checkpoint {
+        use rand::SeedableRng;
+        let rng = ChaCha20Rng::seed_from_u64(1);
+        Checkpoint {
+            state: State {
+                format: FORMAT,
+                engine: "test".into(),
+                step,
+                planned_steps: 10,
+                max_steps: None,
+                noise_multiplier: 1.0,
+                sample_rate: 0.1,
+                target_epsilon: None,
+                sampler: RngState::of(&rng),
+                noise_key: [7; 32],
+                commitment_key: "00".repeat(32),
+                seeded: true,
+                optimizer: OptimizerState::Sgd,
+                ledger: Ledger::uniform(0.1, 1.0, step),
+                metrics: Vec::new(),
+                examples_seen: 0,
+                train_seconds: 0.0,
+                fingerprint: Fingerprint {
+                    config_sha256: String::new(),
+                    config_text: String::new(),
+                    model_sha256: String::new(),
+                    train_sha256: String::new(),
+                    test_sha256: String::new(),
+                    non_private: false,
+                },
+                tensors_sha256: String::new(),
+            },
+            params: vec![step as f32; 5],
+            optimizer_vectors: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn rewriting_a_checkpoint_never_leaves_a_partial_one_and_a_crash_keeps_the_previous() {
+        let root = std::env::temp_dir().join(format!("dptrain-ckpt-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        checkpoint(4).write(&root, 3).unwrap();
+        checkpoint(6).write(&root, 3).unwrap();
+        // A clean rewrite of the same step replaces it whole.
+        let mut again = checkpoint(6);
+        again.params = vec![60.0; 5];
+        again.write(&root, 3).unwrap();
+        assert_eq!(Checkpoint::read(&root.join("step-00000006")).unwrap().params, vec![60.0; 5]);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2, "no leftover folder of the rewrite");
+        // A crash right after the old step-6 was set aside: every step-* folder left is complete,
+        // and the newest is the intact previous checkpoint.
+        CRASH_AFTER_ASIDE.with(|c| c.set(true));
+        assert!(checkpoint(6).write(&root, 3).is_err());
+        CRASH_AFTER_ASIDE.with(|c| c.set(false));
+        let mut steps: Vec<u64> = list(&root).unwrap().into_iter().map(|(k, _)| k).collect();
+        steps.sort();
+        assert_eq!(steps, [4]);
+        for (_, dir) in list(&root).unwrap() {
+            Checkpoint::read(&dir).expect("a complete checkpoint");
+        }
+        assert_eq!(Checkpoint::read(&root.join("step-00000004")).unwrap().state.step, 4);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn changed_config_keys_are_named_and_formatting_changes_are_not() {
