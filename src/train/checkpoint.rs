@@ -29,7 +29,8 @@ pub use crate::report::rundir::CHECKPOINTS as CHECKPOINT_DIR;
 const STATE: &str = "state.json";
 const STATE_SUM: &str = "state.sha256";
 const TENSORS: &str = "tensors.safetensors";
-const FORMAT: u32 = 2;
+/// The checkpoint format this dptrain writes and reads (2: private/ layout, state checksum, commitment key).
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

@@ -459,7 +459,7 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
         };
         let mut c = Checkpoint {
             state: State {
-                format: 2,
+                format: checkpoint::FORMAT,
                 engine: report::ENGINE.into(),
                 step,
                 planned_steps: steps,
@@ -586,15 +586,15 @@ fn release(
         (None, None)
     } else {
         (
-            Some(RdpAccountant::default().epsilon(&event, plan.delta).map_err(|e| (e, "rdp"))),
-            Some(PldAccountant::default().epsilon(&event, plan.delta).map_err(|e| (e, "pld"))),
+            Some(RdpAccountant::default().epsilon(&event, plan.delta)),
+            Some(PldAccountant::default().epsilon(&event, plan.delta)),
         )
     };
-    let certified = match (plan.accountant, &pld, &rdp) {
-        (_, None, None) => None,
-        (AccountantKind::Pld, Some(r), _) => Some(r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string())),
-        (AccountantKind::Rdp, _, Some(r)) => Some(r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string())),
-        _ => unreachable!("both accountants are evaluated for a private run"),
+    let pld_eps = pld.as_ref().map(|r| r.as_ref().map(|x| x.epsilon).map_err(|e| e.to_string()));
+    let rdp_eps = rdp.as_ref().map(|r| r.as_ref().map(|x| x.epsilon).map_err(|e| e.to_string()));
+    let certified = match plan.accountant {
+        AccountantKind::Pld => pld_eps.clone(),
+        AccountantKind::Rdp => rdp_eps.clone(),
     }
     .transpose()
     .map_err(|e| RunError::Plan(format!("the {} accountant failed on the ledger: {e}", plan.accountant.name())))?;
@@ -616,12 +616,11 @@ fn release(
         }
     }
     let epsilon_curve = if opts.non_private { Vec::new() } else { epsilon_curve(&p.ledger, plan.delta) };
-    let as_eps = |r: &Option<Result<f64, String>>| r.clone().map(report::Epsilon::of);
     let summary = RunSummary {
         non_private: opts.non_private,
         epsilon: certified,
-        epsilon_pld: as_eps(&pld.as_ref().map(|r| r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string()))),
-        epsilon_rdp: as_eps(&rdp.as_ref().map(|r| r.as_ref().map(|r| r.epsilon).map_err(|(e, _)| e.to_string()))),
+        epsilon_pld: pld_eps.map(report::Epsilon::of),
+        epsilon_rdp: rdp_eps.map(report::Epsilon::of),
         rdp_optimal_order: rdp.as_ref().and_then(|r| r.as_ref().ok()).map(|r| r.optimal_order),
         target_epsilon: p.target,
         delta: plan.delta,
