@@ -120,6 +120,23 @@ fn seeded_run_reproduces_the_adapter_file_byte_for_byte() {
         let read = |d: &str| std::fs::read_to_string(f.dir.join(d).join("release").join(file)).unwrap();
         assert_eq!(read("a"), read("b"), "{file}");
     }
+    // The reproduced adapter is noised: the same seed (same sampling, initialisation and noise
+    // key) with twice the noise multiplier gives other tensors. With the noise removed from the
+    // mechanism the two would be equal and this fails.
+    let c = f.config("noise-multiplier = 2.0", "c");
+    assert!(dptrain(&["--config", c.to_str().unwrap()]).0);
+    let tensors = |d: &str| {
+        let b = bytes(d);
+        let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+        v.sort();
+        v
+    };
+    let (ta, tc) = (tensors("a"), tensors("c"));
+    assert_eq!(ta.len(), tc.len());
+    for ((name, x), (_, y)) in ta.iter().zip(&tc) {
+        assert_ne!(x, y, "{name}: σ changed nothing");
+    }
 }
 
 #[test]

@@ -248,8 +248,12 @@ fn private_part_is_owner_only_and_checkpoints_are_gone_after_a_finished_run() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(run.join("private")).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700, "private/ is owner-only");
+        let mode = |p: &str| std::fs::metadata(run.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("private"), 0o700, "private/ is owner-only");
+        // Its files too, so a copy of the folder stays owner-only.
+        for f in ["private/run.json", "private/metrics.jsonl", "private/plots/loss.svg", "private/lock"] {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
     }
     assert!(!run.join("private/checkpoints").exists(), "checkpoints left after a finished run");
     assert!(log.contains("private part (never publish"), "{log}");

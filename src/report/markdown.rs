@@ -175,7 +175,10 @@ pub fn render(r: &Value) -> String {
     }
     o.push('\n');
     if let Some(groups) = m["test_groups"].as_array().filter(|g| !g.is_empty()) {
-        let _ = writeln!(o, "Per group (the `group` field of the held-out records). DP tends to cost small groups the most; compare each group with the reference.\n");
+        let _ = writeln!(
+            o,
+            "Per group (the `group` field of the held-out records). DP tends to cost small groups the most.\n"
+        );
         let with_ref = !reference.is_null();
         let _ = writeln!(
             o,

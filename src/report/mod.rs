@@ -183,12 +183,32 @@ pub struct StepMetrics {
 /// Write `bytes` to `path` atomically: temporary file in the same folder, fsync, rename. The
 /// temporary name (`.NAME.tmp-PID`) is removed by the next run of the folder if a crash leaves it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// `write_atomic` for the private part: the file is owner-only (0600), so it stays so when the
+/// folder is copied elsewhere.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReportError> {
     let io = |source| ReportError::Io { path: path.into(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp =
         dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -529,7 +549,7 @@ pub fn write_outputs(
         lines.push_str(&serde_json::to_string(m).expect("metrics serialise"));
         lines.push('\n');
     }
-    write_atomic(&dir.private.join(rundir::METRICS), lines.as_bytes())?;
+    write_private(&dir.private.join(rundir::METRICS), lines.as_bytes())?;
     for p in plots::PLOTS.iter().filter(|p| p.applies(s)) {
         // The private copy of the group plot carries the reference's bars; the release one never.
         let (part, summary) = if p.release {
@@ -541,14 +561,18 @@ pub fn write_outputs(
         };
         let svg =
             (p.draw)(&summary, metrics).map_err(|message| ReportError::Format { path: part.join(p.file), message })?;
-        write_atomic(&part.join(p.file), svg.as_bytes())?;
+        if p.release {
+            write_atomic(&part.join(p.file), svg.as_bytes())?;
+        } else {
+            write_private(&part.join(p.file), svg.as_bytes())?;
+        }
         if p.release && s.reference.is_some() && p.file == "plots/groups.svg" {
             let svg = (p.draw)(s, metrics)
                 .map_err(|message| ReportError::Format { path: dir.private.join(p.file), message })?;
-            write_atomic(&dir.private.join(p.file), svg.as_bytes())?;
+            write_private(&dir.private.join(p.file), svg.as_bytes())?;
         }
     }
-    write_atomic(
+    write_private(
         &dir.private.join(rundir::RUN_RECORD),
         serde_json::to_string_pretty(&run_record(plan, s, key, &adapter_hash)).expect("json").as_bytes(),
     )?;

@@ -86,9 +86,16 @@ fn set_owner_only(_dir: &Path) -> Result<(), ReportError> {
 #[cfg(unix)]
 fn lock(path: &Path) -> Result<std::fs::File, ReportError> {
     use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    let mut f =
-        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io(path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
     // SAFETY: flock on a descriptor we own; no memory is passed.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
