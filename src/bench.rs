@@ -22,10 +22,14 @@
 //! phases from `profile_steps` further steps with `crate::profile` marks (each mark
 //! synchronises the device, so these steps are not the timed ones).
 //!
+//! Model-FLOP utilisation: the step's analytic FLOPs (`crate::flops`) per second over the peak
+//! a short GEMM probe measures on the same device at start-up.
+//!
 //! The batch is random token ids (`seq_len` each), or with `examples` real records (e.g. the
 //! first records of a run config's training file, `dptrain bench --config`).
 
 use crate::data::{Batch, Example};
+use crate::flops::FlopShape;
 use crate::kernels::FusedAdamW;
 use crate::model::bert::{random_weights, BertClassifier, BertConfig, LoraSpec};
 use crate::model::{Architecture, DpModel, LlamaConfig, LlamaLm, Task};
@@ -109,6 +113,9 @@ pub struct VariantResult {
     pub examples_per_s: f64,
     /// Real (non-padding) tokens per second.
     pub tokens_per_s: f64,
+    /// The step's analytic FLOPs (`flops::step_flops`) per second over the machine's measured
+    /// GEMM peak.
+    pub model_flop_utilisation: f64,
     /// Peak bytes while this variant's steps ran: the CUDA memory pool's high-water mark, or on
     /// the CPU the most live heap bytes (when the counting allocator is installed, as in the
     /// `dptrain` binary; else the peak resident set).
@@ -140,11 +147,17 @@ pub struct BenchReport {
     pub lora_rank: usize,
     pub targets: Vec<String>,
     pub trainable_params: usize,
+    /// Analytic FLOPs of one step (forward + the backward LoRA needs), in GFLOP.
+    pub step_gflop: f64,
+    /// The machine's measured peak for matrix products (best square GEMM, 512 … 2048), GFLOP/s.
+    pub machine_peak_gflops: f64,
+    /// The dtype of that probe.
+    pub peak_dtype: String,
     pub results: Vec<VariantResult>,
 }
 
-/// The model under test, its name, vocabulary size, position limit and LoRA targets.
-type Built = (Box<dyn DpModel>, String, usize, usize, Vec<String>);
+/// The model under test, its name, vocabulary size, position limit, LoRA targets and FLOP shape.
+type Built = (Box<dyn DpModel>, String, usize, usize, Vec<String>, crate::flops::FlopShape);
 
 fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
@@ -165,33 +178,43 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         Some(dir) => dir.display().to_string(),
         None => format!("{} (random weights)", opts.shape),
     };
-    let (mut model, vocab, positions): (Box<dyn DpModel>, usize, usize) = match (arch, &opts.model_dir) {
-        (Architecture::Bert, dir) => {
-            let m = match dir {
-                Some(dir) => BertClassifier::load(dir, Some(&spec), 2, &mut rng, device).map_err(err)?,
-                None => {
-                    let cfg = shape_config(&opts.shape)?;
-                    let w = random_weights(&cfg, &mut rng, device)?;
-                    BertClassifier::new(VarBuilder::from_tensors(w, DType::F32, device), cfg, Some(&spec), 2, &mut rng)?
+    let (mut model, vocab, positions, shape): (Box<dyn DpModel>, usize, usize, FlopShape) =
+        match (arch, &opts.model_dir) {
+            (Architecture::Bert, dir) => {
+                let m = match dir {
+                    Some(dir) => BertClassifier::load(dir, Some(&spec), 2, &mut rng, device).map_err(err)?,
+                    None => {
+                        let cfg = shape_config(&opts.shape)?;
+                        let w = random_weights(&cfg, &mut rng, device)?;
+                        BertClassifier::new(
+                            VarBuilder::from_tensors(w, DType::F32, device),
+                            cfg,
+                            Some(&spec),
+                            2,
+                            &mut rng,
+                        )?
+                    }
                 }
+                .with_base_dtype(opts.base_dtype)?;
+                let (v, p) = (m.config.vocab_size, m.config.max_position_embeddings);
+                let shape = FlopShape::bert(&m.config, 2);
+                (Box::new(m), v, p, shape)
             }
-            .with_base_dtype(opts.base_dtype)?;
-            let (v, p) = (m.config.vocab_size, m.config.max_position_embeddings);
-            (Box::new(m), v, p)
-        }
-        (Architecture::Llama, Some(dir)) => {
-            let m = LlamaLm::load(dir, Some(&spec), &mut rng, device, opts.base_dtype).map_err(err)?;
-            let v = m.config.vocab_size;
-            (Box::new(m), v, usize::MAX)
-        }
-        (Architecture::Llama, None) => {
-            let cfg = llama_shape_config(&opts.shape)?.expect("a llama shape");
-            let w = crate::model::llama::random_weights(&cfg, &mut rng, device)?;
-            let m = LlamaLm::new(VarBuilder::from_tensors(w, opts.base_dtype, device), cfg, Some(&spec), &mut rng)?;
-            let v = m.config.vocab_size;
-            (Box::new(m), v, usize::MAX)
-        }
-    };
+            (Architecture::Llama, Some(dir)) => {
+                let m = LlamaLm::load(dir, Some(&spec), &mut rng, device, opts.base_dtype).map_err(err)?;
+                let v = m.config.vocab_size;
+                let shape = FlopShape::llama(&m.config);
+                (Box::new(m), v, usize::MAX, shape)
+            }
+            (Architecture::Llama, None) => {
+                let cfg = llama_shape_config(&opts.shape)?.expect("a llama shape");
+                let w = crate::model::llama::random_weights(&cfg, &mut rng, device)?;
+                let m = LlamaLm::new(VarBuilder::from_tensors(w, opts.base_dtype, device), cfg, Some(&spec), &mut rng)?;
+                let v = m.config.vocab_size;
+                let shape = FlopShape::llama(&m.config);
+                (Box::new(m), v, usize::MAX, shape)
+            }
+        };
     // Non-zero LoRA B and head, as after some training (B = 0 would make A's gradient zero).
     let init = model
         .trainable()
@@ -199,7 +222,7 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         .map(|(_, t)| crate::model::bert::uniform_tensor(&mut rng, t.dims(), 0.05, device))
         .collect::<Result<Vec<_>>>()?;
     model.set_trainable(&init)?;
-    Ok((model, name, vocab, positions, targets))
+    Ok((model, name, vocab, positions, targets, shape))
 }
 
 /// One variant's state across the interleaved rounds.
@@ -280,7 +303,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             candle_core::bail!("bench: unknown variant `{v}` (expected some of {VARIANTS:?})");
         }
     }
-    let (mut model, model_name, vocab, positions, targets) = build_model(opts, device)?;
+    let (mut model, model_name, vocab, positions, targets, shape) = build_model(opts, device)?;
     let lm = model.task() == Task::CausalLm;
     let examples: Vec<Example> = match &opts.examples {
         Some(real) => {
@@ -304,6 +327,11 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         }
     };
     let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let step_flops = crate::flops::step_flops(&shape, &crate::flops::lora_branches(&model.trainable()), &lengths);
+    // The machine's measured matrix-product peak in the dtype the frozen weights compute in.
+    let peak_dtype = if device.is_cpu() { DType::F32 } else { opts.base_dtype };
+    let machine_peak = crate::flops::gemm_peak(device, peak_dtype)?;
     let seq_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
 
     let all: Vec<usize> = (0..opts.batch).collect();
@@ -372,6 +400,7 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             max_step_ms: sorted[sorted.len() - 1] * 1e3,
             examples_per_s: opts.batch as f64 / median,
             tokens_per_s: tokens as f64 / median,
+            model_flop_utilisation: step_flops / median / machine_peak,
             peak_memory_bytes: v.peak,
             peak_rss_bytes: v.peak_rss,
             memory_kind: memory::kind(device),
@@ -391,6 +420,9 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         lora_rank: opts.lora_rank,
         targets,
         trainable_params: layout.len(),
+        step_gflop: step_flops / 1e9,
+        machine_peak_gflops: machine_peak / 1e9,
+        peak_dtype: format!("{peak_dtype:?}").to_lowercase(),
         results,
     })
 }

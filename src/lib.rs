@@ -11,6 +11,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod flops;
 pub mod kernels;
 pub mod lora;
 pub mod model;

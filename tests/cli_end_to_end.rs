@@ -369,6 +369,13 @@ fn bench_reports_dp_and_non_private_on_the_same_batch() {
     assert!(v["results"].as_array().unwrap().iter().all(|r| r["examples_per_s"].as_f64().unwrap() > 0.0));
     assert_eq!((v["batch"].as_u64(), v["seq_len"].as_u64()), (Some(4), Some(16)));
     assert_eq!(v["tokens_per_batch"].as_u64(), Some(64));
+    // Model-FLOP utilisation: the analytic step FLOPs per second over the measured GEMM peak.
+    let (gflop, peak) = (v["step_gflop"].as_f64().unwrap(), v["machine_peak_gflops"].as_f64().unwrap());
+    assert!(gflop > 0.0 && peak > 0.0, "{v}");
+    for r in v["results"].as_array().unwrap() {
+        let mfu = gflop / (r["median_step_ms"].as_f64().unwrap() / 1e3) / peak;
+        assert!((r["model_flop_utilisation"].as_f64().unwrap() / mfu - 1.0).abs() < 1e-9, "{r}");
+    }
     for r in v["results"].as_array().unwrap() {
         // Random records are all seq-len long: tokens/s = 16 · examples/s.
         let (ex, tok) = (r["examples_per_s"].as_f64().unwrap(), r["tokens_per_s"].as_f64().unwrap());

@@ -490,8 +490,12 @@ fn bench(cmd: &Command) -> Result<()> {
         r.steps
     );
     println!(
-        "{:<16} {:>11} {:>11} {:>11} {:>12} {:>11} {:>11} {:>11}",
-        "variant", "median ms", "examples/s", "tokens/s", "vs non-priv", "peak MiB", "extra mem", "RSS MiB"
+        "step: {:.2} GFLOP (analytic: forward + the backward LoRA needs); machine peak {:.1} GFLOP/s ({} GEMM probe)",
+        r.step_gflop, r.machine_peak_gflops, r.peak_dtype
+    );
+    println!(
+        "{:<16} {:>11} {:>11} {:>11} {:>12} {:>7} {:>11} {:>11} {:>11}",
+        "variant", "median ms", "examples/s", "tokens/s", "vs non-priv", "MFU", "peak MiB", "extra mem", "RSS MiB"
     );
     let base = r.results.iter().find(|v| v.variant == "non-private");
     let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
@@ -502,12 +506,13 @@ fn bench(cmd: &Command) -> Result<()> {
             _ => "-".to_string(),
         };
         println!(
-            "{:<16} {:>11.2} {:>11.1} {:>11.0} {:>12} {:>11} {:>11} {:>11}",
+            "{:<16} {:>11.2} {:>11.1} {:>11.0} {:>12} {:>6.1}% {:>11} {:>11} {:>11}",
             v.variant,
             v.median_step_ms,
             v.examples_per_s,
             v.tokens_per_s,
             ratio,
+            100.0 * v.model_flop_utilisation,
             mib(v.peak_memory_bytes),
             extra,
             mib(v.peak_rss_bytes)
