@@ -370,7 +370,7 @@ fn bench_reports_dp_and_non_private_on_the_same_batch() {
     assert_eq!((v["batch"].as_u64(), v["seq_len"].as_u64()), (Some(4), Some(16)));
     assert_eq!(v["tokens_per_batch"].as_u64(), Some(64));
     // Model-FLOP utilisation: the analytic step FLOPs per second over the measured GEMM peak.
-    let (gflop, peak) = (v["step_gflop"].as_f64().unwrap(), v["machine_peak_gflops"].as_f64().unwrap());
+    let (gflop, peak) = (v["step_gflop"].as_f64().unwrap(), v["gemm_peak_gflops"].as_f64().unwrap());
     assert!(gflop > 0.0 && peak > 0.0, "{v}");
     for r in v["results"].as_array().unwrap() {
         let mfu = gflop / (r["median_step_ms"].as_f64().unwrap() / 1e3) / peak;

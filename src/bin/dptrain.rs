@@ -490,8 +490,8 @@ fn bench(cmd: &Command) -> Result<()> {
         r.steps
     );
     println!(
-        "step: {:.2} GFLOP (analytic: forward + the backward LoRA needs); machine peak {:.1} GFLOP/s ({} GEMM probe)",
-        r.step_gflop, r.machine_peak_gflops, r.peak_dtype
+        "step: {:.2} GFLOP (analytic: forward + the backward LoRA needs); GEMM peak {:.1} GFLOP/s (candle {} matmul probe; MFU is relative to it)",
+        r.step_gflop, r.gemm_peak_gflops, r.peak_dtype
     );
     println!(
         "{:<16} {:>11} {:>11} {:>11} {:>12} {:>7} {:>11} {:>11} {:>11}",
