@@ -165,6 +165,12 @@ fn no_released_file_holds_an_input_hash_the_seed_a_key_or_a_training_record() {
             let run = f.path(&out);
             let released = files(&run.join("release"));
             assert!(released.iter().any(|(n, _)| n == "adapter_model.safetensors"), "{released:?}");
+            // The report lists exactly the files released (no group plot without groups).
+            let report = json(&run.join("release/privacy_report.json"));
+            let mut listed: Vec<&str> =
+                report["release_files"].as_array().unwrap().iter().map(|x| x["file"].as_str().unwrap()).collect();
+            listed.sort();
+            assert_eq!(listed, released.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>());
             for (what, needle) in forbidden(&f, &cfg, family, &run) {
                 for (file, bytes) in &released {
                     assert!(!contains(bytes, &needle), "{name} {}: release/{file} holds the {what}", family as u8);
@@ -359,11 +365,7 @@ fn an_rdp_run_at_a_tiny_sigma_writes_its_outputs_and_says_the_pld_cross_check_is
     let f = Fixture::new("rdp");
     // q = 1 (expected batch = N = 48), σ = 0.01: RDP gives a (huge) finite ε, the PLD grid cannot.
     let cfg = f.config(Family::Bert, "run", "noise-multiplier = 0.01\naccountant = \"rdp\"", "");
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg).unwrap().replace("expected-batch-size = 8", "expected-batch-size = 48"),
-    )
-    .unwrap();
+    common::replace_in(&cfg, "expected-batch-size = 8", "expected-batch-size = 48");
     let (ok, log) = dptrain(&["--config", &cfg]);
     assert!(ok, "{log}");
     let report = json(&f.path("run/release/privacy_report.json"));
@@ -381,13 +383,7 @@ fn an_rdp_run_at_a_tiny_sigma_writes_its_outputs_and_says_the_pld_cross_check_is
 fn peft_target_names_select_exactly_the_trained_modules() {
     let f = Fixture::new("peft");
     let cfg = f.config(Family::Bert, "run", "", "");
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("alpha = 4\n", "alpha = 4\ntarget-modules = [\"output.dense\"]\nlayers = [1]\n"),
-    )
-    .unwrap();
+    common::replace_in(&cfg, "alpha = 4\n", "alpha = 4\ntarget-modules = [\"output.dense\"]\nlayers = [1]\n");
     let (ok, log) = dptrain(&["--config", &cfg]);
     assert!(ok, "{log}");
     let adapter_cfg = json(&f.path("run/release/adapter_config.json"));

@@ -147,12 +147,7 @@ fn killed_run_resumed_from_its_last_checkpoint_equals_the_uninterrupted_run() {
     let mut delay = rand::rng().random_range(0..40u64);
     let killed_at = loop {
         let _ = std::fs::remove_dir_all(&out);
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"))
-            .args(["--config", &cfg])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = common::spawn_quiet(&["--config", &cfg]);
         let t0 = std::time::Instant::now();
         while newest().is_none() {
             assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");

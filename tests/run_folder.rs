@@ -68,7 +68,7 @@ fn overwrite_keeps_an_interrupted_runs_checkpoints_when_the_new_run_cannot_start
     assert!(!before.is_empty());
     // --overwrite, but the model is missing: the checkpoints stay, and the run can continue.
     let bad = f.config("bad", run.to_str().unwrap(), 6);
-    std::fs::write(&bad, std::fs::read_to_string(&bad).unwrap().replace("/model\"", "/no-such-model\"")).unwrap();
+    common::replace_in(&bad, "/model\"", "/no-such-model\"");
     let (ok, log) = dptrain(&["--config", &bad, "--overwrite"]);
     assert!(!ok && log.contains("no-such-model"), "{log}");
     assert_eq!(listing(), before);
@@ -85,7 +85,7 @@ fn overwrite_with_a_bad_config_keeps_a_finished_run_intact() {
     let before = adapter(&run).unwrap();
     let record = std::fs::read(run.join("private/run.json")).unwrap();
     let bad = f.config("bad", run.to_str().unwrap(), 4);
-    std::fs::write(&bad, std::fs::read_to_string(&bad).unwrap().replace("/model\"", "/no-such-model\"")).unwrap();
+    common::replace_in(&bad, "/model\"", "/no-such-model\"");
     let (ok, log) = dptrain(&["--config", &bad, "--overwrite"]);
     assert!(!ok && log.contains("no-such-model"), "{log}");
     assert_eq!(adapter(&run).unwrap(), before, "the finished run's adapter is untouched");
@@ -101,7 +101,7 @@ fn an_output_path_that_is_a_file_fails_before_any_data_is_read() {
     std::fs::write(&out, b"a file").unwrap();
     // The training file is missing too: the output folder is checked first.
     let cfg = f.config("c", out.to_str().unwrap(), 4);
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("train.jsonl", "missing.jsonl")).unwrap();
+    common::replace_in(&cfg, "train.jsonl", "missing.jsonl");
     let (ok, log) = dptrain(&["--config", &cfg]);
     assert!(!ok && log.contains("is a file") && !log.contains("missing.jsonl"), "{log}");
     assert_eq!(std::fs::read(&out).unwrap(), b"a file");
@@ -137,12 +137,7 @@ fn a_second_run_into_a_folder_in_use_is_refused_naming_the_first() {
     let f = Fixture::new("lock");
     let run = f.path("run");
     let cfg = f.config("long", run.to_str().unwrap(), 400);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"))
-        .args(["--config", &cfg])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_quiet(&["--config", &cfg]);
     let lock = run.join("private/lock");
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(&lock).ok().as_deref() != Some(child.id().to_string().as_str()) {

@@ -493,8 +493,8 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "not_protected": not_protected(plan, s),
         "release_files": rundir::RELEASE_FILES
             .iter()
-            .filter(|(f, _)| *f != "plots/epsilon.svg" || plots::PLOTS[0].applies(s))
-            .filter(|(f, _)| *f != "plots/groups.svg" || plots::PLOTS[3].applies(s))
+            // A plot file is released only when its plot applies to this run.
+            .filter(|(f, _)| plots::PLOTS.iter().find(|p| p.file == *f).is_none_or(|p| p.release && p.applies(s)))
             .map(|(f, covered)| serde_json::json!({ "file": f, "covered_by_epsilon": covered }))
             .collect::<Vec<_>>(),
         "compute": {

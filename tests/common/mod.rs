@@ -158,3 +158,21 @@ pub fn dptrain(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain")).args(args).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
+
+/// Starts the dptrain binary in the background with its output discarded (to signal or kill it).
+pub fn spawn_quiet(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Replaces `from` with `to` in the text file `path` (a config edit in a test).
+pub fn replace_in(path: impl AsRef<std::path::Path>, from: &str, to: &str) {
+    let p = path.as_ref();
+    let text = std::fs::read_to_string(p).unwrap();
+    assert!(text.contains(from), "`{from}` not in {}", p.display());
+    std::fs::write(p, text.replace(from, to)).unwrap();
+}
