@@ -76,7 +76,11 @@ fn check(targets: &[&str], seed: u64) {
             let scale = s.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(scale > 0.0, "example {i}, {}: zero reference gradient makes the test vacuous", names[k]);
             let err = f.iter().zip(s).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-5 * scale, "example {i}, {}: max error {err} vs scale {scale}", names[k]);
+            // Both sides are f32 products whose summation order differs (the batch is padded to
+            // its longest example, the single example is not, so GEMM blockings differ): 7.5e-6
+            // of the largest element with the gemm crate's AVX2 kernel, 1.4e-5 with its AVX-512
+            // one. A formula or mixing error is of the order of the gradient itself.
+            assert!(err <= 5e-5 * scale, "example {i}, {}: max error {err} vs scale {scale}", names[k]);
         }
         assert_eq!(offset, fast[i].len());
     }
