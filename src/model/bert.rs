@@ -4,7 +4,8 @@
 //! to probability exactly 0 and mean pooling ignores padded positions, so padding contributes
 //! nothing to any example's output or gradient. No op mixes examples of a batch.
 
-use super::ops::{add_const, gelu_erf, layer_norm, mul_const, softmax_last};
+use super::attention::{attention, Heads};
+use super::ops::{add_const, gelu_erf, layer_norm, mul_const};
 use super::ModelError;
 use crate::lora::{linear_nd, HeadRecord, LoraAdapter, LoraLinear, Tape};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -330,14 +331,12 @@ impl BertClassifier {
         // Additive key mask [b, 1, 1, T]: 0 for real tokens, -1e30 for padding (exp → exactly 0).
         let bias = ((mask.ones_like()? - mask)? * -1e30)?.reshape((b, 1, 1, t))?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let heads = Heads { query: nh, kv: nh, dim: hd };
         for layer in &self.layers[layers] {
-            let heads = |y: Tensor| -> Result<Tensor> { y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() };
-            let q = heads(layer.query.forward(&x, tape.as_deref_mut())?)?;
-            let k = heads(layer.key.forward(&x, tape.as_deref_mut())?)?;
-            let v = heads(layer.value.forward(&x, tape.as_deref_mut())?)?;
-            let scores = add_const(&(q.matmul(&k.t()?)? * scale)?, &bias)?;
-            let probs = softmax_last(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let q = layer.query.forward(&x, tape.as_deref_mut())?;
+            let k = layer.key.forward(&x, tape.as_deref_mut())?;
+            let v = layer.value.forward(&x, tape.as_deref_mut())?;
+            let ctx = attention(&q, &k, &v, &bias, heads, scale)?;
             let a = layer.attn_out.forward(&ctx, tape.as_deref_mut())?;
             // a + x (x is a constant in the lowest adapted layer: no gradient computed for it).
             let a = layer_norm(&add_const(&a, &x)?, &layer.attn_ln.0, &layer.attn_ln.1, cfg.layer_norm_eps)?;

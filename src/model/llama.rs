@@ -8,7 +8,8 @@
 //! `LmTargets`, so padding and prompt tokens contribute nothing to any example's gradient. No op
 //! mixes examples of a batch.
 
-use super::ops::{add_const, log_softmax_last, mul_const, softmax_last};
+use super::attention::{attention, Heads};
+use super::ops::{add_const, log_softmax_last, mul_const};
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
 use crate::lora::{LoraAdapter, LoraLinear, Tape};
@@ -443,18 +444,21 @@ impl LlamaLm {
         }
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let (cos, sin) = rope_tables(t, hd, cfg.rope_theta().map_err(candle_core::Error::Msg)?, x.device())?;
+        // The tables [T, 1, d] broadcast over the heads of [b, T, heads, d].
+        let (cos, sin) = (cos.reshape((t, 1, hd))?, sin.reshape((t, 1, hd))?);
         let bias = attention_bias(mask)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let heads = Heads { query: nh, kv: nkv, dim: hd };
         for layer in &self.layers[layers] {
             let hn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let heads =
-                |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
-            let q = rope(&heads(layer.q.forward(&hn, tape.as_deref_mut())?, nh)?, &cos, &sin)?;
-            let k = rope(&heads(layer.k.forward(&hn, tape.as_deref_mut())?, nkv)?, &cos, &sin)?;
-            let v = heads(layer.v.forward(&hn, tape.as_deref_mut())?, nkv)?;
-            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let scores = add_const(&(q.matmul(&k.t()?)? * scale)?, &bias)?;
-            let ctx = softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            // RoPE on [b, T, heads, d] (the projection's own layout), back to [b, T, heads · d].
+            let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
+                rope(&y.reshape((b, t, n, hd))?, &cos, &sin)?.reshape((b, t, n * hd))
+            };
+            let q = rotated(layer.q.forward(&hn, tape.as_deref_mut())?, nh)?;
+            let k = rotated(layer.k.forward(&hn, tape.as_deref_mut())?, nkv)?;
+            let v = layer.v.forward(&hn, tape.as_deref_mut())?;
+            let ctx = attention(&q, &k, &v, &bias, heads, scale)?;
             // o(ctx) + x (x is a constant in the lowest adapted layer: no gradient computed for it).
             x = add_const(&layer.o.forward(&ctx, tape.as_deref_mut())?, &x)?;
             let hn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
@@ -640,21 +644,13 @@ pub fn rope_tables(t: usize, d: usize, theta: f64, device: &Device) -> Result<(T
     Ok((Tensor::from_vec(c, (t, d), device)?, Tensor::from_vec(s, (t, d), device)?))
 }
 
-/// x · cos + rotate_half(x) · sin on [b, heads, T, d], rotate_half(x) = (−x₂, x₁).
+/// x · cos + rotate_half(x) · sin over the last dimension, rotate_half(x) = (−x₂, x₁); the tables
+/// broadcast to x (e.g. [T, d] for [b, heads, T, d], [T, 1, d] for [b, T, heads, d]).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?);
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     mul_const(x, cos)? + mul_const(&rot, sin)?
-}
-
-/// [b, kv, T, d] → [b, kv · n, T, d]: query head j reads key/value head j / n.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, n, t, d))?.contiguous()?.reshape((b, kv * n, t, d))
 }
 
 /// Additive attention bias [b, 1, T, T]: 0 where query i may read key j (j ≤ i and j is a real

@@ -3,6 +3,7 @@
 //! classification head (`bert`) and Llama-family decoders for language modelling (`llama`).
 //! Training sees them only through `DpModel`.
 
+pub mod attention;
 pub mod bert;
 pub mod config_keys;
 pub mod fused;
