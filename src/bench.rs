@@ -362,7 +362,8 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         for v in variants.iter_mut() {
             model.set_trainable(&layout.split(&v.params)?)?;
             device.synchronize()?;
-            memory::reset_peak(device)?;
+            // Timed as training runs: the allocator keeps the memory it has (no trim).
+            memory::reset_peak(device, false)?;
             let t0 = Instant::now();
             step(model.as_mut(), v, &cx, round as u64)?;
             device.synchronize()?;
@@ -370,8 +371,18 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             if round >= opts.warmup {
                 v.times.push(dt);
                 v.peak = v.peak.max(memory::peak(device)?);
-                v.peak_rss = v.peak_rss.max(memory::peak_rss(device));
             }
+        }
+    }
+    // The CPU's peak resident set, one more step per variant: after free memory is returned to
+    // the kernel, so that memory kept from another variant's step does not count (untimed: the
+    // step faults its pages back in, which training's steps do not).
+    if device.is_cpu() {
+        for (i, v) in variants.iter_mut().enumerate() {
+            model.set_trainable(&layout.split(&v.params)?)?;
+            memory::reset_peak(device, true)?;
+            step(model.as_mut(), v, &cx, (opts.warmup + opts.steps + i) as u64)?;
+            v.peak_rss = memory::peak_rss(device);
         }
     }
     let mut results = Vec::new();
@@ -464,17 +475,20 @@ mod memory {
     /// Whether the last CPU `reset_peak` worked.
     static RSS_RESET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-    /// Restart the high-water mark of `device`'s memory (CPU: the process's resident set).
-    pub fn reset_peak(device: &Device) -> Result<()> {
+    /// Restart the high-water mark of `device`'s memory: the live heap bytes, and with `rss` also
+    /// the CPU process's resident set (after returning free heap memory to the kernel).
+    pub fn reset_peak(device: &Device, rss: bool) -> Result<()> {
         match device {
             Device::Cpu => {
-                // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Where that
-                // fails, `peak` reports nothing rather than the whole process's lifetime peak.
-                // Free heap memory kept by the allocator settings is returned first, so that it
-                // does not count towards this step's peak.
-                crate::allocator::release_free_memory();
-                let ok = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-                RSS_RESET.store(ok, std::sync::atomic::Ordering::Relaxed);
+                if rss {
+                    // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0). Where
+                    // that fails, `peak_rss` reports nothing rather than the process's lifetime
+                    // peak. Free heap memory kept by the allocator settings is returned first, so
+                    // that it does not count towards this step's peak.
+                    crate::allocator::release_free_memory();
+                    let ok = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+                    RSS_RESET.store(ok, std::sync::atomic::Ordering::Relaxed);
+                }
                 crate::allocator::reset_heap_peak();
                 Ok(())
             }
