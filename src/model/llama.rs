@@ -9,7 +9,8 @@
 //! mixes examples of a batch.
 
 use super::attention::{attention, Heads};
-use super::ops::{add_const, log_softmax_last, mul_const};
+use super::ops::{add_const, mul_const};
+use super::vocab::vocab_nll;
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
 use crate::lora::{LoraAdapter, LoraLinear, Tape};
@@ -507,8 +508,9 @@ impl LlamaLm {
         let (b, t, h) = x.dims3()?;
         // Only the target positions go through the (large) LM head.
         let rows = x.reshape((b * t, h))?.index_select(&lm.positions, 0)?;
-        let logp = log_softmax_last(&self.logits_of(&rows)?)?;
-        logp.gather(&lm.targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+        // The head is frozen and never adapted (`new`), so its NLL is the fused chunked op's.
+        debug_assert!(self.lm_head.adapter.is_none() && self.lm_head.bias.is_none());
+        vocab_nll(&rows, &self.lm_head.weight, &lm.targets)
     }
 
     /// Greedy continuation of `prompt` by `n` tokens (no sampling; each step re-runs the whole

@@ -11,6 +11,7 @@ pub mod gelu;
 pub mod llama;
 pub mod ops;
 pub mod score;
+pub mod vocab;
 
 pub use bert::{BertClassifier, BertConfig};
 pub use llama::{LlamaConfig, LlamaLm};

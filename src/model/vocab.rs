@@ -1,0 +1,304 @@
+//! Next-token negative log-likelihood over the vocabulary, fused on the CPU: −log softmax(h Wᵀ)[y]
+//! per row, computed in vocabulary slices so that the [n, vocabulary] logits never exist whole.
+//!
+//! Composed from candle ops (`vocab_nll_composed`: head product, log-softmax, gather — the slow
+//! twin, and the form used off the CPU), a language model's loss materialises the logits, their
+//! log-softmax and, in the backward, gradients of the same [n, V] f32 size, several times over
+//! (SmolLM2 at 8 × 128 tokens: 1,016 × 49,152 × 4 B = 191 MiB each), each a fresh allocation the
+//! kernel must fault in and zero. The fused op takes slices of the vocabulary whose logits for
+//! all n rows fit in a few MiB (slices, not row chunks: every GEMM then packs each head row once,
+//! where row chunks would re-pack the whole [V, H] head per chunk): the forward computes each
+//! slice's logits and folds them into each row's running max and Σ exp (rescaled when the max
+//! grows), keeps only each row's log-sum-exp, and returns the NLL; the backward recomputes each
+//! slice's logits (one more head product, a tenth of a SmolLM2 step's FLOPs, against several full
+//! passes over [n, V] and their page faults) and adds dL/dlogits = g · (softmax − onehot) times the
+//! slice's rows of W into dL/dh. Rows are independent: no example's loss or gradient depends on
+//! another's.
+
+use super::ops::log_softmax_last;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Logit values per chunk: 4 Mi f32 = 16 MiB (below glibc's mmap threshold as dptrain sets it,
+/// so chunks reuse heap memory instead of faulting fresh pages in).
+const CHUNK_VALUES: usize = 1 << 22;
+
+/// −log softmax(h Wᵀ)[targets] for every row: `h` [n, H], `w` [V, H] (frozen), `targets` [n]
+/// (u32, each < V). Returns [n] f32. Fused on the CPU when h and W are f32 (`VocabNll`),
+/// composed of candle ops elsewhere (`vocab_nll_composed`).
+pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let fusable =
+        h.device().is_cpu() && h.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op() && h.rank() == 2;
+    if !fusable {
+        return vocab_nll_composed(h, w, targets);
+    }
+    let (n, hidden) = h.dims2()?;
+    let (vocab, wh) = w.dims2()?;
+    if wh != hidden {
+        candle_core::bail!("vocabulary NLL: rows of {hidden} against a head of shape [{vocab}, {wh}]");
+    }
+    let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if targets.len() != n {
+        candle_core::bail!("vocabulary NLL: {} targets for {n} rows", targets.len());
+    }
+    if let Some(bad) = targets.iter().find(|&&y| y as usize >= vocab) {
+        candle_core::bail!("vocabulary NLL: target token {bad} outside the vocabulary of {vocab}");
+    }
+    h.contiguous()?.apply_op1(VocabNll { w: w.contiguous()?, targets, lse: Mutex::new(None) })
+}
+
+/// The same NLL from candle's differentiable ops: the head product (`lora::frozen_linear`), the
+/// log-softmax (`ops::log_softmax_last`), the gathered target column, negated.
+pub fn vocab_nll_composed(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last(&crate::lora::frozen_linear(h, w, None)?)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+struct VocabNll {
+    /// [V, H], f32, contiguous.
+    w: Tensor,
+    targets: Vec<u32>,
+    /// Each row's log Σ exp(logits), kept by the forward for the backward.
+    lse: Mutex<Option<Vec<f64>>>,
+}
+
+/// Vocabulary entries per slice for `n` rows (at least 256, so that each GEMM stays efficient).
+fn slice_width(n: usize) -> usize {
+    (CHUNK_VALUES / n.max(1)).max(256)
+}
+
+/// out [n, cols] = h [n, H] · W[v0 .. v0 + cols]ᵀ, the GEMM split across the thread pool
+/// (`accumulate`: out += instead).
+fn slice_logits(h: &[f32], w: &[f32], hidden: usize, v0: usize, cols: usize, out: &mut [f32]) {
+    let n = h.len() / hidden;
+    assert!(out.len() == n * cols && w.len() >= (v0 + cols) * hidden, "vocabulary NLL: slice bounds");
+    // SAFETY: h is [n, H] and out [n, cols] row-major (asserted); W's rows v0 .. v0 + cols exist
+    // (asserted) and are read as Wᵀ: column j of the slice's Wᵀ is row v0 + j of W.
+    unsafe {
+        gemm::gemm(
+            n,
+            cols,
+            hidden,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            h.as_ptr(),
+            1,
+            hidden as isize,
+            w.as_ptr().add(v0 * hidden),
+            hidden as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// A row's running (max, Σ exp(x − max)) over the slices seen so far; NaN never wins the max, so
+/// a NaN logit makes the sum (and the NLL) NaN, as in the composed form.
+fn fold_row(state: &mut (f32, f64), row: &[f32]) {
+    let max = row.iter().fold(state.0, |m, &v| if v > m { v } else { m });
+    if max > state.0 && state.1 > 0.0 {
+        state.1 *= ((state.0 - max) as f64).exp();
+    }
+    state.0 = max;
+    state.1 += row.iter().map(|&v| (v - max).exp() as f64).sum::<f64>();
+}
+
+fn f32_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    if t.dtype() != DType::F32 {
+        candle_core::bail!("{what}: f32 expected");
+    }
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl VocabNll {
+    fn with_w<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        let (s, l) = self.w.storage_and_layout();
+        match &*s {
+            Storage::Cpu(s) => f(super::fused::f32_contiguous(s, l, "vocabulary NLL head")?),
+            _ => candle_core::bail!("vocabulary NLL: the head is not on the CPU"),
+        }
+    }
+}
+
+impl CustomOp1 for VocabNll {
+    fn name(&self) -> &'static str {
+        "dptrain-vocab-nll"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = super::fused::f32_contiguous(s, l, "vocabulary NLL")?;
+        let (n, hidden) = l.shape().dims2()?;
+        let vocab = self.w.dim(0)?;
+        let width = slice_width(n).min(vocab);
+        let mut state = vec![(f32::NEG_INFINITY, 0f64); n];
+        let mut target_logit = vec![0f32; n];
+        let mut logits = vec![0f32; n * width];
+        self.with_w(|w| {
+            for v0 in (0..vocab).step_by(width) {
+                let cols = width.min(vocab - v0);
+                let logits = &mut logits[..n * cols];
+                slice_logits(h, w, hidden, v0, cols, logits);
+                logits
+                    .par_chunks(cols)
+                    .zip(state.par_iter_mut().zip(target_logit.par_iter_mut()))
+                    .enumerate()
+                    .for_each(|(i, (row, (state, target)))| {
+                        fold_row(state, row);
+                        let y = self.targets[i] as usize;
+                        if (v0..v0 + cols).contains(&y) {
+                            *target = row[y - v0];
+                        }
+                    });
+            }
+            Ok(())
+        })?;
+        let lse: Vec<f64> = state.iter().map(|&(max, sum)| max as f64 + sum.ln()).collect();
+        let nll = lse.iter().zip(&target_logit).map(|(&l, &t)| (l - t as f64) as f32).collect();
+        *self.lse.lock().expect("vocabulary NLL lock") = Some(lse);
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !h.track_op() {
+            return Ok(None);
+        }
+        let (n, hidden) = h.dims2()?;
+        let vocab = self.w.dim(0)?;
+        let hs = f32_of(h, "vocabulary NLL")?;
+        let g = f32_of(grad, "vocabulary NLL gradient")?;
+        let lse = self.lse.lock().expect("vocabulary NLL lock");
+        let Some(lse) = lse.as_ref() else { candle_core::bail!("vocabulary NLL backward: no forward kept") };
+        if g.len() != n || hs.len() != n * hidden || lse.len() != n {
+            candle_core::bail!("vocabulary NLL backward: shapes changed since the forward");
+        }
+        let width = slice_width(n).min(vocab);
+        let mut dh = vec![0f32; n * hidden];
+        let mut d = vec![0f32; n * width];
+        self.with_w(|w| {
+            for v0 in (0..vocab).step_by(width) {
+                let cols = width.min(vocab - v0);
+                let d = &mut d[..n * cols];
+                // The forward's logits again (the same GEMM on the same rows: the same values).
+                slice_logits(&hs, w, hidden, v0, cols, d);
+                // dL/dlogits = g · (softmax − onehot(target)), in place.
+                d.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+                    let (gi, lse) = (g[i], lse[i]);
+                    for v in row.iter_mut() {
+                        *v = gi * ((*v as f64 - lse) as f32).exp();
+                    }
+                    let y = self.targets[i] as usize;
+                    if (v0..v0 + cols).contains(&y) {
+                        row[y - v0] -= gi;
+                    }
+                });
+                // dh += dL/dlogits · W[v0 .. v0 + cols].
+                // SAFETY: d is [n, cols], W's rows v0 .. v0 + cols are [cols, H] (the slice was
+                // checked by `slice_logits`), dh is [n, H], all row-major and that long.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        hidden,
+                        cols,
+                        dh.as_mut_ptr(),
+                        1,
+                        hidden as isize,
+                        v0 > 0,
+                        d.as_ptr(),
+                        1,
+                        cols as isize,
+                        w.as_ptr().add(v0 * hidden),
+                        1,
+                        hidden as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism(),
+                    )
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dh, (n, hidden), h.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::rand;
+    use candle_core::{Device, Var};
+
+    /// NLL and dL/dh for L = Σ c · nll: the fused op and the composed fallback (both f32)
+    /// against the same composition in f64 (candle's matmul, log-softmax, gather).
+    fn check(n: usize, hidden: usize, vocab: usize, seed: u64) {
+        let h = (rand(&[n, hidden], seed) * 2.0).unwrap();
+        let w = rand(&[vocab, hidden], seed + 1);
+        let ys: Vec<u32> = (0..n).map(|i| ((i * 7919 + seed as usize) % vocab) as u32).collect();
+        let y = Tensor::from_vec(ys, n, &Device::Cpu).unwrap();
+        let c = rand(&[n], seed + 2);
+        let run = |how: u8| {
+            let dt = if how == 2 { DType::F64 } else { DType::F32 };
+            let hv = Var::from_tensor(&h.to_dtype(dt).unwrap()).unwrap();
+            let w = w.to_dtype(dt).unwrap();
+            let nll = match how {
+                0 => vocab_nll(hv.as_tensor(), &w, &y).unwrap(),
+                1 => vocab_nll_composed(hv.as_tensor(), &w, &y).unwrap(),
+                _ => {
+                    let logp = log_softmax_last(&hv.as_tensor().matmul(&w.t().unwrap()).unwrap()).unwrap();
+                    logp.gather(&y.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
+                }
+            };
+            let g = (&nll * c.to_dtype(dt).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            (flat(&nll), flat(g.get(hv.as_tensor()).unwrap()))
+        };
+        let (sy, sg) = run(2);
+        for how in [0, 1] {
+            let (fy, fg) = run(how);
+            let worst = |a: &[f32], b: &[f32]| {
+                let top = b.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+                a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / top
+            };
+            assert!(worst(&fy, &sy) < 1e-5, "{how} {n}x{hidden}x{vocab}: NLL differs by {}", worst(&fy, &sy));
+            assert!(worst(&fg, &sg) < 1e-5, "{how} {n}x{hidden}x{vocab}: gradient differs by {}", worst(&fg, &sg));
+        }
+    }
+
+    #[test]
+    fn fused_vocab_nll_matches_the_composed_twin_in_value_and_gradient() {
+        check(5, 8, 11, 1);
+        check(1, 16, 3, 2);
+        // A vocabulary of several slices (4,096 wide for 1,024 rows), the last one partial, with
+        // rows whose running max grows in a later slice (the rescaling of the running sum).
+        assert_eq!(slice_width(1024), 4096);
+        check(1024, 4, 3 * 4096 + 100, 3);
+        // One row: a single slice as wide as the vocabulary.
+        check(1, 8, 5000, 4);
+    }
+
+    #[test]
+    fn vocab_nll_refuses_targets_outside_the_vocabulary() {
+        let h = rand(&[2, 4], 1);
+        let w = rand(&[5, 4], 2);
+        let y = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+        let err = vocab_nll(&h, &w, &y).unwrap_err().to_string();
+        assert!(err.contains("target token 5 outside the vocabulary of 5"), "{err}");
+    }
+}
