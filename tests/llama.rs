@@ -231,7 +231,7 @@ fn rope_rotates_each_pair_j_and_j_plus_half_by_position_times_frequency() {
     let (t, d, theta) = (5usize, 8usize, 10_000f64);
     let (cos, sin) = rope_tables(t, d, theta, &Device::Cpu).unwrap();
     let x: Vec<f32> = (0..t * d).map(|k| ((k * 37 % 11) as f32 - 5.0) / 3.0).collect();
-    let xt = Tensor::from_vec(x.clone(), (1, 1, t, d), &Device::Cpu).unwrap();
+    let xt = Tensor::from_vec(x.clone(), (1, t, 1, d), &Device::Cpu).unwrap(); // [b, T, heads, d]
     let y: Vec<f32> = rope(&xt, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     for p in 0..t {
         for j in 0..d / 2 {

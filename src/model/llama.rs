@@ -9,7 +9,8 @@
 //! mixes examples of a batch.
 
 use super::attention::{attention, Heads};
-use super::ops::{add_const, mul_const};
+pub use super::fused_llama::{rms_norm, rope, swiglu};
+use super::ops::add_const;
 use super::vocab::vocab_nll;
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
@@ -445,8 +446,6 @@ impl LlamaLm {
         }
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let (cos, sin) = rope_tables(t, hd, cfg.rope_theta().map_err(candle_core::Error::Msg)?, x.device())?;
-        // The tables [T, 1, d] broadcast over the heads of [b, T, heads, d].
-        let (cos, sin) = (cos.reshape((t, 1, hd))?, sin.reshape((t, 1, hd))?);
         let bias = attention_bias(mask)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let heads = Heads { query: nh, kv: nkv, dim: hd };
@@ -463,9 +462,9 @@ impl LlamaLm {
             // o(ctx) + x (x is a constant in the lowest adapted layer: no gradient computed for it).
             x = add_const(&layer.o.forward(&ctx, tape.as_deref_mut())?, &x)?;
             let hn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
-            let gate = layer.gate.forward(&hn, tape.as_deref_mut())?.silu()?;
+            let gate = layer.gate.forward(&hn, tape.as_deref_mut())?;
             let up = layer.up.forward(&hn, tape.as_deref_mut())?;
-            x = (x + layer.down.forward(&(gate * up)?, tape.as_deref_mut())?)?;
+            x = (x + layer.down.forward(&swiglu(&gate, &up)?, tape.as_deref_mut())?)?;
         }
         Ok(x)
     }
@@ -624,13 +623,6 @@ impl DpModel for LlamaLm {
     }
 }
 
-/// RMSNorm over the last dimension, written out so that it is differentiable:
-/// x / √(mean(x²) + eps) · w.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    mul_const(&x.broadcast_div(&(ms + eps)?.sqrt()?)?, w)
-}
-
 /// cos and sin tables [T, d] of rotate-half RoPE (angles in f64, rounded to f32).
 pub fn rope_tables(t: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = d / 2;
@@ -644,15 +636,6 @@ pub fn rope_tables(t: usize, d: usize, theta: f64, device: &Device) -> Result<(T
         }
     }
     Ok((Tensor::from_vec(c, (t, d), device)?, Tensor::from_vec(s, (t, d), device)?))
-}
-
-/// x · cos + rotate_half(x) · sin over the last dimension, rotate_half(x) = (−x₂, x₁); the tables
-/// broadcast to x (e.g. [T, d] for [b, heads, T, d], [T, 1, d] for [b, T, heads, d]).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?);
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    mul_const(x, cos)? + mul_const(&rot, sin)?
 }
 
 /// Additive attention bias [b, 1, T, T]: 0 where query i may read key j (j ≤ i and j is a real

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod bert;
 pub mod config_keys;
 pub mod fused;
+pub mod fused_llama;
 pub mod gelu;
 pub mod llama;
 pub mod ops;
