@@ -7,13 +7,13 @@
 //! (SmolLM2 at 8 × 128 tokens: 1,016 × 49,152 × 4 B = 191 MiB each), each a fresh allocation the
 //! kernel must fault in and zero. The fused op takes slices of the vocabulary whose logits for
 //! all n rows fit in a few MiB (slices, not row chunks: every GEMM then packs each head row once,
-//! where row chunks would re-pack the whole [V, H] head per chunk): the forward computes each
-//! slice's logits and folds them into each row's running max and Σ exp (rescaled when the max
-//! grows), keeps only each row's log-sum-exp, and returns the NLL; the backward recomputes each
-//! slice's logits (one more head product, a tenth of a SmolLM2 step's FLOPs, against several full
-//! passes over [n, V] and their page faults) and adds dL/dlogits = g · (softmax − onehot) times the
-//! slice's rows of W into dL/dh. Rows are independent: no example's loss or gradient depends on
-//! another's.
+//! where row chunks would re-pack the whole [V, H] head per chunk) and folds each slice into
+//! running per-row sums, rescaled when a row's max grows, as flash attention does: Σ exp(logit −
+//! max) for the log-sum-exp and, when the input is tracked, Σ exp(logit − max) · W_v, so that the
+//! forward ends with each row's NLL and its gradient factor d nll_r / d h_r = softmax_r · W −
+//! W[y_r] ([n, H]). The backward only scales those rows by dL/dnll: two head products in all
+//! (logits, and probabilities times W), as an unfused backward has, and one exponential per logit.
+//! Rows are independent: no example's loss or gradient depends on another's.
 
 use super::ops::log_softmax_last;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
@@ -45,7 +45,8 @@ pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if let Some(bad) = targets.iter().find(|&&y| y as usize >= vocab) {
         candle_core::bail!("vocabulary NLL: target token {bad} outside the vocabulary of {vocab}");
     }
-    h.contiguous()?.apply_op1(VocabNll { w: w.contiguous()?, targets, lse: Mutex::new(None) })
+    let keep = h.track_op();
+    h.contiguous()?.apply_op1(VocabNll { w: w.contiguous()?, targets, keep, grad_unit: Mutex::new(None) })
 }
 
 /// The same NLL from candle's differentiable ops: the head product (`lora::frozen_linear`), the
@@ -59,8 +60,10 @@ struct VocabNll {
     /// [V, H], f32, contiguous.
     w: Tensor,
     targets: Vec<u32>,
-    /// Each row's log Σ exp(logits), kept by the forward for the backward.
-    lse: Mutex<Option<Vec<f64>>>,
+    /// Whether the input is tracked: the forward then also computes the backward's factor.
+    keep: bool,
+    /// d nll_r / d h_r = softmax_r · W − W[y_r] per row ([n, H]), kept by the forward.
+    grad_unit: Mutex<Option<Vec<f32>>>,
 }
 
 /// Vocabulary entries per slice for `n` rows (at least 256, so that each GEMM stays efficient).
@@ -107,15 +110,28 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// A row's running (max, Σ exp(x − max)) over the slices seen so far; NaN never wins the max, so
-/// a NaN logit makes the sum (and the NLL) NaN, as in the composed form.
-fn fold_row(state: &mut (f32, f64), row: &[f32]) {
+/// Folds one slice of a row into its running (max, Σ exp(x − max)); with `write`, the row is
+/// replaced by exp(x − max) (for the backward's accumulation). Returns the factor by which the
+/// earlier sum was rescaled (1 when the max did not grow). NaN never wins the max, so a NaN logit
+/// makes the sum (and the NLL) NaN, as in the composed form.
+fn fold_row(state: &mut (f32, f64), row: &mut [f32], write: bool) -> f32 {
     let max = row.iter().fold(state.0, |m, &v| if v > m { v } else { m });
+    let mut rescale = 1.0;
     if max > state.0 && state.1 > 0.0 {
-        state.1 *= ((state.0 - max) as f64).exp();
+        rescale = (state.0 - max).exp();
+        state.1 *= rescale as f64;
     }
     state.0 = max;
-    state.1 += row.iter().map(|&v| (v - max).exp() as f64).sum::<f64>();
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        let e = (*v - max).exp();
+        sum += e as f64;
+        if write {
+            *v = e;
+        }
+    }
+    state.1 += sum;
+    rescale
 }
 
 fn f32_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
@@ -145,31 +161,78 @@ impl CustomOp1 for VocabNll {
         let (n, hidden) = l.shape().dims2()?;
         let vocab = self.w.dim(0)?;
         let width = slice_width(n).min(vocab);
+        // Per row: running max, Σ exp(logit − max), the target's logit, and (for the backward)
+        // acc = Σ_v exp(logit_v − max) W_v, all rescaled together when the max grows.
         let mut state = vec![(f32::NEG_INFINITY, 0f64); n];
         let mut target_logit = vec![0f32; n];
+        let mut acc = vec![0f32; if self.keep { n * hidden } else { 0 }];
         let mut logits = vec![0f32; n * width];
         self.with_w(|w| {
             for v0 in (0..vocab).step_by(width) {
                 let cols = width.min(vocab - v0);
                 let logits = &mut logits[..n * cols];
                 slice_logits(h, w, hidden, v0, cols, logits);
-                logits
-                    .par_chunks(cols)
-                    .zip(state.par_iter_mut().zip(target_logit.par_iter_mut()))
-                    .enumerate()
-                    .for_each(|(i, (row, (state, target)))| {
-                        fold_row(state, row);
-                        let y = self.targets[i] as usize;
-                        if (v0..v0 + cols).contains(&y) {
-                            *target = row[y - v0];
+                let rows = logits.par_chunks_mut(cols).zip(state.par_iter_mut().zip(target_logit.par_iter_mut()));
+                let per_row = |i: usize, row: &mut [f32], state: &mut (f32, f64), target: &mut f32| -> f32 {
+                    let y = self.targets[i] as usize;
+                    if (v0..v0 + cols).contains(&y) {
+                        *target = row[y - v0];
+                    }
+                    fold_row(state, row, self.keep)
+                };
+                if self.keep {
+                    rows.zip(acc.par_chunks_mut(hidden)).enumerate().for_each(|(i, ((row, (state, target)), acc))| {
+                        let rescale = per_row(i, row, state, target);
+                        if rescale != 1.0 {
+                            acc.iter_mut().for_each(|a| *a *= rescale);
                         }
                     });
+                    // acc += exp(logits − max) · W[v0 .. v0 + cols].
+                    // SAFETY: logits now holds the [n, cols] exponentials, W's rows v0 .. v0 +
+                    // cols are [cols, H] (checked by `slice_logits`), acc is [n, H].
+                    unsafe {
+                        gemm::gemm(
+                            n,
+                            hidden,
+                            cols,
+                            acc.as_mut_ptr(),
+                            1,
+                            hidden as isize,
+                            v0 > 0,
+                            logits.as_ptr(),
+                            1,
+                            cols as isize,
+                            w.as_ptr().add(v0 * hidden),
+                            1,
+                            hidden as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            parallelism(),
+                        )
+                    }
+                } else {
+                    rows.enumerate().for_each(|(i, (row, (state, target)))| {
+                        per_row(i, row, state, target);
+                    });
+                }
             }
+            // d nll_r / d h_r = softmax_r · W − W[y_r] = acc_r / Σ_r − W[y_r].
+            acc.par_chunks_mut(hidden).zip(&state).zip(&self.targets).for_each(|((acc, &(_, sum)), &y)| {
+                let wy = &w[y as usize * hidden..(y as usize + 1) * hidden];
+                for (a, &wy) in acc.iter_mut().zip(wy) {
+                    *a = (*a as f64 / sum - wy as f64) as f32;
+                }
+            });
             Ok(())
         })?;
         let lse: Vec<f64> = state.iter().map(|&(max, sum)| max as f64 + sum.ln()).collect();
         let nll = lse.iter().zip(&target_logit).map(|(&l, &t)| (l - t as f64) as f32).collect();
-        *self.lse.lock().expect("vocabulary NLL lock") = Some(lse);
+        if self.keep {
+            *self.grad_unit.lock().expect("vocabulary NLL lock") = Some(acc);
+        }
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
@@ -178,63 +241,14 @@ impl CustomOp1 for VocabNll {
             return Ok(None);
         }
         let (n, hidden) = h.dims2()?;
-        let vocab = self.w.dim(0)?;
-        let hs = f32_of(h, "vocabulary NLL")?;
         let g = f32_of(grad, "vocabulary NLL gradient")?;
-        let lse = self.lse.lock().expect("vocabulary NLL lock");
-        let Some(lse) = lse.as_ref() else { candle_core::bail!("vocabulary NLL backward: no forward kept") };
-        if g.len() != n || hs.len() != n * hidden || lse.len() != n {
+        let unit = self.grad_unit.lock().expect("vocabulary NLL lock");
+        let Some(unit) = unit.as_ref() else { candle_core::bail!("vocabulary NLL backward: the forward kept nothing") };
+        if g.len() != n || unit.len() != n * hidden {
             candle_core::bail!("vocabulary NLL backward: shapes changed since the forward");
         }
-        let width = slice_width(n).min(vocab);
-        let mut dh = vec![0f32; n * hidden];
-        let mut d = vec![0f32; n * width];
-        self.with_w(|w| {
-            for v0 in (0..vocab).step_by(width) {
-                let cols = width.min(vocab - v0);
-                let d = &mut d[..n * cols];
-                // The forward's logits again (the same GEMM on the same rows: the same values).
-                slice_logits(&hs, w, hidden, v0, cols, d);
-                // dL/dlogits = g · (softmax − onehot(target)), in place.
-                d.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
-                    let (gi, lse) = (g[i], lse[i]);
-                    for v in row.iter_mut() {
-                        *v = gi * ((*v as f64 - lse) as f32).exp();
-                    }
-                    let y = self.targets[i] as usize;
-                    if (v0..v0 + cols).contains(&y) {
-                        row[y - v0] -= gi;
-                    }
-                });
-                // dh += dL/dlogits · W[v0 .. v0 + cols].
-                // SAFETY: d is [n, cols], W's rows v0 .. v0 + cols are [cols, H] (the slice was
-                // checked by `slice_logits`), dh is [n, H], all row-major and that long.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        hidden,
-                        cols,
-                        dh.as_mut_ptr(),
-                        1,
-                        hidden as isize,
-                        v0 > 0,
-                        d.as_ptr(),
-                        1,
-                        cols as isize,
-                        w.as_ptr().add(v0 * hidden),
-                        1,
-                        hidden as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism(),
-                    )
-                }
-            }
-            Ok(())
-        })?;
+        // dL/dh_r = g_r · (softmax_r · W − W[y_r]).
+        let dh: Vec<f32> = unit.chunks(hidden).zip(&g).flat_map(|(u, &g)| u.iter().map(move |&u| g * u)).collect();
         Ok(Some(Tensor::from_vec(dh, (n, hidden), h.device())?))
     }
 }
