@@ -228,19 +228,15 @@ impl FusedAttention {
     }
 }
 
-/// Row-wise softmax of `s` [T, T] in place after adding the bias rows (as `fused::Softmax`: f32
-/// exponentials of x − max, summed in f64; NaN never wins the max, so it spreads to its row).
+/// Row-wise softmax of `s` [T, T] in place after adding the bias rows (f32 exponentials of
+/// x − max from `vexp`, summed in f64; NaN never wins the max, so it spreads to its row).
 fn biased_softmax_rows(s: &mut [f32], t: usize, bias: impl Fn(usize) -> *const f32) {
     for (r, row) in s.chunks_mut(t).enumerate() {
         // SAFETY: `bias(r)` addresses T valid values (FusedAttention::bias_row).
         let b = unsafe { std::slice::from_raw_parts(bias(r), t) };
         row.iter_mut().zip(b).for_each(|(x, &b)| *x += b);
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let mut sum = 0f64;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x as f64;
-        }
+        let sum = super::vexp::exp_shifted_sum(row, max, true);
         let inv = (1.0 / sum) as f32;
         row.iter_mut().for_each(|x| *x *= inv);
     }

@@ -242,12 +242,6 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// σ(x) = 1 / (1 + e^(−x)).
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -257,11 +251,9 @@ impl CustomOp2 for SwiGlu {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (gate, up) = f32_pair((s1, l1), (s2, l2), "swiglu")?;
         let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(TASK).zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK))).for_each(|(y, (a, u))| {
-            for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
-                *y = a * sigmoid(a) * u;
-            }
-        });
+        y.par_chunks_mut(TASK)
+            .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
+            .for_each(|(y, (a, u))| super::vexp::swiglu_forward(a, u, y));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -279,17 +271,14 @@ impl CustomOp2 for SwiGlu {
         if a.len() != g.len() || u.len() != g.len() {
             candle_core::bail!("swiglu backward: shapes changed since the forward");
         }
-        // d gate = g · u · σ(a) (1 + a (1 − σ(a)));  d up = g · a σ(a).
+        // d gate = g · u · σ(a) (1 + a (1 − σ(a)));  d up = g · a σ(a) (`vexp::swiglu_backward`).
         let mut da = vec![0f32; a.len()];
         let mut du = vec![0f32; a.len()];
         let inputs = a.par_chunks(TASK).zip(u.par_chunks(TASK)).zip(g.par_chunks(TASK));
-        da.par_chunks_mut(TASK).zip(du.par_chunks_mut(TASK)).zip(inputs).for_each(|((da, du), ((a, u), g))| {
-            for ((((da, du), &a), &u), &g) in da.iter_mut().zip(du.iter_mut()).zip(a).zip(u).zip(g) {
-                let s = sigmoid(a);
-                *da = g * u * s * (1.0 + a * (1.0 - s));
-                *du = g * a * s;
-            }
-        });
+        da.par_chunks_mut(TASK)
+            .zip(du.par_chunks_mut(TASK))
+            .zip(inputs)
+            .for_each(|((da, du), ((a, u), g))| super::vexp::swiglu_backward(a, u, g, da, du));
         let dev = gate.device();
         let shape = gate.shape();
         let wrap = |v: Vec<f32>, want: bool| -> Result<Option<Tensor>> {

@@ -12,6 +12,7 @@ pub mod gelu;
 pub mod llama;
 pub mod ops;
 pub mod score;
+pub mod vexp;
 pub mod vocab;
 
 pub use bert::{BertClassifier, BertConfig};

@@ -118,19 +118,11 @@ fn fold_row(state: &mut (f32, f64), row: &mut [f32], write: bool) -> f32 {
     let max = row.iter().fold(state.0, |m, &v| if v > m { v } else { m });
     let mut rescale = 1.0;
     if max > state.0 && state.1 > 0.0 {
-        rescale = (state.0 - max).exp();
+        rescale = super::vexp::exp(state.0 - max);
         state.1 *= rescale as f64;
     }
     state.0 = max;
-    let mut sum = 0f64;
-    for v in row.iter_mut() {
-        let e = (*v - max).exp();
-        sum += e as f64;
-        if write {
-            *v = e;
-        }
-    }
-    state.1 += sum;
+    state.1 += super::vexp::exp_shifted_sum(row, max, write);
     rescale
 }
 
