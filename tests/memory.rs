@@ -1,10 +1,10 @@
 //! Memory claims of the DP step, in live heap bytes counted by the allocator (deterministic
 //! byte counts, not timings). Target (issue 18): per-example machinery adds at most 5% to the
 //! peak of a non-private LoRA step on the same model and batch. Measured here (2026-11-30, fused
-//! attention and Llama ops): +0.7% to +3.3%. 5% catches the regressions fixed on 2026-11-27, which these small shapes
-//! show at +7–8% (on MiniLM +15–20%): candle's matmul backward computing Uᵀ G for the constant
-//! LoRA B (keeping every layer's G alive until the backward ended), and `FlatParams::split`
-//! giving every trainable tensor a copy of the whole parameter vector.
+//! attention and Llama ops): +0.7% to +3.3%. 5% catches the regressions fixed on 2026-11-27,
+//! which these small shapes show at +7–8% (on MiniLM +15–20%): candle's matmul backward computing
+//! Uᵀ G for the constant LoRA B (keeping every layer's G alive until the backward ended), and
+//! `FlatParams::split` giving every trainable tensor a copy of the whole parameter vector.
 
 use candle_core::{DType, Device};
 use dptrain::bench::{run, BenchOptions};
