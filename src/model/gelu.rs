@@ -11,6 +11,7 @@
 //! Large inputs are split across threads (rayon), each element computed independently, so the
 //! result does not depend on the thread count.
 
+use super::vexp::multiversion;
 use rayon::prelude::*;
 
 const INV_SQRT2: f64 = std::f64::consts::FRAC_1_SQRT_2;
@@ -102,44 +103,25 @@ fn normal_cdf(x: f64) -> (f64, f64) {
     (cdf, z)
 }
 
-#[inline(always)]
-fn forward_slice(x: &[f32], y: &mut [f32]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        let v = v as f64;
-        *o = (v * normal_cdf(v).0) as f32;
+multiversion! {
+    /// The fast forward on one slice (AVX-512, AVX2 or baseline code, chosen at run time).
+    pub fn forward_slice(x: &[f32], y: &mut [f32]) -> () {
+        for (o, &v) in y.iter_mut().zip(x) {
+            let v = v as f64;
+            *o = (v * normal_cdf(v).0) as f32;
+        }
     }
 }
 
-#[inline(always)]
-fn backward_slice(x: &[f32], g: &[f32], out: &mut [f32]) {
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
-        let v = v as f64;
-        let (cdf, z) = normal_cdf(v);
-        let pdf = INV_SQRT_2PI * exp_f64(-z * z);
-        *o = ((cdf + v * pdf) * g as f64) as f32;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn forward_slice_avx2(x: &[f32], y: &mut [f32]) {
-    forward_slice(x, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn backward_slice_avx2(x: &[f32], g: &[f32], out: &mut [f32]) {
-    backward_slice(x, g, out)
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+multiversion! {
+    /// The fast backward on one slice (AVX-512, AVX2 or baseline code, chosen at run time).
+    pub fn backward_slice(x: &[f32], g: &[f32], out: &mut [f32]) -> () {
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+            let v = v as f64;
+            let (cdf, z) = normal_cdf(v);
+            let pdf = INV_SQRT_2PI * exp_f64(-z * z);
+            *o = ((cdf + v * pdf) * g as f64) as f32;
+        }
     }
 }
 
@@ -148,19 +130,8 @@ fn any_non_finite(x: &[f32]) -> bool {
     x.iter().fold(false, |acc, v| acc | !v.is_finite())
 }
 
-fn forward_chunk(x: &[f32], y: &mut [f32], avx2: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU supports AVX2 (checked by the caller with is_x86_feature_detected).
-        unsafe { forward_slice_avx2(x, y) };
-    } else {
-        forward_slice(x, y)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = avx2;
-        forward_slice(x, y)
-    }
+fn forward_chunk(x: &[f32], y: &mut [f32]) {
+    forward_slice(x, y);
     // The fast path assumes finite inputs; the rare others take the reference's path.
     if any_non_finite(x) {
         for (o, &v) in y.iter_mut().zip(x) {
@@ -171,19 +142,8 @@ fn forward_chunk(x: &[f32], y: &mut [f32], avx2: bool) {
     }
 }
 
-fn backward_chunk(x: &[f32], g: &[f32], out: &mut [f32], avx2: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU supports AVX2 (checked by the caller with is_x86_feature_detected).
-        unsafe { backward_slice_avx2(x, g, out) };
-    } else {
-        backward_slice(x, g, out)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = avx2;
-        backward_slice(x, g, out)
-    }
+fn backward_chunk(x: &[f32], g: &[f32], out: &mut [f32]) {
+    backward_slice(x, g, out);
     if any_non_finite(x) || any_non_finite(g) {
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
             if !v.is_finite() || !g.is_finite() {
@@ -196,11 +156,10 @@ fn backward_chunk(x: &[f32], g: &[f32], out: &mut [f32], avx2: bool) {
 /// x · Φ(x) for every element. Non-finite inputs give what the reference gives (NaN stays NaN).
 pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    let avx2 = has_avx2();
     if x.len() <= CHUNK {
-        forward_chunk(x, &mut y, avx2);
+        forward_chunk(x, &mut y);
     } else {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y, avx2));
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
     }
     y
 }
@@ -209,13 +168,12 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
 pub fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), g.len(), "gelu backward: input and gradient lengths differ");
     let mut out = vec![0f32; x.len()];
-    let avx2 = has_avx2();
     if x.len() <= CHUNK {
-        backward_chunk(x, g, &mut out, avx2);
+        backward_chunk(x, g, &mut out);
     } else {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| backward_chunk(x, g, o, avx2));
+            .for_each(|(o, (x, g))| backward_chunk(x, g, o));
     }
     out
 }

@@ -82,6 +82,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 const LANES: usize = 16;
 
 multiversion! {
