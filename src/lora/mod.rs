@@ -244,6 +244,76 @@ fn frozen_affine<S: BackendStorage>(
     }
 }
 
+/// x Wᵀ + b for f32 CPU storage as one GEMM that starts from the bias rows (so the bias costs no
+/// pass of its own and the output no zero-fill), or None where that does not apply (other dtypes,
+/// a non-contiguous weight or bias: `frozen_affine` then). The slow twin is `frozen_affine` (test
+/// `cpu_gemm_affine_matches_the_storage_level_twin`).
+fn cpu_f32_affine(
+    x: &CpuStorage,
+    l: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else { return Ok(None) };
+    let dims = l.dims();
+    let k = *dims.last().expect("rank ≥ 1");
+    let m = l.shape().elem_count() / k.max(1);
+    let n = wl.dims()[0];
+    let (Some((x0, x1)), Some((w0, w1))) = (l.contiguous_offsets(), wl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    if wl.dims() != [n, k] || x1 - x0 != m * k || w1 - w0 != n * k {
+        return Ok(None);
+    }
+    let (xs, ws) = (&xs[x0..x1], &ws[w0..w1]);
+    let mut y = match bias {
+        None => vec![0f32; m * n],
+        Some((CpuStorage::F32(b), bl)) => match bl.contiguous_offsets() {
+            Some((b0, b1)) if b1 - b0 == n => {
+                let b = &b[b0..b1];
+                let mut y = Vec::with_capacity(m * n);
+                for _ in 0..m {
+                    y.extend_from_slice(b);
+                }
+                y
+            }
+            _ => return Ok(None),
+        },
+        Some(_) => return Ok(None),
+    };
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: xs is [m, k], ws is [n, k] (read as Wᵀ: column j is row j of W), y is [m, n], all
+    // row-major and exactly that long (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            xs.as_ptr(),
+            1,
+            k as isize,
+            ws.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    };
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = n;
+    Ok(Some((CpuStorage::F32(y), Shape::from(out_dims))))
+}
+
 /// y [m, n] = x [m, k] · Wᵀ on any backend's storage, in W's dtype, returned in f32.
 fn frozen_matmul<S: BackendStorage>(x: &S, l: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
     let dims = l.dims();
@@ -282,7 +352,10 @@ impl CustomOp1 for FrozenLinear {
             },
         };
         match &*ws {
-            Storage::Cpu(w) => frozen_affine(s, l, w, wl, bias),
+            Storage::Cpu(w) => match cpu_f32_affine(s, l, w, wl, bias)? {
+                Some(out) => Ok(out),
+                None => frozen_affine(s, l, w, wl, bias),
+            },
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
@@ -422,6 +495,33 @@ mod tests {
         let (gf, gs) = (gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap());
         let d = (gf - gs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6, "input gradient differs by {d}");
+    }
+
+    #[test]
+    fn cpu_gemm_affine_matches_the_storage_level_twin() {
+        for (m, k, n, bias) in
+            [(7usize, 5usize, 3usize, true), (1, 1, 1, true), (64, 33, 17, false), (130, 384, 96, true)]
+        {
+            let x = rand(&[m, k], 40 + m as u64);
+            let w = rand(&[n, k], 41);
+            let b = rand(&[n], 42);
+            let b = bias.then_some(&b);
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let bs = b.map(|b| b.storage_and_layout());
+            let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else { panic!("cpu") };
+            let bias = bs.as_ref().map(|(s, l)| match &**s {
+                Storage::Cpu(s) => (s, *l),
+                _ => panic!("cpu"),
+            });
+            let (fast, fs) = cpu_f32_affine(xs, xl, ws, wl, bias).unwrap().expect("the GEMM path applies");
+            let (slow, ss) = frozen_affine(xs, xl, ws, wl, bias).unwrap();
+            assert_eq!(fs.dims(), ss.dims());
+            let (CpuStorage::F32(f), CpuStorage::F32(s)) = (fast, slow) else { panic!("f32") };
+            let top = s.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let err = f.iter().zip(&s).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 1e-6 * top, "{m}x{k}x{n}: {err} of {top}");
+        }
     }
 
     #[test]
