@@ -496,6 +496,20 @@ mod tests {
     }
 
     #[test]
+    fn attention_off_the_fused_path_is_the_composed_form_bit_for_bit() {
+        // Other dtypes (and every GPU tensor, by the same test in `attention`) take the
+        // composed form: f64 here, the dtype the twins are checked in.
+        let heads = Heads { query: 4, kv: 2, dim: 3 };
+        let q = rand(&[2, 5, 12], 1).to_dtype(DType::F64).unwrap();
+        let kv = rand(&[2, 5, 6], 2).to_dtype(DType::F64).unwrap();
+        let bias = key_mask(2, 5, &[0, 1]).to_dtype(DType::F64).unwrap();
+        let a = attention(&q, &kv, &kv, &bias, heads, 0.5).unwrap();
+        let b = attention_composed(&q, &kv, &kv, &bias, heads, 0.5).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(flat(&a), flat(&b));
+    }
+
+    #[test]
     fn attention_refuses_heads_that_do_not_fit() {
         let x = rand(&[1, 2, 6], 1);
         let bias = key_mask(1, 2, &[0]);

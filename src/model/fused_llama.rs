@@ -365,6 +365,20 @@ mod tests {
     }
 
     #[test]
+    fn fused_llama_ops_off_the_fused_path_are_the_composed_forms_bit_for_bit() {
+        // Other dtypes (and GPU tensors, by the same test in each op) take the composed forms.
+        let f64_of = |t: Tensor| t.to_dtype(DType::F64).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let x = f64_of(rand(&[2, 3, 2, 4], 1));
+        let w = f64_of(rand(&[4], 2));
+        assert_eq!(flat(rms_norm(&x, &w, 1e-6).unwrap()), flat(rms_norm_composed(&x, &w, 1e-6).unwrap()));
+        let (c, s) = (f64_of(rand(&[3, 4], 3)), f64_of(rand(&[3, 4], 4)));
+        assert_eq!(flat(rope(&x, &c, &s).unwrap()), flat(rope_composed(&x, &c, &s).unwrap()));
+        let u = f64_of(rand(&[2, 3, 2, 4], 5));
+        assert_eq!(flat(swiglu(&x, &u).unwrap()), flat(swiglu_composed(&x, &u).unwrap()));
+    }
+
+    #[test]
     fn fused_llama_ops_give_no_gradient_to_untracked_inputs() {
         let gate = Var::from_tensor(&rand(&[2, 6], 1)).unwrap();
         let up = rand(&[2, 6], 2);

@@ -300,6 +300,17 @@ mod tests {
     }
 
     #[test]
+    fn vocab_nll_off_the_fused_path_is_the_composed_form_bit_for_bit() {
+        // A head in another dtype (bf16 on GPUs; f64 here) takes the composed form.
+        let h = rand(&[3, 4], 1).to_dtype(DType::F64).unwrap();
+        let w = rand(&[7, 4], 2).to_dtype(DType::F64).unwrap();
+        let y = Tensor::new(&[1u32, 6, 0], &Device::Cpu).unwrap();
+        let a = vocab_nll(&h, &w, &y).unwrap().to_vec1::<f32>().unwrap();
+        let b = vocab_nll_composed(&h, &w, &y).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
     fn vocab_nll_refuses_targets_outside_the_vocabulary() {
         let h = rand(&[2, 4], 1);
         let w = rand(&[5, 4], 2);
