@@ -19,7 +19,7 @@ fn rows_per_task(row_len: usize) -> usize {
 }
 
 /// out[row] = f(x[row]) for every row of `h` elements, rows split across threads.
-fn map_rows(x: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+pub(crate) fn map_rows(x: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     let rows = rows_per_task(h) * h;
     out.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(out, x)| {
@@ -31,7 +31,7 @@ fn map_rows(x: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f
 }
 
 /// out[row] = f(x[row], g[row]) for every row of `h` elements, rows split across threads.
-fn map_row_pairs(x: &[f32], g: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+pub(crate) fn map_row_pairs(x: &[f32], g: &[f32], h: usize, f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     let rows = rows_per_task(h) * h;
     out.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(g.par_chunks(rows))).for_each(|(out, (x, g))| {

@@ -8,7 +8,7 @@
 //! rows split across threads; each row is computed by one thread in a fixed order, so results do
 //! not depend on the thread count, and no row reads another example's values.
 
-use super::fused::{f32_contiguous, f32_pair};
+use super::fused::{f32_contiguous, f32_pair, map_row_pairs, map_rows};
 use super::ops::mul_const;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -64,14 +64,10 @@ impl CustomOp1 for FrozenRmsNorm {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_contiguous(s, l, "rms norm")?;
-        let h = self.w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(task_len(h)).zip(x.par_chunks(task_len(h))).for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
-                let r = rms_scale(x, self.eps);
-                for ((o, &v), &w) in y.iter_mut().zip(x).zip(&self.w) {
-                    *o = (v as f64 * r * w as f64) as f32;
-                }
+        let y = map_rows(x, self.w.len(), |y, x| {
+            let r = rms_scale(x, self.eps);
+            for ((o, &v), &w) in y.iter_mut().zip(x).zip(&self.w) {
+                *o = (v as f64 * r * w as f64) as f32;
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -98,17 +94,13 @@ impl CustomOp2 for RmsNormGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = f32_pair((s1, l1), (s2, l2), "rms norm grad")?;
         let h = self.w.len();
-        let mut dx = vec![0f32; x.len()];
-        let n = task_len(h);
-        dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (x, g))| {
-            for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                let r = rms_scale(x, self.eps);
-                let mean_dx =
-                    x.iter().zip(g).zip(&self.w).map(|((&v, &g), &w)| g as f64 * w as f64 * v as f64 * r).sum::<f64>()
-                        / h as f64;
-                for (((o, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
-                    *o = (r * (g as f64 * w as f64 - v as f64 * r * mean_dx)) as f32;
-                }
+        let dx = map_row_pairs(x, g, h, |dx, x, g| {
+            let r = rms_scale(x, self.eps);
+            let mean_dx =
+                x.iter().zip(g).zip(&self.w).map(|((&v, &g), &w)| g as f64 * w as f64 * v as f64 * r).sum::<f64>()
+                    / h as f64;
+            for (((o, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
+                *o = (r * (g as f64 * w as f64 - v as f64 * r * mean_dx)) as f32;
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
