@@ -9,7 +9,9 @@
 //! against the twin written from the specification on that block function (bit for bit), norms,
 //! clip factors and clipped sums against f64 loops (`privacy::clip_and_sum_reference`), AdamW
 //! against the textbook update, GELU against libm's erfc, and the DP steps against the same steps
-//! clipping by concatenation and candle ops. Every check names its reference. Tolerances are
+//! clipping by concatenation and candle ops. On every device the model's fused ops (attention,
+//! vocabulary NLL, RMSNorm, RoPE, SwiGLU: fused on the CPU, composed elsewhere) are checked in
+//! value and gradient against their composed forms in f64. Every check names its reference. Tolerances are
 //! stated per check as atol + rtol·|reference|; checks whose arithmetic is specified to round
 //! identically also report the fraction of bit-identical values.
 
@@ -316,6 +318,7 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
         compare("DP step, empty Poisson batch", "noise only".into(), &got, &want, 1e-7, 1e-6)
             .against(twin("N(0, (σC)²) from add_noise_reference, divided by L")),
     );
+    out.extend(fused_model_op_checks(device)?);
     for family in ["bert", "llama"] {
         let reference =
             train_steps(&cpu, DType::F32, family, if slow { ClipImpl::CandleOps } else { ClipImpl::Fused })?;
@@ -346,6 +349,149 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
                     )),
                 );
             }
+        }
+    }
+    Ok(out)
+}
+
+/// The model's fused ops (fused on the CPU in f32, composed of candle ops elsewhere), as `device`
+/// runs them in f32, against their composed forms on the CPU in f64: the value and the gradient
+/// of Σ c · op(inputs) for every input. These fast paths depend on the CPU's features (the
+/// GEMM's and the exponential's AVX-512 or AVX2 code), so a user's machine checks its own.
+fn fused_model_op_checks(device: &Device) -> Result<Vec<Check>> {
+    use crate::model::attention::{attention, attention_composed, Heads};
+    use crate::model::fused_llama::{rms_norm, rms_norm_composed, rope, rope_composed, swiglu, swiglu_composed};
+    use crate::model::vocab::vocab_nll;
+    type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+    let mut rng = ChaCha20Rng::seed_from_u64(0xf05e_d0b5);
+    let cpu = Device::Cpu;
+    let mut rand_t = |shape: &[usize], scale: f32| -> Result<Tensor> {
+        Tensor::from_vec(random_vec(&mut rng, shape.iter().product(), scale), shape, &cpu)
+    };
+    // Attention: Llama's causal + key mask, 4 query heads sharing 2 key/value heads.
+    let (b, t) = (2, 9);
+    let bias: Vec<f32> = (0..b * t * t)
+        .map(|x| if x % t > (x / t) % t || (x / (t * t) == 1 && x % t >= 6) { -1e30 } else { 0.0 })
+        .collect();
+    let bias = Tensor::from_vec(bias, (b, 1, t, t), &cpu)?;
+    let heads = Heads { query: 4, kv: 2, dim: 8 };
+    let (cos, sin) = crate::model::llama::rope_tables(6, 8, 10_000.0, &cpu)?;
+    let norm_w = (rand_t(&[32], 0.5)? + 1.0)?;
+    let head = rand_t(&[700, 16], 1.0)?;
+    let targets = Tensor::from_vec((0..11u32).map(|i| (i * 61) % 700).collect::<Vec<_>>(), 11, &cpu)?;
+    let on = |x: &Tensor, dt: DType, dev: &Device| x.to_dtype(dt)?.to_device(dev);
+    let cases: Vec<(&str, String, Vec<Tensor>, Op, Op)> = vec![
+        (
+            "attention (model::attention)",
+            format!("b {b}, T {t}, {heads:?}, causal + key mask"),
+            vec![(rand_t(&[b, t, 32], 1.0)? * 3.0)?, rand_t(&[b, t, 16], 1.0)?, rand_t(&[b, t, 16], 1.0)?],
+            {
+                let bias = bias.clone();
+                Box::new(move |x: &[Tensor]| {
+                    attention(&x[0], &x[1], &x[2], &on(&bias, x[0].dtype(), x[0].device())?, heads, 0.35)
+                })
+            },
+            {
+                let bias = bias.clone();
+                Box::new(move |x: &[Tensor]| {
+                    attention_composed(&x[0], &x[1], &x[2], &on(&bias, DType::F64, &Device::Cpu)?, heads, 0.35)
+                })
+            },
+        ),
+        (
+            "vocabulary NLL (model::vocab)",
+            "11 rows of 16, vocabulary 700".into(),
+            vec![(rand_t(&[11, 16], 1.0)? * 2.0)?],
+            {
+                let (w, y) = (head.clone(), targets.clone());
+                Box::new(move |x: &[Tensor]| {
+                    vocab_nll(&x[0], &on(&w, x[0].dtype(), x[0].device())?, &y.to_device(x[0].device())?)
+                })
+            },
+            {
+                let (w, y) = (head.clone(), targets.clone());
+                Box::new(move |x: &[Tensor]| {
+                    // Candle's matmul (not the frozen linear, which returns f32), all in f64.
+                    let logp =
+                        crate::model::ops::log_softmax_last(&x[0].matmul(&on(&w, DType::F64, &Device::Cpu)?.t()?)?)?;
+                    logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+                })
+            },
+        ),
+        (
+            "rms norm (model::fused_llama)",
+            "[3, 5, 32]".into(),
+            vec![(rand_t(&[3, 5, 32], 1.0)? * 4.0)?],
+            {
+                let w = norm_w.clone();
+                Box::new(move |x: &[Tensor]| rms_norm(&x[0], &on(&w, x[0].dtype(), x[0].device())?, 1e-6))
+            },
+            {
+                let w = norm_w.clone();
+                Box::new(move |x: &[Tensor]| rms_norm_composed(&x[0], &on(&w, DType::F64, &Device::Cpu)?, 1e-6))
+            },
+        ),
+        (
+            "rope (model::fused_llama)",
+            "[2, 6, 3, 8]".into(),
+            vec![rand_t(&[2, 6, 3, 8], 1.0)?],
+            {
+                let (c, s) = (cos.clone(), sin.clone());
+                Box::new(move |x: &[Tensor]| {
+                    rope(&x[0], &on(&c, x[0].dtype(), x[0].device())?, &on(&s, x[0].dtype(), x[0].device())?)
+                })
+            },
+            {
+                let (c, s) = (cos.clone(), sin.clone());
+                Box::new(move |x: &[Tensor]| {
+                    rope_composed(&x[0], &on(&c, DType::F64, &Device::Cpu)?, &on(&s, DType::F64, &Device::Cpu)?)
+                })
+            },
+        ),
+        (
+            "swiglu (model::fused_llama)",
+            "[4, 50], gate up to ±12".into(),
+            vec![(rand_t(&[4, 50], 1.0)? * 12.0)?, rand_t(&[4, 50], 1.0)?],
+            Box::new(|x: &[Tensor]| swiglu(&x[0], &x[1])),
+            Box::new(|x: &[Tensor]| swiglu_composed(&x[0], &x[1])),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, case, inputs, fast, slow) in cases {
+        // Value and every input's gradient of Σ c · op(inputs).
+        let run = |op: &Op, dt: DType, dev: &Device| -> Result<Vec<Vec<f64>>> {
+            let vars = inputs.iter().map(|x| Var::from_tensor(&on(x, dt, dev)?)).collect::<Result<Vec<_>>>()?;
+            let y = op(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
+            let c = Tensor::from_vec(
+                (0..y.elem_count()).map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>(),
+                y.shape(),
+                &Device::Cpu,
+            )?;
+            let grads = (&y * on(&c, y.dtype(), dev)?)?.sum_all()?.backward()?;
+            let mut res = vec![f64s(&y)?];
+            for v in &vars {
+                let g =
+                    grads.get(v.as_tensor()).ok_or_else(|| candle_core::Error::Msg(format!("{name}: no gradient")))?;
+                res.push(f64s(g)?);
+            }
+            Ok(res)
+        };
+        let got = run(&fast, DType::F32, device)?;
+        let want = run(&slow, DType::F64, &cpu)?;
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = if k == 0 { "value".to_string() } else { format!("gradient of input {k}") };
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+            out.push(
+                compare(
+                    name,
+                    format!("{case}: {what}; atol = 1e-5 · max |reference| = {:.3e}", 1e-5 * scale),
+                    g,
+                    w,
+                    1e-5 * scale,
+                    0.0,
+                )
+                .against("the composed candle form, in f64 on the CPU".into()),
+            );
         }
     }
     Ok(out)

@@ -329,7 +329,18 @@ fn selftest_on_cpu_checks_every_fast_path_against_its_independent_slow_twin() {
     assert!(checks.len() >= 60, "{} checks", checks.len());
     assert!(checks.iter().all(|c| c["pass"] == true));
     // Every kernel family is covered, including empty inputs.
-    for name in ["chacha20 keystream", "gaussian noise", "clipped sum", "fused AdamW parameters", "gelu backward"] {
+    for name in [
+        "chacha20 keystream",
+        "gaussian noise",
+        "clipped sum",
+        "fused AdamW parameters",
+        "gelu backward",
+        "attention (model::attention)",
+        "vocabulary NLL (model::vocab)",
+        "rms norm (model::fused_llama)",
+        "rope (model::fused_llama)",
+        "swiglu (model::fused_llama)",
+    ] {
         assert!(checks.iter().any(|c| c["name"] == name), "no {name} check");
     }
     assert!(checks.iter().any(|c| c["name"] == "clipped sum" && c["case"].as_str().unwrap().starts_with("b = 0")));
