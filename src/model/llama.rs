@@ -507,8 +507,10 @@ impl LlamaLm {
         let (b, t, h) = x.dims3()?;
         // Only the target positions go through the (large) LM head.
         let rows = x.reshape((b * t, h))?.index_select(&lm.positions, 0)?;
-        // The head is frozen and never adapted (`new`), so its NLL is the fused chunked op's.
-        debug_assert!(self.lm_head.adapter.is_none() && self.lm_head.bias.is_none());
+        // The head is frozen and never adapted (`new`); the NLL op takes its weight alone.
+        if self.lm_head.adapter.is_some() || self.lm_head.bias.is_some() {
+            candle_core::bail!("the LM head has an adapter or a bias, which the vocabulary NLL does not apply");
+        }
         vocab_nll(&rows, &self.lm_head.weight, &lm.targets)
     }
 

@@ -7,7 +7,9 @@
 //! Cephes' `expf` scheme (x = k ln 2 + r, |r| ≤ ln 2 / 2, a degree-6 polynomial for e^r, 2^k put
 //! into the exponent bits) written without branches or calls, so loops over slices become
 //! vector code. No fused multiply-add is used (Rust does not contract a·b + c), so every version
-//! gives bit-identical results, on any machine. Results below f32's smallest normal number are
+//! computes the same IEEE operations in the same order and gives the same bits, by construction
+//! (the tests run the version the test machine selects; `dptrain selftest` checks the model ops
+//! built on these kernels on the user's own CPU). Results below f32's smallest normal number are
 //! flushed to 0 (e^x < 1.2e-38: x < −87.34), so a masked score (−1e30) gives exactly 0 as before.
 //! Sums are accumulated in f64 in 16 fixed lanes, then added in lane order: the result does not
 //! depend on the thread count or the instruction set. Tests bound the error against f64 `exp`.
