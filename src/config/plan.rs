@@ -126,6 +126,9 @@ pub struct Plan {
     pub max_tokens: Option<usize>,
     pub steps: Option<u64>,
     pub epochs: Option<f64>,
+    /// Epochs of the DP linear probe before the LoRA steps (0: none).
+    pub linear_probe_epochs: f64,
+    pub linear_probe_learning_rate: f64,
     pub optimizer: OptimizerKind,
     pub learning_rate: f64,
     pub weight_decay: f64,
@@ -191,6 +194,20 @@ impl Plan {
         let learning_rate = t.learning_rate.unwrap_or(1e-3);
         if !(learning_rate > 0.0 && learning_rate.is_finite()) {
             return Err(bad("training.learning-rate", format!("must be a positive number, got {learning_rate}")));
+        }
+        let linear_probe_epochs = t.linear_probe_epochs.unwrap_or(0.0);
+        if !(linear_probe_epochs >= 0.0 && linear_probe_epochs.is_finite()) {
+            return Err(bad("training.linear-probe-epochs", format!("must be ≥ 0, got {linear_probe_epochs}")));
+        }
+        let linear_probe_learning_rate = t.linear_probe_learning_rate.unwrap_or(learning_rate);
+        if !(linear_probe_learning_rate > 0.0 && linear_probe_learning_rate.is_finite()) {
+            return Err(bad(
+                "training.linear-probe-learning-rate",
+                format!("must be a positive number, got {linear_probe_learning_rate}"),
+            ));
+        }
+        if t.linear_probe_learning_rate.is_some() && linear_probe_epochs == 0.0 {
+            return Err(bad("training.linear-probe-learning-rate", "set without training.linear-probe-epochs".into()));
         }
         let weight_decay = t.weight_decay.unwrap_or(0.0);
         if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
@@ -324,6 +341,8 @@ impl Plan {
             },
             steps: t.steps,
             epochs: t.epochs,
+            linear_probe_epochs,
+            linear_probe_learning_rate,
             optimizer,
             learning_rate,
             weight_decay,
@@ -352,8 +371,22 @@ impl Plan {
         crate::data::MicroBatchLimits { examples: self.max_physical_batch, tokens: self.max_tokens }
     }
 
-    /// Planned logical steps for a training set of `n` records.
+    /// Planned logical steps for a training set of `n` records: the linear probe's, then LoRA's.
     pub fn planned_steps(&self, n: usize) -> u64 {
+        self.probe_steps(n) + self.lora_steps(n)
+    }
+
+    /// Steps of the linear probe (the first ones of the run): round(epochs · N / L), at least 1
+    /// when a probe is configured.
+    pub fn probe_steps(&self, n: usize) -> u64 {
+        if self.linear_probe_epochs == 0.0 {
+            return 0;
+        }
+        ((self.linear_probe_epochs * n as f64 / self.expected_batch_size as f64).round() as u64).max(1)
+    }
+
+    /// Steps of LoRA training (after the probe's).
+    pub fn lora_steps(&self, n: usize) -> u64 {
         match (self.steps, self.epochs) {
             (Some(s), _) => s,
             (None, Some(e)) => ((e * n as f64 / self.expected_batch_size as f64).round() as u64).max(1),
@@ -446,6 +479,17 @@ dir = "out"
         let p = plan(&BASE.replace("tuned-on-private-data = false", "tuned-on-private-data = true")).unwrap();
         assert!(p.tuned_on_private_data);
         assert!(!plan(BASE).unwrap().tuned_on_private_data);
+    }
+
+    #[test]
+    fn linear_probe_steps_come_first_and_count_in_the_plan() {
+        let p = plan(&BASE.replace("steps = 3", "steps = 3\nlinear-probe-epochs = 0.5")).unwrap();
+        assert_eq!((p.probe_steps(100), p.lora_steps(100), p.planned_steps(100)), (6, 3, 9)); // 0.5 · 100 / 8
+        assert_eq!(p.linear_probe_learning_rate, p.learning_rate);
+        assert_eq!(plan(BASE).unwrap().probe_steps(100), 0);
+        assert!(err(&BASE.replace("steps = 3", "steps = 3\nlinear-probe-epochs = -1")).contains("linear-probe-epochs"));
+        let e = err(&BASE.replace("steps = 3", "steps = 3\nlinear-probe-learning-rate = 0.1"));
+        assert!(e.contains("without training.linear-probe-epochs"), "{e}");
     }
 
     #[test]

@@ -87,10 +87,18 @@ pub struct RawTraining {
     /// Largest number of padded tokens (examples × longest length) run through the model at once;
     /// a longer single record still runs alone. Default: no token bound.
     pub max_tokens: Option<usize>,
-    /// Number of logical steps. Give this or `epochs`.
+    /// Number of logical LoRA steps (after the linear probe's, if any). Give this or `epochs`.
     pub steps: Option<u64>,
-    /// Epochs: steps = round(epochs · N / L).
+    /// Epochs of LoRA steps: steps = round(epochs · N / L).
     pub epochs: Option<f64>,
+    /// Classification: epochs of a DP linear probe before the LoRA steps: round(epochs · N / L)
+    /// steps that train only the head, on the frozen model's pooled features (computed once per
+    /// record), with the run's q, C and σ; they are in the ledger like every step and σ is
+    /// calibrated for probe and LoRA steps together. Default 0 (no probe).
+    pub linear_probe_epochs: Option<f64>,
+    /// Learning rate of the linear probe's steps (AdamW with the run's adam-eps, linear decay to 0
+    /// over the probe). Default: `learning-rate`.
+    pub linear_probe_learning_rate: Option<f64>,
     /// Optimiser: "adamw" (default) or "sgd" (with momentum).
     pub optimizer: Option<String>,
     /// Learning rate. Default 1e-3.

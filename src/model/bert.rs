@@ -372,6 +372,17 @@ impl BertClassifier {
         }
     }
 
+    /// The pooled last hidden state [b, H] of a batch (from its cached hidden states when it has
+    /// them), without a tape.
+    pub fn batch_pooled(&self, batch: &crate::data::Batch) -> Result<Tensor> {
+        let (start, x) = match &batch.hidden {
+            Some((start, x)) => (*start, x.clone()),
+            None => (0, self.embed(&batch.input_ids)?),
+        };
+        let hidden = self.run_layers(x, &batch.attention_mask, start..self.layers.len(), None)?;
+        mean_pool(&hidden, &batch.attention_mask)
+    }
+
     /// Class logits from `x`, the hidden states entering layer `start`.
     pub fn logits_from(&self, x: Tensor, start: usize, mask: &Tensor, mut tape: Option<&mut Tape>) -> Result<Tensor> {
         let hidden = self.run_layers(x, mask, start..self.layers.len(), tape.as_deref_mut())?;
@@ -423,6 +434,9 @@ impl super::DpModel for BertClassifier {
     }
     fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<super::ExampleScore>> {
         super::score::correct_per_example(self, examples, batch_size)
+    }
+    fn pooled_features(&self, batch: &crate::data::Batch) -> Result<Tensor> {
+        self.batch_pooled(batch)
     }
 }
 

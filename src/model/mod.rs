@@ -11,6 +11,7 @@ pub mod fused_llama;
 pub mod gelu;
 pub mod llama;
 pub mod ops;
+pub mod probe;
 pub mod score;
 pub mod vexp;
 pub mod vocab;
@@ -54,6 +55,12 @@ pub trait DpModel {
     fn task(&self) -> Task;
     /// Each record's contribution to the held-out metric, in micro-batches of `batch_size`.
     fn score_examples(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<Vec<ExampleScore>>;
+    /// Classification: the pooled features [b, H] the head reads, from the current model (no
+    /// tape). At the start of a run (every LoRA B zero) these are the frozen base model's: what
+    /// the linear probe (`probe`) trains the head on. Other tasks have no such features.
+    fn pooled_features(&self, _batch: &Batch) -> Result<Tensor> {
+        candle_core::bail!("this model has no pooled features: the linear probe needs a classification model")
+    }
     /// The held-out metric of the task on `examples`.
     fn evaluate(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<EvalResult> {
         Ok(EvalResult::aggregate(self.score_examples(examples, batch_size)?))

@@ -120,6 +120,16 @@ pub fn render(r: &Value) -> String {
     row(&mut o, "expected batch size", &num(&r["expected_batch_size"]));
     row(&mut o, "steps taken", &num(&r["steps"]));
     row(&mut o, "steps planned", &num(&r["planned_steps"]));
+    if r["linear_probe_steps"].as_u64().unwrap_or(0) > 0 {
+        row(
+            &mut o,
+            "of which linear probe",
+            &format!(
+                "the first {} steps trained the head alone on the frozen model's pooled features (same q, C and σ)",
+                num(&r["linear_probe_steps"])
+            ),
+        );
+    }
     row(&mut o, "epochs (steps · q)", &num(&r["epochs"]));
     row(&mut o, "stopped early", &text(&r["stopped_early"]));
     row(&mut o, "sampler", &text(&r["sampler"]));

@@ -108,6 +108,8 @@ pub struct RunSummary {
     pub expected_batch_size: usize,
     pub steps: u64,
     pub planned_steps: u64,
+    /// The first steps of the plan that trained the head alone (linear probe; 0 without one).
+    pub linear_probe_steps: u64,
     pub clip_norm: Option<f64>,
     pub seeded: bool,
     pub dataset_size: usize,
@@ -472,6 +474,7 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "certified": s.certifies(),
         "target_epsilon": s.target_epsilon,
         "planned_steps": s.planned_steps,
+        "linear_probe_steps": s.linear_probe_steps,
         "stopped_early": s.stopped_early,
         "expected_batch_size": s.expected_batch_size,
         "rdp_optimal_order": s.rdp_optimal_order,

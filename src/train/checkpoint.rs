@@ -367,8 +367,10 @@ pub fn run_dir_of(checkpoint: &Path) -> Option<PathBuf> {
 
 impl State {
     /// The sampler position and optimiser step count agree with the step count (each step draws
-    /// one 64-bit uniform, two 32-bit ChaCha words, per record of the `n`).
-    pub fn consistency_problems(&self, n: usize) -> Vec<String> {
+    /// one 64-bit uniform, two 32-bit ChaCha words, per record of the `n`; the optimiser of the
+    /// LoRA phase has taken every step after the `probe_steps` of the linear probe, which has its
+    /// own and is never checkpointed).
+    pub fn consistency_problems(&self, n: usize, probe_steps: u64) -> Vec<String> {
         let mut out = Vec::new();
         let want = 2u128 * n as u128 * self.step as u128;
         if self.sampler.word_pos.parse::<u128>().ok() != Some(want) {
@@ -378,8 +380,11 @@ impl State {
             ));
         }
         if let OptimizerState::AdamW { steps } = self.optimizer {
-            if steps != self.step {
-                out.push(format!("the optimiser has taken {steps} steps, the checkpoint says {}", self.step));
+            if Some(steps) != self.step.checked_sub(probe_steps) {
+                out.push(format!(
+                    "the optimiser has taken {steps} steps, the checkpoint says {} ({probe_steps} of them the linear probe's)",
+                    self.step
+                ));
             }
         }
         out

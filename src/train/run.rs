@@ -13,6 +13,7 @@ use crate::data::{load_classification, load_lm, Dataset, PoissonSampler};
 use crate::kernels::FusedAdamW;
 use crate::lora::LoraSpec;
 use crate::model::load_tokenizer;
+use crate::model::probe::{probe_data, LinearProbe};
 use crate::model::{Architecture, BertClassifier, DpModel, LlamaConfig, LlamaLm, Task};
 use crate::privacy::{CommitmentKey, GaussianNoise, RandomStreams};
 use crate::report::rundir::{self, RunDir};
@@ -115,7 +116,9 @@ struct Prepared {
     train: Dataset,
     test: Dataset,
     q: f64,
+    /// All planned steps: the linear probe's (the first `probe_steps`), then LoRA's.
     steps: u64,
+    probe_steps: u64,
     sigma: f64,
     target: Option<f64>,
     mech: Mechanism,
@@ -178,6 +181,19 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     }
     let q = l as f64 / n as f64;
     let steps = plan.planned_steps(n);
+    let probe_steps = plan.probe_steps(n);
+    if probe_steps > 0 {
+        if arch != Architecture::Bert {
+            return Err(RunError::Plan(
+                "training.linear-probe-epochs: the linear probe trains a classification head; this model is a language model".into(),
+            ));
+        }
+        if let Some(k) = opts.stop_after.filter(|&k| k < probe_steps) {
+            return Err(RunError::Plan(format!(
+                "--stop-after-step {k} falls inside the linear probe (steps 1..{probe_steps}), which writes no checkpoints: choose {probe_steps} or later"
+            )));
+        }
+    }
     let (sigma, target) = if opts.non_private {
         (0.0, None)
     } else {
@@ -234,7 +250,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     };
     let resumed = match &opts.resume {
         None => None,
-        Some(path) => Some(read_resume_checkpoint(path, &fingerprint, n, q, sigma, opts.non_private)?),
+        Some(path) => Some(read_resume_checkpoint(path, &fingerprint, n, q, sigma, probe_steps, opts.non_private)?),
     };
     let seeded = streams.seeded;
     let key = match &resumed {
@@ -266,10 +282,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     };
     // Frozen lower layers: computed once per record (a function of that record alone).
     let cache = feature_cache(model.as_ref(), &train.examples, plan.micro_batch_limits())?;
-    let mut opt = match plan.optimizer {
-        OptimizerKind::AdamW { eps } => Optimizer::AdamW(FusedAdamW::new(plan.weight_decay, eps)),
-        OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(momentum, plan.weight_decay)),
-    };
+    let mut opt = new_optimizer(plan);
     let (sampler, noise, ledger, metrics, start, prior_seconds, examples_seen) = match resumed {
         None => (
             PoissonSampler::new(q, streams.sampling.clone()),
@@ -341,6 +354,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         test,
         q,
         steps,
+        probe_steps,
         sigma,
         target,
         mech,
@@ -376,6 +390,7 @@ fn read_resume_checkpoint(
     n: usize,
     q: f64,
     sigma: f64,
+    probe_steps: u64,
     non_private: bool,
 ) -> Result<(std::path::PathBuf, Checkpoint), RunError> {
     let dir = checkpoint::locate(path)?;
@@ -394,7 +409,7 @@ fn read_resume_checkpoint(
     // shortened or altered ledger would under-state ε in the certificate; a sampler position that
     // does not match the steps would replay (or skip) samples the ledger counts as fresh.
     let expected = if non_private { Ledger::default() } else { Ledger::uniform(q, sigma, c.state.step) };
-    let mut problems = c.state.consistency_problems(n);
+    let mut problems = c.state.consistency_problems(n, probe_steps);
     if c.state.ledger != expected || c.state.metrics.len() as u64 != c.state.step {
         problems.push(format!(
             "its ledger ({} steps) and metrics ({} lines) do not account for its {} steps at q = {q}, σ = {sigma}",
@@ -408,6 +423,64 @@ fn read_resume_checkpoint(
     }
     eprintln!("resuming from {} (step {} of {})", dir.display(), c.state.step, c.state.planned_steps);
     Ok((dir, c))
+}
+
+/// A fresh optimiser of the plan's kind (LoRA phase and linear probe each have their own).
+fn new_optimizer(plan: &Plan) -> Optimizer {
+    match plan.optimizer {
+        OptimizerKind::AdamW { eps } => Optimizer::AdamW(FusedAdamW::new(plan.weight_decay, eps)),
+        OptimizerKind::Sgd { momentum } => Optimizer::Sgd(SgdMomentum::new(momentum, plan.weight_decay)),
+    }
+}
+
+/// The linear probe's state during its steps (see `model::probe`).
+struct Probe {
+    model: LinearProbe,
+    examples: Vec<crate::data::Example>,
+    cache: crate::data::FeatureCache,
+    layout: FlatParams,
+    params: candle_core::Tensor,
+    opt: Optimizer,
+}
+
+impl Probe {
+    /// Pooled features of every training record from the model as it starts (every LoRA B zero:
+    /// checked, so these are the frozen base model's), and a probe from the model's head.
+    fn new(plan: &Plan, p: &Prepared) -> Result<Probe, RunError> {
+        let trainable = p.model.trainable();
+        for (name, t) in &trainable {
+            if name.contains("lora_B")
+                && t.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? != 0.0
+            {
+                return Err(RunError::Plan(format!(
+                    "linear probe: {name} is not zero, so the pooled features would depend on trained tensors"
+                )));
+            }
+        }
+        let (examples, cache) =
+            probe_data(p.model.as_ref(), &p.train.examples, p.cache.as_ref(), plan.micro_batch_limits())?;
+        let [.., (_, w), (_, b)] = trainable.as_slice() else {
+            return Err(RunError::Plan("linear probe: the model has no head".into()));
+        };
+        let model = LinearProbe::new(w.clone(), b.clone())?;
+        let layout = FlatParams::from_named(&model.trainable())?;
+        let params = layout.to_tensor(model.device())?;
+        let opt = new_optimizer(plan);
+        Ok(Probe { model, examples, cache, layout, params, opt })
+    }
+
+    /// The trained head goes into the full model (the last tensors of its flat parameters); its
+    /// LoRA tensors are untouched.
+    fn install(self, p: &mut Prepared) -> Result<(), RunError> {
+        let head = self.layout.split(&self.params)?;
+        let mut all = p.layout.split(&p.params)?;
+        let k = all.len() - head.len();
+        all.splice(k.., head);
+        let flat: Vec<candle_core::Tensor> = all.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+        p.params = candle_core::Tensor::cat(&flat, 0)?;
+        p.model.set_trainable(&p.layout.split(&p.params)?)?;
+        Ok(())
+    }
 }
 
 /// What the steps produced.
@@ -484,6 +557,9 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
         };
         Ok(c.write(&checkpoints, plan.keep_checkpoints)?)
     };
+    // The linear probe (the first `probe_steps` steps; never checkpointed, so a resumed run is
+    // always past it): the head alone, on the frozen model's pooled features.
+    let mut probe = if p.start < p.probe_steps { Some(Probe::new(plan, p)?) } else { None };
     for t in p.start..steps {
         if let (Some(limit), Some(target)) = (p.max_steps, p.target) {
             // Stop rule: never take the step that would exceed the target.
@@ -493,20 +569,45 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
             }
         }
         let indices = p.sampler.sample(n);
-        let (grad, rep) = private_gradient(
-            p.model.as_ref(),
-            &p.train.examples,
-            p.cache.as_ref(),
-            &indices,
-            plan.micro_batch_limits(),
-            p.layout.len(),
-            &p.mech,
-            &p.noise,
-            t,
-        )?;
-        let lr = learning_rate(plan.learning_rate, t, plan.warmup_steps, steps, plan.lr_schedule);
-        p.opt.step(&p.params, &grad, lr)?;
-        p.model.set_trainable(&p.layout.split(&p.params)?)?;
+        let (rep, lr) = if let Some(pr) = probe.as_mut().filter(|_| t < p.probe_steps) {
+            let (grad, rep) = private_gradient(
+                &pr.model,
+                &pr.examples,
+                Some(&pr.cache),
+                &indices,
+                plan.micro_batch_limits(),
+                pr.layout.len(),
+                &p.mech,
+                &p.noise,
+                t,
+            )?;
+            let lr =
+                learning_rate(plan.linear_probe_learning_rate, t, 0, p.probe_steps, crate::config::LrSchedule::Linear);
+            pr.opt.step(&pr.params, &grad, lr)?;
+            pr.model.set_trainable(&pr.layout.split(&pr.params)?)?;
+            if t + 1 == p.probe_steps {
+                probe.take().expect("in the probe").install(p)?;
+            }
+            (rep, lr)
+        } else {
+            let (grad, rep) = private_gradient(
+                p.model.as_ref(),
+                &p.train.examples,
+                p.cache.as_ref(),
+                &indices,
+                plan.micro_batch_limits(),
+                p.layout.len(),
+                &p.mech,
+                &p.noise,
+                t,
+            )?;
+            let lora_t = t - p.probe_steps;
+            let lr =
+                learning_rate(plan.learning_rate, lora_t, plan.warmup_steps, steps - p.probe_steps, plan.lr_schedule);
+            p.opt.step(&p.params, &grad, lr)?;
+            p.model.set_trainable(&p.layout.split(&p.params)?)?;
+            (rep, lr)
+        };
         if !opts.non_private {
             p.ledger.record_step(q, sigma);
         }
@@ -539,6 +640,10 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
         bar.inc(1);
         p.metrics.push(m);
         let done = t + 1;
+        if done < p.probe_steps {
+            // Inside the probe: no checkpoint (a signal is acted on after its last step).
+            continue;
+        }
         let signalled = super::interrupt::requested();
         if (signalled || opts.stop_after == Some(done)) && done < limit {
             bar.abandon();
@@ -556,6 +661,10 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
         }
     }
     bar.finish();
+    if let Some(pr) = probe.take() {
+        // Stopped inside the probe (the stop rule): the head trained so far still goes in.
+        pr.install(p)?;
+    }
     // The final state (also what a crash while writing the outputs would resume from).
     save(p, p.metrics.len() as u64)?;
     if let Some(why) = &stopped_early {
@@ -629,6 +738,7 @@ fn release(
         expected_batch_size: plan.expected_batch_size,
         steps: p.metrics.len() as u64,
         planned_steps: p.steps,
+        linear_probe_steps: p.probe_steps.min(p.metrics.len() as u64),
         clip_norm: p.mech.clip,
         seeded: p.seeded,
         dataset_size: p.train.len(),
