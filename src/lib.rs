@@ -17,6 +17,7 @@ pub mod lora;
 pub mod model;
 pub mod privacy;
 pub mod profile;
+pub mod recipe;
 pub mod report;
 pub mod selftest;
 #[cfg(test)]

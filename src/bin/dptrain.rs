@@ -53,6 +53,43 @@ struct TrainArgs {
 enum Command {
     /// Train a DP LoRA adapter (same as `dptrain --config FILE`).
     Train(TrainArgs),
+    /// Write a documented run config from public quantities only (N, ε, δ, the model, the device,
+    /// the sequence length): the training recipe of docs/recipe.md, not tuned on your data.
+    Init {
+        /// Model folder (Hugging Face layout).
+        #[arg(long)]
+        model: PathBuf,
+        /// Training JSONL (only its records are counted).
+        #[arg(long)]
+        train: PathBuf,
+        /// Held-out JSONL (not read).
+        #[arg(long)]
+        test: PathBuf,
+        #[arg(long)]
+        target_epsilon: f64,
+        /// δ (default: the largest power of ten at or below min(1e-5, 0.1/N)).
+        #[arg(long)]
+        delta: Option<f64>,
+        /// Classification labels, comma-separated, stated publicly (default: read from the training
+        /// file at run time; the report then says so).
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// Inputs are truncated to this many tokens.
+        #[arg(long, default_value_t = 128)]
+        max_seq_len: usize,
+        /// cpu, cuda or cuda:N: the device the config will train on.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The run folder the config names.
+        #[arg(long, default_value = "runs/init")]
+        run_dir: PathBuf,
+        /// Where to write the config.
+        #[arg(long, default_value = "dptrain.toml")]
+        out: PathBuf,
+        /// Replace an existing config file.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// ε of DP-SGD for a sampling rate, noise multiplier, step count and δ.
     Epsilon {
         #[arg(long)]
@@ -595,6 +632,43 @@ fn real_main() -> Result<()> {
                 if s.tied_embeddings { "tied" } else { "untied" },
                 gguf.display(),
                 s.out_dir.display()
+            );
+            Ok(())
+        }
+        Some(Command::Init {
+            model,
+            train,
+            test,
+            target_epsilon,
+            delta,
+            labels,
+            max_seq_len,
+            device,
+            run_dir,
+            out,
+            overwrite,
+        }) => {
+            let inputs = dptrain::recipe::RecipeInputs {
+                model: model.clone(),
+                train: train.clone(),
+                test: test.clone(),
+                target_epsilon: *target_epsilon,
+                delta: *delta,
+                labels: labels.clone(),
+                max_seq_len: *max_seq_len,
+                device: DeviceSpec::parse(device).map_err(anyhow::Error::msg)?,
+                run_dir: run_dir.clone(),
+            };
+            let (r, _) = dptrain::recipe::init(&inputs, out, *overwrite)?;
+            println!(
+                "wrote {}: N = {}, L = {}, {} probe + {} LoRA epochs, δ = {:e}; train with: dptrain --config {}",
+                out.display(),
+                r.records,
+                r.expected_batch_size,
+                r.linear_probe_epochs,
+                r.epochs,
+                r.delta,
+                out.display()
             );
             Ok(())
         }
