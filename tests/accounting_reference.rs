@@ -100,3 +100,58 @@ fn rdp_calibration_matches_reference_sigma() {
         );
     }
 }
+
+/// Claim: private selection's RDP bound (Papernot & Steinke, Theorem 2, truncated negative
+/// binomial runs) equals Google's dp_accounting: the TNB parameter γ for a mean, the RDP vector and
+/// ε on the integer orders 2..63 (where both compute the subsampled Gaussian's RDP exactly), and on
+/// dptrain's default grid ε at or below dp_accounting's, whose fractional orders are looser
+/// (tests/reference/repeat_and_select.json, made by the script beside it).
+#[test]
+fn repeat_and_select_matches_dp_accounting() {
+    use dptrain::accounting::selection::tnb_gamma;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/repeat_and_select.json"))
+        .unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let orders: Vec<f64> = v["orders"].as_array().unwrap().iter().map(|o| o.as_f64().unwrap()).collect();
+    assert_eq!(orders, (2..64).map(|o| o as f64).collect::<Vec<_>>());
+    let acc = RdpAccountant { orders };
+    let default = RdpAccountant::default();
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 36);
+    let mut vectors = 0;
+    for c in cases {
+        let f = |k: &str| c[k].as_f64().unwrap();
+        let (mean, shape) = (f("mean"), f("shape"));
+        let gamma = tnb_gamma(shape, mean).unwrap();
+        assert!((gamma - f("gamma")).abs() <= 1e-9 * f("gamma"), "γ: {gamma} vs {}", f("gamma"));
+        let inner = DpEvent::dp_sgd(f("q"), f("sigma"), c["steps"].as_u64().unwrap());
+        let event = DpEvent::RepeatAndSelect { event: Box::new(inner.clone()), mean, shape };
+        let single = acc.epsilon(&inner, f("delta")).unwrap().epsilon;
+        assert!(
+            (single - f("epsilon_single_run")).abs() <= 1e-9 * single,
+            "single run ε {single} vs {}",
+            f("epsilon_single_run")
+        );
+        let got = acc.epsilon(&event, f("delta")).unwrap().epsilon;
+        assert!(
+            (got - f("epsilon")).abs() <= 1e-9 * f("epsilon"),
+            "mean {mean} η {shape}: ε {got} vs {}",
+            f("epsilon")
+        );
+        assert!(got > single, "selection costs more than one run");
+        let on_default = default.epsilon(&event, f("delta")).unwrap().epsilon;
+        let theirs = f("epsilon_default_grid");
+        assert!(
+            on_default <= theirs * (1.0 + 1e-12) && on_default >= theirs * 0.9,
+            "default grid: {on_default} vs {theirs}"
+        );
+        if let Some(want) = c["rdp"].as_array() {
+            for (g, w) in acc.rdp(&event).unwrap().iter().zip(want) {
+                let w = w.as_f64().unwrap();
+                assert!((g - w).abs() <= 1e-9 * w.abs().max(1e-12), "rdp {g} vs {w}");
+            }
+            vectors += 1;
+        }
+    }
+    assert_eq!(vectors, 4);
+}

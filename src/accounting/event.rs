@@ -16,6 +16,11 @@ pub enum DpEvent {
     SelfComposed { event: Box<DpEvent>, count: u64 },
     /// Sequential composition of several events.
     Composed { events: Vec<DpEvent> },
+    /// Private selection (Papernot & Steinke, ICLR 2022): `event` run K times, K drawn from a
+    /// truncated negative binomial distribution with this `mean` and `shape` η (0: logarithmic,
+    /// 1: geometric), and only the best run's output released. Accounted by RDP only
+    /// (`accounting::selection`).
+    RepeatAndSelect { event: Box<DpEvent>, mean: f64, shape: f64 },
 }
 
 impl DpEvent {
@@ -35,6 +40,8 @@ impl DpEvent {
             DpEvent::Gaussian { .. } | DpEvent::PoissonSampled { .. } => 1,
             DpEvent::SelfComposed { event, count } => event.step_count() * count,
             DpEvent::Composed { events } => events.iter().map(|e| e.step_count()).sum(),
+            // The steps of one run (the number of runs is random and not released).
+            DpEvent::RepeatAndSelect { event, .. } => event.step_count(),
         }
     }
 }
@@ -86,7 +93,7 @@ impl Ledger {
                 }
                 DpEvent::SelfComposed { event, .. } => check(event, q, sigma),
                 DpEvent::Composed { events } => events.iter().all(|e| check(e, q, sigma)),
-                DpEvent::Gaussian { .. } => false,
+                DpEvent::Gaussian { .. } | DpEvent::RepeatAndSelect { .. } => false,
             }
         }
         self.entries.iter().all(|e| check(e, q, sigma))

@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod event;
 pub mod pld;
 pub mod rdp;
+pub mod selection;
 
 pub use calibrate::{calibrate_noise_multiplier, calibrate_noise_multiplier_from};
 pub use event::DpEvent;

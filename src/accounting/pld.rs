@@ -394,6 +394,9 @@ impl PldAccountant {
                 let p = self.pld(event, dir, tail, planner)?;
                 self_compose(&p, *count, tail, g, planner)
             }
+            DpEvent::RepeatAndSelect { .. } => Err(AccountingError::Unsupported(
+                "private selection (repeat and select) has an RDP bound only: use the rdp accountant".into(),
+            )),
             DpEvent::Composed { events } => {
                 let mut acc = Pld::identity();
                 for e in events {

@@ -39,9 +39,31 @@ pub struct RdpEpsilon {
 }
 
 impl RdpAccountant {
-    /// RDP of `event` at every order of the grid.
+    /// RDP of `event` at every order of the grid. Private selection needs the whole grid (its
+    /// bound minimises over a second order), so events are accounted vector by vector.
     pub fn rdp(&self, event: &DpEvent) -> Result<Vec<f64>, AccountingError> {
-        self.orders.iter().map(|&a| rdp_at_order(event, a)).collect()
+        match event {
+            DpEvent::RepeatAndSelect { event, mean, shape } => {
+                let inner = self.rdp(event)?;
+                super::selection::repeat_and_select_rdp(&self.orders, &inner, *mean, *shape)
+            }
+            DpEvent::SelfComposed { event, count } => {
+                if *count == 0 {
+                    return Ok(vec![0.0; self.orders.len()]);
+                }
+                Ok(self.rdp(event)?.into_iter().map(|r| r * *count as f64).collect())
+            }
+            DpEvent::Composed { events } => {
+                let mut total = vec![0.0; self.orders.len()];
+                for e in events {
+                    for (t, r) in total.iter_mut().zip(self.rdp(e)?) {
+                        *t += r;
+                    }
+                }
+                Ok(total)
+            }
+            _ => self.orders.iter().map(|&a| rdp_at_order(event, a)).collect(),
+        }
     }
 
     /// ε at `delta` for `event`.
@@ -87,6 +109,9 @@ pub fn rdp_at_order(event: &DpEvent, alpha: f64) -> Result<f64, AccountingError>
             Ok(rdp_at_order(event, alpha)? * *count as f64)
         }
         DpEvent::Composed { events } => events.iter().map(|e| rdp_at_order(e, alpha)).sum::<Result<f64, _>>(),
+        DpEvent::RepeatAndSelect { .. } => Err(AccountingError::Unsupported(
+            "private selection is accounted over a whole order grid (RdpAccountant::rdp), not at one order".into(),
+        )),
     }
 }
 
