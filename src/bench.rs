@@ -340,7 +340,12 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
     let all: Vec<usize> = (0..opts.batch).collect();
     let layout = FlatParams::from_named(&model.trainable())?;
     let initial = layout.to_tensor(device)?;
-    let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.0, expected_batch_size: opts.batch };
+    let mech = Mechanism {
+        clip_kind: Default::default(),
+        clip: Some(1.0),
+        noise_multiplier: 1.0,
+        expected_batch_size: opts.batch,
+    };
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(3));
     let cx = StepCtx { examples: &examples, all: &all, layout: &layout, mech: &mech, noise: &noise, device };
     let mut variants = opts

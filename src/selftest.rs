@@ -299,7 +299,8 @@ pub fn run(device: &Device) -> Result<Vec<Check>> {
 
     // Seeded DP-SGD steps of a small BERT: the device against the CPU (on the CPU: the fused clip
     // against the concatenate-then-candle-ops clip, and pure noise against the noise twin).
-    let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
+    let mech =
+        Mechanism { clip_kind: Default::default(), clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
     let empty = |dev: &Device| -> Result<Vec<f64>> {
         let (model, layout, examples) = small_bert(dev, DType::F32)?;
         let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(5));
@@ -548,7 +549,8 @@ fn train_steps(device: &Device, base: DType, family: &str, how: ClipImpl) -> Res
         }
     };
     let params = layout.to_tensor(device)?;
-    let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
+    let mech =
+        Mechanism { clip_kind: Default::default(), clip: Some(0.5), noise_multiplier: 0.8, expected_batch_size: 12 };
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(5));
     let mut opt = FusedAdamW::new(0.01, 1e-8);
     let mut grads = Vec::new();

@@ -77,3 +77,39 @@ fn empty_micro_batch_sums_to_zero() {
     assert_eq!(sum.to_vec1::<f32>().unwrap(), vec![0.0; 9]);
     assert_eq!(stats.norms.len(), 0);
 }
+
+/// Claim: automatic clipping (the fused kernels the DP step runs) scales every example by
+/// C·(1 − 2⁻²⁰)/(‖g‖ + γ): the clipped sum equals the f64 twin, every scaled example's norm stays
+/// below C in f32 whatever its size (tiny ones are scaled up, never past C), and a gradient of
+/// norm ≫ γ lands just under C.
+#[test]
+fn automatic_clipping_scales_every_example_below_c_and_matches_its_f64_twin() {
+    use dptrain::kernels::{clip_factors_kind, clipped_sum, per_example_sq_norms};
+    use dptrain::privacy::{clip_and_sum_reference_kind, ClipKind};
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    let kind = ClipKind::Automatic { stability: 0.01 };
+    let c = 2.0;
+    for &(b, p) in &[(1usize, 7usize), (5, 33), (17, 1000), (64, 257)] {
+        let mut rows = random_rows(&mut rng, b, p);
+        rows[0].iter_mut().for_each(|v| *v *= 1e-4); // a tiny gradient, norm ≈ γ
+        let t = tensor(&rows);
+        let sq = per_example_sq_norms(std::slice::from_ref(&t)).unwrap();
+        let f = clip_factors_kind(&sq, Some(c), kind).unwrap();
+        let fast: Vec<f32> = clipped_sum(std::slice::from_ref(&t), &f).unwrap().to_vec1().unwrap();
+        let (slow, _) = clip_and_sum_reference_kind(&rows, c, kind);
+        for (a, s) in fast.iter().zip(&slow) {
+            assert!((*a as f64 - s).abs() <= 1e-5 + 1e-5 * s.abs(), "{a} vs {s}");
+        }
+        for (i, (row, &fi)) in rows.iter().zip(&f.to_vec1::<f32>().unwrap()).enumerate() {
+            let norm = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let scaled: Vec<f32> = row.iter().map(|v| v * fi).collect();
+            let scaled_norm = scaled.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(scaled_norm < c, "row {i}: scaled norm {scaled_norm} ≥ C");
+            let want = c * norm / (norm + 0.01);
+            assert!((scaled_norm - want).abs() <= 1e-5 * want, "row {i}: {scaled_norm} vs {want}");
+            if norm > 1.0 {
+                assert!(scaled_norm > 0.99 * c, "row {i}: a large gradient lands just under C");
+            }
+        }
+    }
+}

@@ -29,7 +29,8 @@ fn num_params(m: &dptrain::model::BertClassifier) -> usize {
 fn empty_poisson_batch_still_adds_noise() {
     let model = common::tiny_bert(5, &["query", "value"], 2);
     let p = num_params(&model);
-    let mech = Mechanism { clip: Some(1.0), noise_multiplier: 2.0, expected_batch_size: 8 };
+    let mech =
+        Mechanism { clip_kind: Default::default(), clip: Some(1.0), noise_multiplier: 2.0, expected_batch_size: 8 };
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
     let (g, rep) = private_gradient(&model, &examples(10), None, &[], 4, p, &mech, &noise, 0).unwrap();
     let g: Vec<f32> = g.to_vec1().unwrap();
@@ -49,7 +50,8 @@ fn gradient_is_divided_by_expected_not_realised_batch_size() {
     let idx = [0usize, 3, 5];
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
     let run = |l: usize, noise: &GaussianNoise| {
-        let mech = Mechanism { clip: Some(0.5), noise_multiplier: 0.0, expected_batch_size: l };
+        let mech =
+            Mechanism { clip_kind: Default::default(), clip: Some(0.5), noise_multiplier: 0.0, expected_batch_size: l };
         vec1(private_gradient(&model, &exs, None, &idx, 8, p, &mech, noise, 0).unwrap().0)
     };
     let g10 = run(10, &noise);
@@ -68,7 +70,8 @@ fn micro_batches_give_the_one_shot_result() {
     let p = num_params(&model);
     let exs = examples(11);
     let idx: Vec<usize> = (0..11).collect();
-    let mech = Mechanism { clip: Some(0.3), noise_multiplier: 0.0, expected_batch_size: 11 };
+    let mech =
+        Mechanism { clip_kind: Default::default(), clip: Some(0.3), noise_multiplier: 0.0, expected_batch_size: 11 };
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
     let one = vec1(private_gradient(&model, &exs, None, &idx, 64, p, &mech, &noise, 0).unwrap().0);
     let many = vec1(private_gradient(&model, &exs, None, &idx, 3, p, &mech, &noise, 0).unwrap().0);
@@ -85,7 +88,8 @@ fn seeded_step_reproduces_bit_for_bit() {
     let model = common::tiny_bert(8, &["query", "value"], 2);
     let p = num_params(&model);
     let exs = examples(9);
-    let mech = Mechanism { clip: Some(1.0), noise_multiplier: 1.1, expected_batch_size: 4 };
+    let mech =
+        Mechanism { clip_kind: Default::default(), clip: Some(1.0), noise_multiplier: 1.1, expected_batch_size: 4 };
     let step = |seed: u64| {
         let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(seed));
         vec1(private_gradient(&model, &exs, None, &[1, 2, 6], 2, p, &mech, &noise, 0).unwrap().0)
@@ -126,7 +130,8 @@ fn cached_frozen_prefix_gives_the_full_forward_gradient() {
     let cache = dptrain::train::eval::feature_cache(&model, &exs, 4).unwrap().expect("layer 0 is cacheable");
     let p = num_params(&model);
     let idx: Vec<usize> = (0..10).collect();
-    let mech = Mechanism { clip: Some(0.7), noise_multiplier: 0.0, expected_batch_size: 10 };
+    let mech =
+        Mechanism { clip_kind: Default::default(), clip: Some(0.7), noise_multiplier: 0.0, expected_batch_size: 10 };
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(1));
     let full = vec1(private_gradient(&model, &exs, None, &idx, 3, p, &mech, &noise, 0).unwrap().0);
     let cached = vec1(private_gradient(&model, &exs, Some(&cache), &idx, 3, p, &mech, &noise, 0).unwrap().0);
@@ -147,7 +152,7 @@ fn fused_clip_path_equals_candle_ops_path() {
     let idx: Vec<usize> = (0..13).filter(|i| i % 4 != 1).collect();
     let noise = GaussianNoise::new(ChaCha20Rng::seed_from_u64(4));
     for (clip, sigma) in [(Some(0.2), 0.0), (Some(0.2), 1.3), (None, 0.0)] {
-        let mech = Mechanism { clip, noise_multiplier: sigma, expected_batch_size: 10 };
+        let mech = Mechanism { clip_kind: Default::default(), clip, noise_multiplier: sigma, expected_batch_size: 10 };
         let run = |how| {
             let (g, rep) = private_gradient_with(&model, &exs, None, &idx, 4, p, &mech, &noise, 3, how).unwrap();
             (vec1(g), rep.clipped)

@@ -118,6 +118,7 @@ pub struct Plan {
     pub noise: NoiseSpec,
     pub delta: f64,
     pub clip_norm: f64,
+    pub clip_kind: crate::privacy::ClipKind,
     pub accountant: AccountantKind,
     pub tuned_on_private_data: bool,
     pub expected_batch_size: usize,
@@ -170,6 +171,28 @@ impl Plan {
         if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
             return Err(bad("privacy.clip-norm", format!("must be a positive number, got {}", p.clip_norm)));
         }
+        let clip_kind = match (p.clipping.as_deref().unwrap_or("flat"), p.automatic_clipping_stability) {
+            ("flat", None) => crate::privacy::ClipKind::Flat,
+            ("flat", Some(_)) => {
+                return Err(bad(
+                    "privacy.automatic-clipping-stability",
+                    "only applies to clipping = \"automatic\"".into(),
+                ))
+            }
+            ("automatic", g) => {
+                let stability = g.unwrap_or(0.01);
+                if !(stability > 0.0 && stability.is_finite()) {
+                    return Err(bad(
+                        "privacy.automatic-clipping-stability",
+                        format!("must be a positive number, got {stability}"),
+                    ));
+                }
+                crate::privacy::ClipKind::Automatic { stability }
+            }
+            (other, _) => {
+                return Err(bad("privacy.clipping", format!("unknown clipping `{other}` (supported: flat, automatic)")))
+            }
+        };
         let accountant = match p.accountant.as_deref() {
             None => AccountantKind::default(),
             Some(a) => AccountantKind::parse(a).map_err(|e| bad("privacy.accountant", e))?,
@@ -326,6 +349,7 @@ impl Plan {
             noise,
             delta: p.delta,
             clip_norm: p.clip_norm,
+            clip_kind,
             accountant,
             tuned_on_private_data: p.hyperparameters_tuned_on_private_data.ok_or_else(|| {
                 bad(
@@ -490,6 +514,21 @@ dir = "out"
         assert!(err(&BASE.replace("steps = 3", "steps = 3\nlinear-probe-epochs = -1")).contains("linear-probe-epochs"));
         let e = err(&BASE.replace("steps = 3", "steps = 3\nlinear-probe-learning-rate = 0.1"));
         assert!(e.contains("without training.linear-probe-epochs"), "{e}");
+    }
+
+    #[test]
+    fn clipping_kinds_parse_and_bad_ones_name_their_key() {
+        assert_eq!(plan(BASE).unwrap().clip_kind, crate::privacy::ClipKind::Flat);
+        let auto = BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nclipping = \"automatic\"");
+        assert_eq!(plan(&auto).unwrap().clip_kind, crate::privacy::ClipKind::Automatic { stability: 0.01 });
+        let g =
+            auto.replace("clipping = \"automatic\"", "clipping = \"automatic\"\nautomatic-clipping-stability = 0.1");
+        assert_eq!(plan(&g).unwrap().clip_kind, crate::privacy::ClipKind::Automatic { stability: 0.1 });
+        assert!(err(&g.replace("0.1", "0")).contains("privacy.automatic-clipping-stability"));
+        assert!(err(&BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nclipping = \"per-layer\""))
+            .contains("privacy.clipping"));
+        let flat_g = BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nautomatic-clipping-stability = 0.1");
+        assert!(err(&flat_g).contains("only applies"));
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub struct RawPrivacy {
     pub delta: f64,
     /// Per-example clipping norm C (flat L2 norm over all trainable tensors).
     pub clip_norm: f64,
+    /// "flat" (default: scale by min(1, C/‖g‖)) or "automatic" (Bu et al.: scale every example by
+    /// C/(‖g‖ + γ); no threshold to tune). Both bound every example's norm by C.
+    pub clipping: Option<String>,
+    /// γ of automatic clipping (default 0.01).
+    pub automatic_clipping_stability: Option<f64>,
     /// Accountant used for calibration, the stop rule and the certificate: "pld" (default) or
     /// "rdp". The other one is reported beside it.
     pub accountant: Option<String>,

@@ -151,15 +151,21 @@ pub fn per_example_sq_norms(parts: &[Tensor]) -> Result<Tensor> {
 
 struct ClipFactors {
     clip: Option<f64>,
+    kind: crate::privacy::ClipKind,
 }
 
 /// min(1, C·CLIP_MARGIN / (‖g‖ + 1e-6)); 0 for a non-finite norm (the example is dropped); 1 without clipping.
 pub fn clip_factor_from_sq(sq: f64, clip: Option<f64>) -> f32 {
+    clip_factor_from_sq_kind(sq, clip, crate::privacy::ClipKind::Flat)
+}
+
+/// The factor of `kind` (`ClipKind::factor`); 0 for a non-finite norm; 1 without clipping.
+pub fn clip_factor_from_sq_kind(sq: f64, clip: Option<f64>, kind: crate::privacy::ClipKind) -> f32 {
     let norm = sq.sqrt();
     if !norm.is_finite() {
         return 0.0;
     }
-    clip.map_or(1.0, |c| crate::privacy::clip_factor(norm, c)) as f32
+    clip.map_or(1.0, |c| kind.factor(norm, c)) as f32
 }
 
 impl candle_core::CustomOp1 for ClipFactors {
@@ -168,7 +174,7 @@ impl candle_core::CustomOp1 for ClipFactors {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
         let sq = cpu_f64(s, l, self.name())?;
-        let f: Vec<f32> = sq.iter().map(|&q| clip_factor_from_sq(q, self.clip)).collect();
+        let f: Vec<f32> = sq.iter().map(|&q| clip_factor_from_sq_kind(q, self.clip, self.kind)).collect();
         Ok((CpuStorage::F32(f), l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -177,6 +183,9 @@ impl candle_core::CustomOp1 for ClipFactors {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        if self.kind != crate::privacy::ClipKind::Flat {
+            candle_core::bail!("automatic clipping has no CUDA kernel yet: use privacy.clipping = \"flat\" on a GPU");
+        }
         let b = l.shape().elem_count();
         let dev = s.device().clone();
         let out = dev.alloc_zeros::<f32>(b)?;
@@ -192,6 +201,16 @@ impl candle_core::CustomOp1 for ClipFactors {
 
 /// Clip factors [b] f32 from squared norms [b] f64 (`clip = None`: 1 for every finite norm).
 pub fn clip_factors(sq: &Tensor, clip: Option<f64>) -> Result<Tensor> {
+    clip_factors_kind(sq, clip, crate::privacy::ClipKind::Flat)
+}
+
+/// The same with a chosen `ClipKind`.
+pub fn clip_factors_kind(sq: &Tensor, clip: Option<f64>, kind: crate::privacy::ClipKind) -> Result<Tensor> {
+    if let crate::privacy::ClipKind::Automatic { stability } = kind {
+        if !(stability > 0.0 && stability.is_finite()) {
+            candle_core::bail!("automatic clipping's stability γ must be positive and finite, got {stability}");
+        }
+    }
     if let Some(c) = clip {
         if !(c > 0.0 && c.is_finite()) {
             candle_core::bail!("clip norm must be positive and finite, got {c}");
@@ -200,7 +219,7 @@ pub fn clip_factors(sq: &Tensor, clip: Option<f64>) -> Result<Tensor> {
     if sq.dtype() != DType::F64 || sq.rank() != 1 {
         candle_core::bail!("clip factors: expected [b] f64 squared norms, got {:?} {:?}", sq.dims(), sq.dtype());
     }
-    sq.contiguous()?.apply_op1_no_bwd(&ClipFactors { clip })
+    sq.contiguous()?.apply_op1_no_bwd(&ClipFactors { clip, kind })
 }
 
 // ------------------------------------------------------------------------------------------------

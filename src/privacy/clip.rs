@@ -28,6 +28,30 @@ pub fn clip_factor(norm: f64, c: f64) -> f64 {
     (c * CLIP_MARGIN / (norm + 1e-6)).min(1.0)
 }
 
+/// How per-example gradients are bounded. Both give every scaled gradient a norm below C, so the
+/// sum's add/remove-one sensitivity is C either way.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ClipKind {
+    /// Scale by min(1, C' / (‖g‖ + 1e-6)): gradients under C pass unchanged.
+    #[default]
+    Flat,
+    /// Automatic clipping (Bu et al., NeurIPS 2023, "AUTO-S"): scale every example by
+    /// C' / (‖g‖ + γ), so its norm C'‖g‖/(‖g‖ + γ) is below C' for any ‖g‖ and there is no
+    /// threshold to tune (C only scales the update, which Adam normalises away); γ > 0 keeps small
+    /// gradients from being blown up to norm C.
+    Automatic { stability: f64 },
+}
+
+impl ClipKind {
+    /// The factor for one example's gradient norm with clip norm `c` (C' = c·CLIP_MARGIN).
+    pub fn factor(self, norm: f64, c: f64) -> f64 {
+        match self {
+            ClipKind::Flat => clip_factor(norm, c),
+            ClipKind::Automatic { stability } => c * CLIP_MARGIN / (norm + stability),
+        }
+    }
+}
+
 /// Clip each row of `per_example` [b, P] to norm `clip` (no clipping when `None`, for the
 /// non-private baseline) and sum the rows: returns ([P], stats).
 pub fn clip_and_sum(per_example: &Tensor, clip: Option<f64>) -> Result<(Tensor, ClipStats)> {
@@ -69,6 +93,11 @@ pub fn clip_and_sum(per_example: &Tensor, clip: Option<f64>) -> Result<(Tensor, 
 
 /// The obviously-correct twin: f64 loops over plain vectors.
 pub fn clip_and_sum_reference(per_example: &[Vec<f32>], clip: f64) -> (Vec<f64>, usize) {
+    clip_and_sum_reference_kind(per_example, clip, ClipKind::Flat)
+}
+
+/// The same for any `ClipKind`.
+pub fn clip_and_sum_reference_kind(per_example: &[Vec<f32>], clip: f64, kind: ClipKind) -> (Vec<f64>, usize) {
     let p = per_example.first().map_or(0, |r| r.len());
     let mut sum = vec![0f64; p];
     let mut nonfinite = 0;
@@ -78,7 +107,7 @@ pub fn clip_and_sum_reference(per_example: &[Vec<f32>], clip: f64) -> (Vec<f64>,
             continue;
         }
         let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
-        let f = clip_factor(norm, clip);
+        let f = kind.factor(norm, clip);
         for (s, &v) in sum.iter_mut().zip(row) {
             *s += f * v as f64;
         }

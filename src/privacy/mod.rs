@@ -9,7 +9,7 @@ pub mod noise;
 pub mod per_example;
 pub mod streams;
 
-pub use clip::{clip_and_sum, clip_and_sum_reference, clip_factor, ClipStats};
+pub use clip::{clip_and_sum, clip_and_sum_reference, clip_and_sum_reference_kind, clip_factor, ClipKind, ClipStats};
 pub use commitment::CommitmentKey;
 pub use noise::GaussianNoise;
 pub use per_example::{per_example_grad_parts, per_example_grads};

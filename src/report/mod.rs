@@ -317,6 +317,16 @@ pub const COMMITMENT: &str =
     "HMAC-SHA256 of the file's bytes under a fresh 256-bit key kept in the run's private part (private/run.json)";
 pub const CLIPPING: &str = "flat (total L2 norm over all trainable tensors), to C·(1 − 2⁻²⁰) so that the f32 rounding of the clip factor and of the scaled values keeps every clipped norm ≤ C";
 
+/// The clipping statement of the report for the run's kind.
+pub fn clipping_statement(kind: crate::privacy::ClipKind) -> String {
+    match kind {
+        crate::privacy::ClipKind::Flat => CLIPPING.to_string(),
+        crate::privacy::ClipKind::Automatic { stability } => format!(
+            "automatic (Bu et al. 2023): every example's gradient (total L2 norm over all trainable tensors) scaled by C·(1 − 2⁻²⁰)/(‖g‖ + {stability}), so every scaled norm is below C whatever ‖g‖"
+        ),
+    }
+}
+
 /// The certificate: the facts an auditor needs, stored in the adapter file itself.
 pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
     let eps_json = |e: &Option<Epsilon>| e.as_ref().map(Epsilon::to_json).unwrap_or(serde_json::Value::Null);
@@ -341,7 +351,7 @@ pub fn certificate(plan: &Plan, s: &RunSummary) -> serde_json::Value {
         "expected_batch_size": s.expected_batch_size,
         "steps": s.steps,
         "clip_norm": s.clip_norm,
-        "clipping": CLIPPING,
+        "clipping": clipping_statement(plan.clip_kind),
         "gradient_dtype": gradient_dtype_statement(plan.base_dtype()),
         "neighbouring_relation": NEIGHBOURING,
         "sampler": SAMPLER,
@@ -485,7 +495,7 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "epochs": s.steps as f64 * s.sample_rate,
         "sampler": SAMPLER,
         "noise_generator": NOISE_GENERATOR,
-        "clipping": CLIPPING,
+        "clipping": clipping_statement(plan.clip_kind),
         "base_model": { "path": plan.model_dir.display().to_string(), "sha256": s.model_hash },
         "task": s.task,
         "target_modules": s.target_modules,

@@ -206,9 +206,14 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         }
     };
     let mech = if opts.non_private {
-        Mechanism { clip: None, noise_multiplier: 0.0, expected_batch_size: l }
+        Mechanism { clip: None, clip_kind: plan.clip_kind, noise_multiplier: 0.0, expected_batch_size: l }
     } else {
-        Mechanism { clip: Some(plan.clip_norm), noise_multiplier: sigma, expected_batch_size: l }
+        Mechanism {
+            clip: Some(plan.clip_norm),
+            clip_kind: plan.clip_kind,
+            noise_multiplier: sigma,
+            expected_batch_size: l,
+        }
     };
 
     let mut streams = RandomStreams::new(plan.seed);

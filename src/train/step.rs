@@ -2,7 +2,7 @@
 //! micro-batches → per-example gradients → clip → sum → noise once → ÷ expected batch size.
 
 use crate::data::{make_micro_batches, Batch, Example, FeatureCache, MicroBatchLimits};
-use crate::kernels::{clip_factors, clipped_sum, per_example_sq_norms};
+use crate::kernels::{clip_factors_kind, clipped_sum, per_example_sq_norms};
 use crate::lora::Tape;
 use crate::model::DpModel;
 use crate::privacy::{per_example_grad_parts, GaussianNoise};
@@ -14,6 +14,8 @@ use candle_core::{DType, Result, Tensor};
 #[derive(Debug, Clone, Copy)]
 pub struct Mechanism {
     pub clip: Option<f64>,
+    /// How examples are scaled to norm ≤ C (flat or automatic clipping).
+    pub clip_kind: crate::privacy::ClipKind,
     pub noise_multiplier: f64,
     /// L: the public constant the noisy sum is divided by.
     pub expected_batch_size: usize,
@@ -62,6 +64,17 @@ pub fn clipped_sum_micro_batch(
     clip: Option<f64>,
     how: ClipImpl,
 ) -> Result<MicroBatchSum> {
+    clipped_sum_micro_batch_kind(model, batch, clip, crate::privacy::ClipKind::Flat, how)
+}
+
+/// The same with a chosen `ClipKind` (the candle-ops twin implements flat clipping only).
+pub fn clipped_sum_micro_batch_kind(
+    model: &dyn DpModel,
+    batch: &Batch,
+    clip: Option<f64>,
+    kind: crate::privacy::ClipKind,
+    how: ClipImpl,
+) -> Result<MicroBatchSum> {
     let dev = model.device();
     profile::mark(dev, "data")?;
     let mut tape = Tape::default();
@@ -77,11 +90,14 @@ pub fn clipped_sum_micro_batch(
             let parts = per_example_grad_parts(model, &tape)?;
             let sq = per_example_sq_norms(&parts)?;
             profile::mark(dev, "per-example")?;
-            let sum = clipped_sum(&parts, &clip_factors(&sq, clip)?)?;
+            let sum = clipped_sum(&parts, &clip_factors_kind(&sq, clip, kind)?)?;
             profile::mark(dev, "clip")?;
             (sum, sq)
         }
         ClipImpl::CandleOps => {
+            if kind != crate::privacy::ClipKind::Flat {
+                candle_core::bail!("the candle-ops clip twin implements flat clipping only");
+            }
             let per_example = crate::privacy::per_example_grads(model, &tape)?;
             profile::mark(dev, "per-example")?;
             let (sum, stats) = crate::privacy::clip_and_sum(&per_example, clip)?;
@@ -146,7 +162,7 @@ pub fn private_gradient_with(
     let mut sq_norms = Vec::new();
     for mb in make_micro_batches(examples, indices, max_physical_batch) {
         let batch = Batch::gather(examples, &mb, cache, model.device())?;
-        let m = clipped_sum_micro_batch(model, &batch, mech.clip, how)?;
+        let m = clipped_sum_micro_batch_kind(model, &batch, mech.clip, mech.clip_kind, how)?;
         sum64 = (sum64 + m.sum.to_dtype(DType::F64)?)?;
         losses.push(m.loss_sum);
         sq_norms.push(m.sq_norms);
@@ -173,7 +189,7 @@ pub fn private_gradient_with(
     }
     for sq in &sq_norms {
         for &q in &sq.to_vec1::<f64>()? {
-            match crate::kernels::clip_factor_from_sq(q, mech.clip) {
+            match crate::kernels::clip_factor_from_sq_kind(q, mech.clip, mech.clip_kind) {
                 0.0 => report.nonfinite += 1,
                 f if f < 1.0 => report.clipped += 1,
                 _ => {}
