@@ -166,3 +166,71 @@ fn fused_clip_path_equals_candle_ops_path() {
         }
     }
 }
+
+/// Claim: per-layer clipping clips each adapted layer's (A, B) gradient and the head's (W, b)
+/// separately to C/√G: the step's clipped sum equals an f64 twin built from the per-example
+/// gradients group by group, and every single example's clipped gradient has norm ≤ C overall
+/// (with some groups clipped while others pass unchanged).
+#[test]
+fn per_layer_clipping_clips_each_group_to_c_over_root_g_and_the_whole_to_c() {
+    use dptrain::data::Batch;
+    use dptrain::lora::Tape;
+    use dptrain::model::DpModel;
+    use dptrain::privacy::clip::CLIP_MARGIN as MARGIN;
+    use dptrain::privacy::{per_example_grad_parts, ClipKind};
+    use dptrain::train::step::clipped_sum_micro_batch_kind;
+    let model = common::tiny_bert(9, &["query", "value"], 3);
+    let exs = examples(7);
+    let refs: Vec<&Example> = exs.iter().collect();
+    let batch = Batch::from_examples(&refs, &candle_core::Device::Cpu).unwrap();
+    let c = 0.5;
+    // The twin: per-example parts (checked against one-at-a-time passes elsewhere), grouped in pairs.
+    let mut tape = Tape::default();
+    model.example_losses(&batch, Some(&mut tape)).unwrap().sum_all().unwrap().backward().unwrap();
+    let parts: Vec<Vec<Vec<f32>>> =
+        per_example_grad_parts(&model, &tape).unwrap().iter().map(|p| p.to_vec2().unwrap()).collect();
+    let g = parts.len() / 2;
+    assert_eq!(g, 2 * 2 + 1, "q and v in two layers, and the head");
+    let cg = c * MARGIN / (g as f64).sqrt();
+    let p: usize = parts.iter().map(|t| t[0].len()).sum();
+    let mut want = vec![0f64; p];
+    let (mut clipped_groups, mut passed_groups) = (0, 0);
+    for i in 0..exs.len() {
+        let mut offset = 0;
+        for pair in parts.chunks(2) {
+            let norm = pair.iter().flat_map(|t| &t[i]).map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+            let f = (cg / (norm + 1e-6)).min(1.0);
+            if f < 1.0 {
+                clipped_groups += 1
+            } else {
+                passed_groups += 1
+            }
+            for t in pair {
+                for (j, &v) in t[i].iter().enumerate() {
+                    want[offset + j] += f * v as f64;
+                }
+                offset += t[i].len();
+            }
+        }
+    }
+    assert!(clipped_groups > 0 && passed_groups > 0, "{clipped_groups} clipped, {passed_groups} passed");
+    let got: Vec<f32> = clipped_sum_micro_batch_kind(&model, &batch, Some(c), ClipKind::PerLayer, ClipImpl::Fused)
+        .unwrap()
+        .sum
+        .to_vec1()
+        .unwrap();
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (a, w) in got.iter().zip(&want) {
+        assert!((*a as f64 - w).abs() <= 1e-5 * scale, "{a} vs {w}");
+    }
+    for e in &exs {
+        let one = Batch::from_examples(&[e], &candle_core::Device::Cpu).unwrap();
+        let s: Vec<f32> = clipped_sum_micro_batch_kind(&model, &one, Some(c), ClipKind::PerLayer, ClipImpl::Fused)
+            .unwrap()
+            .sum
+            .to_vec1()
+            .unwrap();
+        let norm = s.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm <= c, "an example's clipped gradient has norm {norm} > C");
+    }
+}

@@ -179,6 +179,13 @@ impl Plan {
                     "only applies to clipping = \"automatic\"".into(),
                 ))
             }
+            ("per-layer", None) => crate::privacy::ClipKind::PerLayer,
+            ("per-layer", Some(_)) => {
+                return Err(bad(
+                    "privacy.automatic-clipping-stability",
+                    "only applies to clipping = \"automatic\"".into(),
+                ))
+            }
             ("automatic", g) => {
                 let stability = g.unwrap_or(0.01);
                 if !(stability > 0.0 && stability.is_finite()) {
@@ -190,7 +197,10 @@ impl Plan {
                 crate::privacy::ClipKind::Automatic { stability }
             }
             (other, _) => {
-                return Err(bad("privacy.clipping", format!("unknown clipping `{other}` (supported: flat, automatic)")))
+                return Err(bad(
+                    "privacy.clipping",
+                    format!("unknown clipping `{other}` (supported: flat, automatic, per-layer)"),
+                ))
             }
         };
         let accountant = match p.accountant.as_deref() {
@@ -525,8 +535,11 @@ dir = "out"
             auto.replace("clipping = \"automatic\"", "clipping = \"automatic\"\nautomatic-clipping-stability = 0.1");
         assert_eq!(plan(&g).unwrap().clip_kind, crate::privacy::ClipKind::Automatic { stability: 0.1 });
         assert!(err(&g.replace("0.1", "0")).contains("privacy.automatic-clipping-stability"));
-        assert!(err(&BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nclipping = \"per-layer\""))
-            .contains("privacy.clipping"));
+        let per_layer = BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nclipping = \"per-layer\"");
+        assert_eq!(plan(&per_layer).unwrap().clip_kind, crate::privacy::ClipKind::PerLayer);
+        assert!(
+            err(&BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nclipping = \"ghost\"")).contains("privacy.clipping")
+        );
         let flat_g = BASE.replace("clip-norm = 1.0", "clip-norm = 1.0\nautomatic-clipping-stability = 0.1");
         assert!(err(&flat_g).contains("only applies"));
     }

@@ -40,6 +40,10 @@ pub enum ClipKind {
     /// threshold to tune (C only scales the update, which Adam normalises away); γ > 0 keeps small
     /// gradients from being blown up to norm C.
     Automatic { stability: f64 },
+    /// Per-layer clipping: each adapted layer's (A, B) and the head's (W, b) gradient is clipped
+    /// flat to C/√G (G groups), so the whole gradient's norm is ≤ C. Implemented in the DP step
+    /// (`train::step`), over groups of the per-example parts.
+    PerLayer,
 }
 
 impl ClipKind {
@@ -48,6 +52,8 @@ impl ClipKind {
         match self {
             ClipKind::Flat => clip_factor(norm, c),
             ClipKind::Automatic { stability } => c * CLIP_MARGIN / (norm + stability),
+            // The per-group factors are computed by the step; on a whole gradient, flat.
+            ClipKind::PerLayer => clip_factor(norm, c),
         }
     }
 }

@@ -324,6 +324,7 @@ pub fn clipping_statement(kind: crate::privacy::ClipKind) -> String {
         crate::privacy::ClipKind::Automatic { stability } => format!(
             "automatic (Bu et al. 2023): every example's gradient (total L2 norm over all trainable tensors) scaled by C·(1 − 2⁻²⁰)/(‖g‖ + {stability}), so every scaled norm is below C whatever ‖g‖"
         ),
+        crate::privacy::ClipKind::PerLayer => "per layer: each adapted layer's LoRA A and B together, and the head, clipped flat to C·(1 − 2⁻²⁰)/√G (G groups), so every example's whole gradient has norm ≤ C".to_string(),
     }
 }
 

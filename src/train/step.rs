@@ -50,8 +50,9 @@ pub struct MicroBatchSum {
     pub sum: Tensor,
     /// Σ of the per-example losses: a scalar f32 tensor.
     pub loss_sum: Tensor,
-    /// Squared per-example gradient norms [b] f64 (for the clip statistics).
-    pub sq_norms: Tensor,
+    /// The smallest clip factor applied to each example [b] f32 (0: dropped as non-finite; < 1:
+    /// clipped), for the statistics.
+    pub factors: Tensor,
     pub size: usize,
     pub tokens: usize,
 }
@@ -85,14 +86,38 @@ pub fn clipped_sum_micro_batch_kind(
     // The backward fills the tape's gradient slots (the GradStore itself is not needed).
     loss_sum.backward()?;
     profile::mark(dev, "backward")?;
-    let (sum, sq_norms) = match how {
+    let (sum, factors) = match how {
+        ClipImpl::Fused if kind == crate::privacy::ClipKind::PerLayer => {
+            let parts = per_example_grad_parts(model, &tape)?;
+            // One group per adapted layer (its A and B) and one for the head (W and b): parts come
+            // in pairs. Each group is clipped to C/√G, so an example's whole gradient has norm
+            // ≤ √(G · C²/G) = C. An example non-finite in any group is dropped from every group.
+            let groups: Vec<&[Tensor]> = parts.chunks(2).collect();
+            let g = groups.len() as f64;
+            let sq: Vec<Tensor> = groups.iter().map(|p| per_example_sq_norms(p)).collect::<Result<_>>()?;
+            let total = sq.iter().skip(1).try_fold(sq[0].clone(), |acc, s| acc + s)?;
+            let finite = clip_factors_kind(&total, None, crate::privacy::ClipKind::Flat)?;
+            profile::mark(dev, "per-example")?;
+            let per_group: Vec<Tensor> = sq
+                .iter()
+                .map(|s| clip_factors_kind(s, clip.map(|c| c / g.sqrt()), crate::privacy::ClipKind::Flat)?.mul(&finite))
+                .collect::<Result<_>>()?;
+            let mut sums = Vec::with_capacity(groups.len());
+            for (p, f) in groups.iter().zip(&per_group) {
+                sums.push(clipped_sum(p, f)?);
+            }
+            let smallest = per_group.iter().skip(1).try_fold(per_group[0].clone(), |acc, f| acc.minimum(f))?;
+            profile::mark(dev, "clip")?;
+            (Tensor::cat(&sums, 0)?, smallest)
+        }
         ClipImpl::Fused => {
             let parts = per_example_grad_parts(model, &tape)?;
             let sq = per_example_sq_norms(&parts)?;
             profile::mark(dev, "per-example")?;
-            let sum = clipped_sum(&parts, &clip_factors_kind(&sq, clip, kind)?)?;
+            let factors = clip_factors_kind(&sq, clip, kind)?;
+            let sum = clipped_sum(&parts, &factors)?;
             profile::mark(dev, "clip")?;
-            (sum, sq)
+            (sum, factors)
         }
         ClipImpl::CandleOps => {
             if kind != crate::privacy::ClipKind::Flat {
@@ -102,11 +127,15 @@ pub fn clipped_sum_micro_batch_kind(
             profile::mark(dev, "per-example")?;
             let (sum, stats) = crate::privacy::clip_and_sum(&per_example, clip)?;
             profile::mark(dev, "clip")?;
-            let sq: Vec<f64> = stats.norms.iter().map(|&n| (n as f64) * (n as f64)).collect();
-            (sum, Tensor::from_vec(sq, batch.size, &candle_core::Device::Cpu)?)
+            let f: Vec<f32> = stats
+                .norms
+                .iter()
+                .map(|&n| crate::kernels::clip_factor_from_sq((n as f64) * (n as f64), clip))
+                .collect();
+            (sum, Tensor::from_vec(f, batch.size, &candle_core::Device::Cpu)?)
         }
     };
-    Ok(MicroBatchSum { sum, loss_sum: loss_sum.detach(), sq_norms, size: batch.size, tokens: batch.tokens })
+    Ok(MicroBatchSum { sum, loss_sum: loss_sum.detach(), factors, size: batch.size, tokens: batch.tokens })
 }
 
 /// The privatised gradient of one logical batch (`indices` into `examples`), as a flat [P]
@@ -159,13 +188,13 @@ pub fn private_gradient_with(
     // in f64 and rounded to f32 once) and is rounded to f32 once, before the noise.
     let mut sum64 = Tensor::zeros(num_params, DType::F64, model.device())?;
     let mut losses = Vec::new();
-    let mut sq_norms = Vec::new();
+    let mut factors = Vec::new();
     for mb in make_micro_batches(examples, indices, max_physical_batch) {
         let batch = Batch::gather(examples, &mb, cache, model.device())?;
         let m = clipped_sum_micro_batch_kind(model, &batch, mech.clip, mech.clip_kind, how)?;
         sum64 = (sum64 + m.sum.to_dtype(DType::F64)?)?;
         losses.push(m.loss_sum);
-        sq_norms.push(m.sq_norms);
+        factors.push(m.factors);
         report.batch_size += m.size;
         report.tokens += m.tokens;
         report.micro_batches += 1;
@@ -187,9 +216,9 @@ pub fn private_gradient_with(
     for l in &losses {
         report.loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
-    for sq in &sq_norms {
-        for &q in &sq.to_vec1::<f64>()? {
-            match crate::kernels::clip_factor_from_sq_kind(q, mech.clip, mech.clip_kind) {
+    for f in &factors {
+        for &f in &f.to_vec1::<f32>()? {
+            match f {
                 0.0 => report.nonfinite += 1,
                 f if f < 1.0 => report.clipped += 1,
                 _ => {}
