@@ -7,23 +7,10 @@ mod common;
 
 use std::path::PathBuf;
 
-struct Fixture {
-    dir: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn init_writes_the_recipe_which_trains_as_written_and_never_overwrites_silently() {
-    let dir = std::env::temp_dir().join(format!("dptrain-init-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let f = Fixture { dir: dir.clone() };
-    common::write_tiny_model_dir(&dir.join("model"), 4);
-    common::write_tiny_classification_data(&dir);
+    let f = common::TinyRunDir::new("init", "recipe");
+    let dir = f.dir.clone();
     let cfg = dir.join("run.toml");
     let s = |p: PathBuf| p.display().to_string();
     let args = [

@@ -17,7 +17,7 @@ use dptrain::privacy::per_example_grad_parts;
 use dptrain::train::eval::feature_cache;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn examples() -> Vec<Example> {
     let lens = [5usize, 3, 11, 8, 6, 2, 9];
@@ -110,43 +110,9 @@ fn the_probe_on_pooled_features_computes_the_full_models_losses_and_per_example_
     }
 }
 
-struct Fixture {
-    dir: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("dptrain-probe-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        common::write_tiny_model_dir(&dir.join("model"), 4);
-        common::write_tiny_classification_data(&dir);
-        Fixture { dir }
-    }
-
-    /// A seeded DP run of 1 probe epoch (48 records, L = 8: 6 steps) then 5 LoRA steps.
-    fn config(&self, out: &str) -> String {
-        let d = self.dir.display();
-        let text = format!(
-            "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ntarget-epsilon = 6.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
-             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 5\nlearning-rate = 0.05\nseed = 7\n\
-             linear-probe-epochs = 1.0\nlinear-probe-learning-rate = 0.1\ncheckpoint-every = 0\n\n[output]\ndir = \"{d}/{out}\"\n"
-        );
-        let path = self.dir.join(format!("{out}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-
-    fn out(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// A seeded DP run of 1 probe epoch (48 records, L = 8: 6 steps) then 5 LoRA steps.
+const PROBE_RUN: &str = "expected-batch-size = 8\nmax-physical-batch = 3\nsteps = 5\nlearning-rate = 0.05\nseed = 7\n\
+                         linear-probe-epochs = 1.0\nlinear-probe-learning-rate = 0.1\ncheckpoint-every = 0";
 
 fn report(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("release/privacy_report.json")).unwrap()).unwrap()
@@ -154,8 +120,8 @@ fn report(dir: &Path) -> serde_json::Value {
 
 #[test]
 fn a_probe_run_trains_the_head_alone_first_accounts_every_step_and_resumes_to_the_same_adapter() {
-    let f = Fixture::new("run");
-    let cfg = f.config("parts");
+    let f = common::TinyRunDir::new("probe", "run");
+    let cfg = f.config("parts", 6.0, PROBE_RUN);
     // A stop inside the probe is refused before anything runs (the probe writes no checkpoints).
     let (ok, log) = common::dptrain(&["--config", &cfg, "--stop-after-step", "3"]);
     assert!(!ok && log.contains("inside the linear probe") && log.contains("steps 1..6"), "{log}");

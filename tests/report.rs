@@ -10,44 +10,10 @@ use dptrain::accounting::event::{DpEvent, Ledger};
 use dptrain::model::{EvalResult, ExampleScore};
 use dptrain::train::eval::{per_group, NO_GROUP};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-struct Fixture {
-    dir: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("dptrain-report-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        common::write_tiny_model_dir(&dir.join("model"), 4);
-        common::write_tiny_classification_data(&dir);
-        Fixture { dir }
-    }
-
-    fn config(&self, out: &str) -> String {
-        let d = self.dir.display();
-        let text = format!(
-            "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ntarget-epsilon = 5.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
-             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 6\nlearning-rate = 0.05\nseed = 7\n\n\
-             [output]\ndir = \"{d}/{out}\"\n"
-        );
-        let path = self.dir.join(format!("{out}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.join(p)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// A seeded 6-step DP run of the tiny model.
+const REPORT_RUN: &str = "expected-batch-size = 8\nmax-physical-batch = 3\nsteps = 6\nlearning-rate = 0.05\nseed = 7";
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -71,10 +37,10 @@ fn certificate(run: &Path) -> serde_json::Value {
 
 #[test]
 fn markdown_report_states_exactly_the_numbers_of_the_certificate_and_the_ledger() {
-    let f = Fixture::new("numbers");
-    let (ok, log) = dptrain(&["--config", &f.config("run")]);
+    let f = common::TinyRunDir::new("report", "numbers");
+    let (ok, log) = dptrain(&["--config", &f.config("run", 5.0, REPORT_RUN)]);
     assert!(ok, "{log}");
-    let run = f.path("run");
+    let run = f.out("run");
     let cert = certificate(&run);
     let md = std::fs::read_to_string(run.join("release/privacy_report.md")).unwrap();
     let rows = md_rows(&md);
@@ -137,8 +103,8 @@ fn markdown_report_states_exactly_the_numbers_of_the_certificate_and_the_ledger(
 }
 
 /// Rewrites the held-out file with groups: "big" (7), "small & <odd>" (3), two without a group.
-fn add_groups(f: &Fixture) -> Vec<(String, Vec<String>)> {
-    let path = f.path("test.jsonl");
+fn add_groups(f: &common::TinyRunDir) -> Vec<(String, Vec<String>)> {
+    let path = f.out("test.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
     let mut by: Vec<(String, Vec<String>)> =
         vec![("big".into(), vec![]), ("small & <odd>".into(), vec![]), (NO_GROUP.into(), vec![])];
@@ -162,16 +128,16 @@ fn add_groups(f: &Fixture) -> Vec<(String, Vec<String>)> {
 
 #[test]
 fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_reference() {
-    let f = Fixture::new("groups");
+    let f = common::TinyRunDir::new("report", "groups");
     let groups = add_groups(&f);
-    let cfg = f.config("run");
-    let reference = f.path("ref").display().to_string();
+    let cfg = f.config("run", 5.0, REPORT_RUN);
+    let reference = f.out("ref").display().to_string();
     let (ok, log) = dptrain(&["--config", &cfg, "--non-private", "--out", &reference]);
     assert!(ok, "{log}");
     let (ok, log) = dptrain(&["--config", &cfg, "--reference", &reference]);
     assert!(ok, "{log}");
     assert!(log.contains("non-private reference (NO privacy"), "{log}");
-    let run = f.path("run");
+    let run = f.out("run");
     let report = json(&run.join("release/privacy_report.json"));
     let reported = report["metrics"]["test_groups"].as_array().unwrap().clone();
     let mut names: Vec<&str> = groups.iter().map(|g| g.0.as_str()).collect();
@@ -180,12 +146,12 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
     // Each group evaluated alone with `dptrain eval` gives the reported number.
     let mut weighted = 0.0;
     for (name, lines) in &groups {
-        let file = f.path("one-group.jsonl");
+        let file = f.out("one-group.jsonl");
         std::fs::write(&file, lines.join("\n") + "\n").unwrap();
         let (ok, log) = dptrain(&[
             "eval",
             "--model",
-            &f.path("model").display().to_string(),
+            &f.out("model").display().to_string(),
             "--adapter",
             &run.display().to_string(),
             "--data",
@@ -205,7 +171,7 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
     assert!((weighted / 12.0 - overall).abs() < 1e-12, "{weighted} / 12 vs {overall}");
     // The reference's numbers are its own report's, group by group, in the private part only
     // (a non-private model of the same data is not covered by ε).
-    let theirs = json(&f.path("ref/release/privacy_report.json"));
+    let theirs = json(&f.out("ref/release/privacy_report.json"));
     assert_eq!(theirs["private"], false);
     let private = json(&run.join("private/run.json"));
     assert_eq!(private["non_private_reference"]["test_metric"], theirs["metrics"]["test"]);
@@ -215,9 +181,9 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
     assert!(!md.contains("non-private reference"), "{md}");
     // User text in a table cell is escaped, never HTML.
     assert!(md.contains("| small &amp; &lt;odd&gt; | 3 | accuracy "), "{md}");
-    let ref_md = std::fs::read_to_string(f.path("ref/release/privacy_report.md")).unwrap();
+    let ref_md = std::fs::read_to_string(f.out("ref/release/privacy_report.md")).unwrap();
     assert!(ref_md.contains("**NO PRIVACY GUARANTEE.**"), "{ref_md}");
-    assert!(!f.path("ref/release/plots/epsilon.svg").exists(), "a non-private run has no ε to plot");
+    assert!(!f.out("ref/release/plots/epsilon.svg").exists(), "a non-private run has no ε to plot");
     // The group plot: one bar per group and series, the names as text (escaped, valid XML); the
     // reference's bars only in the private copy.
     for (part, with_reference) in [("release", false), ("private", true)] {
@@ -236,18 +202,18 @@ fn per_group_metrics_equal_each_group_evaluated_alone_beside_the_labelled_refere
         "--config",
         &cfg,
         "--out",
-        &f.path("run2").display().to_string(),
+        &f.out("run2").display().to_string(),
         "--reference",
         &run.display().to_string(),
     ]);
     assert!(!ok && log.contains("is not a non-private run"), "{log}");
-    let test = f.path("test.jsonl");
+    let test = f.out("test.jsonl");
     let text = std::fs::read_to_string(&test).unwrap();
     std::fs::write(&test, text.replacen("big", "large", 1)).unwrap();
     let (ok, log) =
-        dptrain(&["--config", &cfg, "--out", &f.path("run3").display().to_string(), "--reference", &reference]);
+        dptrain(&["--config", &cfg, "--out", &f.out("run3").display().to_string(), "--reference", &reference]);
     assert!(!ok && log.contains("held-out data differs"), "{log}");
-    assert!(!f.path("run3/release/adapter_model.safetensors").exists());
+    assert!(!f.out("run3/release/adapter_model.safetensors").exists());
 }
 
 /// The points of each `<polyline>` with this stroke colour and more than two points.
@@ -270,10 +236,10 @@ fn polylines(doc: &roxmltree::Document, stroke: &str) -> Vec<Vec<(f64, f64)>> {
 
 #[test]
 fn svg_plots_are_valid_xml_with_one_line_per_series_and_a_point_per_value() {
-    let f = Fixture::new("svg");
-    let (ok, log) = dptrain(&["--config", &f.config("run")]);
+    let f = common::TinyRunDir::new("report", "svg");
+    let (ok, log) = dptrain(&["--config", &f.config("run", 5.0, REPORT_RUN)]);
     assert!(ok, "{log}");
-    let run = f.path("run");
+    let run = f.out("run");
     let report = json(&run.join("release/privacy_report.json"));
     let curve = report["epsilon_curve"].as_array().unwrap();
     let steps = report["steps"].as_u64().unwrap() as usize;

@@ -176,3 +176,44 @@ pub fn replace_in(path: impl AsRef<std::path::Path>, from: &str, to: &str) {
     assert!(text.contains(from), "`{from}` not in {}", p.display());
     std::fs::write(p, text.replace(from, to)).unwrap();
 }
+
+/// A temporary folder holding the tiny model (`model/`) and the tiny classification data
+/// (`train.jsonl`, `test.jsonl`), removed when dropped: the fixture of the CLI-level tests.
+pub struct TinyRunDir {
+    pub dir: std::path::PathBuf,
+}
+
+impl TinyRunDir {
+    /// `dptrain-<suite>-<name>-<pid>` under the temporary folder, fresh.
+    pub fn new(suite: &str, name: &str) -> TinyRunDir {
+        let dir = std::env::temp_dir().join(format!("dptrain-{suite}-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        write_tiny_model_dir(&dir.join("model"), 4);
+        write_tiny_classification_data(&dir);
+        TinyRunDir { dir }
+    }
+
+    pub fn out(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes `<out>.toml` (model, data, LoRA r 2, DP at `epsilon` with δ 1e-3 and C 1, the given
+    /// `[training]` lines, output folder `<out>`) and returns its path.
+    pub fn config(&self, out: &str, epsilon: f64, training: &str) -> String {
+        let d = self.dir.display();
+        let text = format!(
+            "[model]\npath = \"{d}/model\"\nmax-seq-len = 12\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+             [lora]\nrank = 2\nalpha = 4\n\n[privacy]\ntarget-epsilon = {epsilon:?}\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
+             [training]\n{training}\n\n[output]\ndir = \"{d}/{out}\"\n"
+        );
+        let path = self.dir.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for TinyRunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
