@@ -23,3 +23,4 @@ pub mod selftest;
 #[cfg(test)]
 pub(crate) mod test_util;
 pub mod train;
+pub mod tune;

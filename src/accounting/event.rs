@@ -21,6 +21,11 @@ pub enum DpEvent {
     /// 1: geometric), and only the best run's output released. Accounted by RDP only
     /// (`accounting::selection`).
     RepeatAndSelect { event: Box<DpEvent>, mean: f64, shape: f64 },
+    /// One of `events`, picked at random independently of the data (a search drawing one
+    /// candidate configuration per trial). Rényi divergence is jointly quasi-convex (van Erven &
+    /// Harremoës 2014, Theorem 13), so at every order the mixture's RDP is at most the largest of
+    /// its components'. Accounted by RDP only.
+    Mixture { events: Vec<DpEvent> },
 }
 
 impl DpEvent {
@@ -42,6 +47,8 @@ impl DpEvent {
             DpEvent::Composed { events } => events.iter().map(|e| e.step_count()).sum(),
             // The steps of one run (the number of runs is random and not released).
             DpEvent::RepeatAndSelect { event, .. } => event.step_count(),
+            // The most any one of the components takes.
+            DpEvent::Mixture { events } => events.iter().map(|e| e.step_count()).max().unwrap_or(0),
         }
     }
 }
@@ -93,7 +100,7 @@ impl Ledger {
                 }
                 DpEvent::SelfComposed { event, .. } => check(event, q, sigma),
                 DpEvent::Composed { events } => events.iter().all(|e| check(e, q, sigma)),
-                DpEvent::Gaussian { .. } | DpEvent::RepeatAndSelect { .. } => false,
+                DpEvent::Gaussian { .. } | DpEvent::RepeatAndSelect { .. } | DpEvent::Mixture { .. } => false,
             }
         }
         self.entries.iter().all(|e| check(e, q, sigma))

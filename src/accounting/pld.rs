@@ -397,6 +397,10 @@ impl PldAccountant {
             DpEvent::RepeatAndSelect { .. } => Err(AccountingError::Unsupported(
                 "private selection (repeat and select) has an RDP bound only: use the rdp accountant".into(),
             )),
+            DpEvent::Mixture { .. } => Err(AccountingError::Unsupported(
+                "a data-independent mixture of mechanisms is accounted by its largest RDP only: use the rdp accountant"
+                    .into(),
+            )),
             DpEvent::Composed { events } => {
                 let mut acc = Pld::identity();
                 for e in events {

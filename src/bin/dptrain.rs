@@ -90,6 +90,20 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Private hyper-parameter search (the config's [tune] table): a random number of DP training
+    /// trials, each scored by a noisy validation accuracy, the best released with one certificate
+    /// whose ε covers the whole search (Papernot & Steinke 2022).
+    Tune {
+        /// Run config with a [tune] table.
+        #[arg(long)]
+        config: PathBuf,
+        /// Write the outputs here instead of the config's output.dir.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an earlier search's outputs in the folder.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// ε of DP-SGD for a sampling rate, noise multiplier, step count and δ.
     Epsilon {
         #[arg(long)]
@@ -669,6 +683,22 @@ fn real_main() -> Result<()> {
                 r.epochs,
                 r.delta,
                 out.display()
+            );
+            Ok(())
+        }
+        Some(Command::Tune { config, out, overwrite }) => {
+            let plan = dptrain::config::load(config)?;
+            let opts = dptrain::tune::TuneOptions { out: out.clone(), overwrite: *overwrite };
+            let t = dptrain::tune::tune(&plan, &opts).with_context(|| format!("search of {}", config.display()))?;
+            let win = &t.trials[t.best];
+            println!(
+                "selected candidate {} {:?} (noisy validation score {}): ε ≤ {} for the whole search (δ = {:e}, rdp accountant); release in {}",
+                win.candidate,
+                t.candidates[win.candidate],
+                win.noisy_score,
+                dptrain::report::round_up(t.epsilon, 4),
+                plan.delta,
+                t.release.display()
             );
             Ok(())
         }

@@ -5,7 +5,7 @@ mod plan;
 mod raw;
 
 pub use plan::{
-    hex_sha256, parse_base_dtype, AccountantKind, DeviceSpec, LrSchedule, NoiseSpec, OptimizerKind, Plan,
+    hex_sha256, parse_base_dtype, AccountantKind, DeviceSpec, LrSchedule, NoiseSpec, OptimizerKind, Plan, TuneSpec,
     BERT_LORA_MODULES,
 };
 pub use raw::RawConfig;

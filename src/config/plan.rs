@@ -145,6 +145,82 @@ pub struct Plan {
     /// Keep the final checkpoint after a finished run (default: deleted).
     pub keep_final_checkpoint: bool,
     pub output_dir: PathBuf,
+    /// The `[tune]` table (`dptrain tune`), if any.
+    pub tune: Option<TuneSpec>,
+}
+
+/// A private hyper-parameter search (`[tune]`, see `crate::tune`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TuneSpec {
+    pub validation: PathBuf,
+    pub mean_trials: f64,
+    pub trials_shape: f64,
+    pub score_noise: f64,
+    /// Listed values per setting; an empty list keeps the config's value.
+    pub learning_rate: Vec<f64>,
+    pub clip_norm: Vec<f64>,
+    pub epochs: Vec<f64>,
+    pub expected_batch_size: Vec<usize>,
+    pub linear_probe_epochs: Vec<f64>,
+    pub linear_probe_learning_rate: Vec<f64>,
+}
+
+fn tune_spec(raw: &super::raw::RawTune, steps_given: bool, path: &Path) -> Result<TuneSpec, ConfigError> {
+    let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
+    let mean_trials = raw.mean_trials.unwrap_or(4.0);
+    if !(mean_trials > 1.0 && mean_trials.is_finite()) {
+        return Err(bad("tune.mean-trials", format!("must be a number > 1, got {mean_trials}")));
+    }
+    let trials_shape = raw.trials_shape.unwrap_or(0.0);
+    if !(trials_shape >= 0.0 && trials_shape.is_finite()) {
+        return Err(bad("tune.trials-shape", format!("must be a number ≥ 0, got {trials_shape}")));
+    }
+    let score_noise = raw.score_noise.unwrap_or(10.0);
+    if !(score_noise > 0.0 && score_noise.is_finite()) {
+        return Err(bad("tune.score-noise", format!("must be a positive number, got {score_noise}")));
+    }
+    let positive = |key: &str, v: &Option<Vec<f64>>, zero_ok: bool| -> Result<Vec<f64>, ConfigError> {
+        let v = v.clone().unwrap_or_default();
+        if let Some(x) = v.iter().find(|&&x| !(x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0)))) {
+            return Err(bad(
+                &format!("tune.{key}"),
+                format!("every value must be {}, got {x}", if zero_ok { "≥ 0" } else { "positive" }),
+            ));
+        }
+        Ok(v)
+    };
+    let lists =
+        [&raw.learning_rate, &raw.clip_norm, &raw.epochs, &raw.linear_probe_epochs, &raw.linear_probe_learning_rate];
+    if lists.iter().all(|l| l.as_ref().is_none_or(|v| v.is_empty()))
+        && raw.expected_batch_size.as_ref().is_none_or(|v| v.is_empty())
+    {
+        return Err(bad(
+            "tune",
+            "lists no setting to search: give at least one of learning-rate, clip-norm, epochs, expected-batch-size, linear-probe-epochs, linear-probe-learning-rate".into(),
+        ));
+    }
+    if steps_given && raw.epochs.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(bad(
+            "tune.epochs",
+            "the config fixes training.steps; search epochs with training.epochs instead".into(),
+        ));
+    }
+    let expected_batch_size = raw.expected_batch_size.clone().unwrap_or_default();
+    if expected_batch_size.contains(&0) {
+        return Err(bad("tune.expected-batch-size", "every value must be at least 1".into()));
+    }
+    Ok(TuneSpec {
+        validation: raw.validation.clone(),
+        mean_trials,
+        trials_shape,
+        score_noise,
+        learning_rate: positive("learning-rate", &raw.learning_rate, false)?,
+        clip_norm: positive("clip-norm", &raw.clip_norm, false)?,
+        epochs: positive("epochs", &raw.epochs, false)?,
+        expected_batch_size,
+        linear_probe_epochs: positive("linear-probe-epochs", &raw.linear_probe_epochs, true)?,
+        linear_probe_learning_rate: positive("linear-probe-learning-rate", &raw.linear_probe_learning_rate, false)?,
+    })
 }
 
 impl Plan {
@@ -391,6 +467,7 @@ impl Plan {
                 k => k.unwrap_or(2),
             },
             keep_final_checkpoint: t.keep_final_checkpoint.unwrap_or(false),
+            tune: raw.tune.as_ref().map(|t| tune_spec(t, raw.training.steps.is_some(), path)).transpose()?,
             output_dir: raw.output.dir,
         })
     }

@@ -14,6 +14,33 @@ pub struct RawConfig {
     pub privacy: RawPrivacy,
     pub training: RawTraining,
     pub output: RawOutput,
+    /// Private hyper-parameter search for `dptrain tune` (a plain training run refuses a config
+    /// that has this table).
+    pub tune: Option<RawTune>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawTune {
+    /// Private held-out JSONL (same format as data.train) on which every trial is scored: its
+    /// count of correct predictions plus Gaussian noise (`score-noise`). Covered by ε.
+    pub validation: PathBuf,
+    /// Expected number of trials E[K]; K is drawn from a truncated negative binomial distribution
+    /// with this mean before any data is read. Default 4.
+    pub mean_trials: Option<f64>,
+    /// Shape η ≥ 0 of that distribution: 0 logarithmic (default; the cheapest in ε), 1 geometric.
+    pub trials_shape: Option<f64>,
+    /// Standard deviation, in records, of the Gaussian noise on each trial's count of correct
+    /// validation predictions (the count has sensitivity 1). Default 10.
+    pub score_noise: Option<f64>,
+    /// The search space: each key lists the values a trial may take (a trial draws one of all the
+    /// combinations uniformly at random); a setting not listed keeps the config's value.
+    pub learning_rate: Option<Vec<f64>>,
+    pub clip_norm: Option<Vec<f64>>,
+    pub epochs: Option<Vec<f64>>,
+    pub expected_batch_size: Option<Vec<usize>>,
+    pub linear_probe_epochs: Option<Vec<f64>>,
+    pub linear_probe_learning_rate: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -67,6 +67,16 @@ fn event(v: &Value) -> String {
             let parts: Vec<String> = v["events"].as_array().into_iter().flatten().map(event).collect();
             format!("composition of [{}]", parts.join(", "))
         }
+        Some("mixture") => {
+            let parts: Vec<String> = v["events"].as_array().into_iter().flatten().map(event).collect();
+            format!("one of [{}], drawn independently of the data", parts.join("; "))
+        }
+        Some("repeat_and_select") => format!(
+            "the best of K runs (K truncated negative binomial, mean {}, shape η = {}) of {}",
+            num(&v["mean"]),
+            num(&v["shape"]),
+            event(&v["event"])
+        ),
         _ => v.to_string(),
     }
 }
@@ -235,6 +245,118 @@ pub fn render(r: &Value) -> String {
         let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
     } else {
         let _ = writeln!(o, "## Config\n\nKept in the run's private part (`private/run.json`): this run is seeded and its config holds the seed.");
+    }
+    o
+}
+
+/// The markdown report of a private hyper-parameter search (`dptrain tune`'s
+/// `privacy_report.json`).
+pub fn render_search(r: &Value) -> String {
+    let mut o = String::new();
+    let cert = &r["certificate"];
+    let sel = &r["selection"];
+    let seeded = r["seeded"].as_bool().unwrap_or(false);
+    let _ = writeln!(o, "# Privacy report: private hyper-parameter search\n");
+    let _ = writeln!(o, "Written by {} for the adapter in this folder (`adapter_model.safetensors`, sha256 `{}`), the best of a private search. The same content is in `privacy_report.json`; the certificate is also stored in the adapter file's safetensors metadata (`dptrain_certificate`), and `dptrain verify <this folder>` recomputes ε from the ledger and checks every claim below against it.\n", text(&cert["engine"]), text(&r["adapter_sha256"]));
+    let _ = writeln!(o, "## Guarantee\n");
+    let _ = writeln!(o, "**{}.** Hyper-parameters {}.\n", text(&r["guarantee"]), text(&r["hyperparameters"]));
+    if seeded {
+        let _ = writeln!(o, "**NO PRIVACY GUARANTEE.** This search is seeded: its trials' sampling and noise can be reproduced from the config. `dptrain verify` fails on it.\n");
+    } else {
+        let _ = writeln!(o, "That is: for any two datasets (training and validation records together) that differ by adding or removing one record, the distribution of everything this search released (the selected adapter, its settings, its noisy validation score and this report's ε) changes by at most a factor e^ε, except with probability δ. The cost of every trial and of choosing among them is included.\n");
+    }
+    let _ = writeln!(o, "| quantity | value |\n|---|---|");
+    row(&mut o, "ε (certified, RDP accountant; upper bound)", &num(&r["epsilon"]));
+    row(&mut o, "ε by PLD", &eps(&r["epsilon_by_accountant"]["pld"]));
+    row(&mut o, "target ε", &num(&r["target_epsilon"]));
+    row(&mut o, "δ", &num(&r["delta"]));
+    row(&mut o, "accountant", &text(&cert["accountant_detail"]));
+    o.push('\n');
+    let _ = writeln!(o, "## Search\n");
+    let _ = writeln!(o, "{}.\n", text(&sel["method"]));
+    let _ = writeln!(o, "| item | value |\n|---|---|");
+    let d = &sel["trials_distribution"];
+    row(
+        &mut o,
+        "number of trials K",
+        &format!(
+            "{} (shape η = {}, mean {}, γ = {}); the number actually run is {}",
+            text(&d["kind"]),
+            num(&d["shape"]),
+            num(&d["mean"]),
+            num(&d["gamma"]),
+            text(&sel["number_of_trials"])
+        ),
+    );
+    row(&mut o, "score", &text(&sel["score"]));
+    row(&mut o, "score noise s (records)", &num(&sel["score_noise"]));
+    row(&mut o, "validation records", &num(&sel["validation_size"]));
+    for (k, v) in sel["search_space"].as_object().into_iter().flatten() {
+        if v.as_array().is_some_and(|a| !a.is_empty()) {
+            row(&mut o, &format!("search space: {k}"), &v.to_string());
+        }
+    }
+    row(&mut o, "each candidate's DP-SGD steps alone (RDP ε)", &num(&sel["per_candidate_epsilon_rdp"]));
+    o.push('\n');
+    let _ = writeln!(o, "| candidate | settings | q | steps | σ |\n|---|---|---|---|---|");
+    for (i, c) in sel["candidates"].as_array().into_iter().flatten().enumerate() {
+        let _ = writeln!(
+            o,
+            "| {i} | {} | {} | {} | {} |",
+            cell(&c["settings"].to_string()),
+            num(&c["sample_rate"]),
+            num(&c["steps"]),
+            num(&c["noise_multiplier"])
+        );
+    }
+    o.push('\n');
+    let _ = writeln!(o, "## Selected\n");
+    let _ = writeln!(o, "| item | value |\n|---|---|");
+    row(&mut o, "candidate", &num(&sel["selected"]["candidate"]));
+    row(&mut o, "settings", &sel["selected"]["settings"].to_string());
+    row(
+        &mut o,
+        "noisy validation score (correct predictions + noise)",
+        &num(&sel["selected"]["noisy_validation_score"]),
+    );
+    row(&mut o, "noise multiplier σ", &num(&r["noise_multiplier"]));
+    row(&mut o, "clipping norm C", &num(&r["clip_norm"]));
+    row(&mut o, "clipping", &text(&r["clipping"]));
+    row(&mut o, "sampling rate q", &num(&r["sample_rate"]));
+    row(&mut o, "expected batch size", &num(&r["expected_batch_size"]));
+    row(&mut o, "steps", &num(&r["steps"]));
+    row(&mut o, "held-out metric (test file, not protected)", &metric(&r["metrics"]["test"]));
+    o.push('\n');
+    let _ = writeln!(o, "## Data and model\n");
+    let _ = writeln!(o, "| item | value |\n|---|---|");
+    row(&mut o, "training records N", &num(&r["dataset"]["size"]));
+    row(&mut o, "training data commitment", &text(&r["dataset"]["commitment"]));
+    row(&mut o, "validation records", &num(&r["validation_dataset"]["size"]));
+    row(&mut o, "validation data commitment", &text(&r["validation_dataset"]["commitment"]));
+    row(&mut o, "held-out records", &num(&r["test_dataset"]["size"]));
+    row(&mut o, "held-out data commitment", &text(&r["test_dataset"]["commitment"]));
+    row(&mut o, "commitment scheme", &text(&cert["commitments"]["scheme"]));
+    if let Some(labels) = r["dataset"]["labels"].as_array().filter(|l| !l.is_empty()) {
+        row(&mut o, "labels", &labels.iter().map(text).collect::<Vec<_>>().join(", "));
+    }
+    row(&mut o, "base model", &text(&r["base_model"]["path"]));
+    row(&mut o, "base model sha256 (config.json and weights)", &text(&r["base_model"]["sha256"]));
+    o.push('\n');
+    let _ = writeln!(o, "## What the guarantee does not cover\n");
+    for item in r["not_protected"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "- {}", text(item));
+    }
+    o.push('\n');
+    let _ = writeln!(o, "## Ledger\n\nε above is computed from exactly this.\n");
+    let _ = writeln!(o, "| # | event |\n|---|---|");
+    for (i, e) in r["ledger"]["entries"].as_array().into_iter().flatten().enumerate() {
+        let _ = writeln!(o, "| {} | {} |", i + 1, cell(&event(e)));
+    }
+    o.push('\n');
+    if r["config"].is_string() {
+        let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
+    } else {
+        let _ = writeln!(o, "## Config\n\nKept in the search's private part (`private/run.json`): it is seeded and its config holds the seed.");
     }
     o
 }

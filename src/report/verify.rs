@@ -186,17 +186,21 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verification, String> 
         format!("q {q}, L {l:?}, N {n:?}"),
     );
     if let Some(ledger) = ledger {
-        let steps = cert["steps"].as_u64().unwrap_or(u64::MAX);
-        check(
-            "ledger step count",
-            ledger.steps() == steps,
-            format!("ledger {} steps, certificate {steps}", ledger.steps()),
-        );
-        check(
-            "every ledger step has the certificate's q and σ",
-            ledger.all_steps_are(q, sigma),
-            format!("q {q}, σ {sigma}"),
-        );
+        if cert["selection"].is_object() {
+            check_selection(&cert, &ledger, &mut check);
+        } else {
+            let steps = cert["steps"].as_u64().unwrap_or(u64::MAX);
+            check(
+                "ledger step count",
+                ledger.steps() == steps,
+                format!("ledger {} steps, certificate {steps}", ledger.steps()),
+            );
+            check(
+                "every ledger step has the certificate's q and σ",
+                ledger.all_steps_are(q, sigma),
+                format!("q {q}, σ {sigma}"),
+            );
+        }
         let event = ledger.as_event();
         let pld = PldAccountant::default().epsilon(&event, delta).map(|r| r.epsilon);
         let rdp = RdpAccountant::default().epsilon(&event, delta).map(|r| r.epsilon);
@@ -236,7 +240,11 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<Verification, String> 
     let md = std::fs::read_to_string(release.join("privacy_report.md")).unwrap_or_default();
     check(
         "privacy_report.md is the rendering of privacy_report.json",
-        md == super::markdown::render(&report),
+        md == if cert["selection"].is_object() {
+            super::markdown::render_search(&report)
+        } else {
+            super::markdown::render(&report)
+        },
         if md.is_empty() { "missing or empty".into() } else { "re-rendered from the JSON".into() },
     );
     check(
@@ -275,7 +283,12 @@ fn check_private(
         Some(Ok(k)) => k,
         _ => return check("commitment key", false, format!("no valid key in {}", private.join(RUN_RECORD).display())),
     };
-    for (what, given) in [("train", &opts.train), ("test", &opts.test), ("config", &None)] {
+    let search = cert["selection"].is_object();
+    let mut files = vec![("train", &opts.train), ("test", &opts.test), ("config", &None)];
+    if search {
+        files.push(("validation", &None));
+    }
+    for (what, given) in files {
         let path = given.clone().or_else(|| record["inputs"][what]["path"].as_str().map(PathBuf::from));
         let stated = cert["commitments"][what].as_str().unwrap_or("");
         let (ok, detail) = match path.as_deref().map(|p| (p, key.commit_file(p))) {
@@ -285,6 +298,10 @@ fn check_private(
         };
         check(&format!("{what} file matches its commitment"), ok, detail);
     }
+    if search {
+        // A search keeps its trials' metrics in their own folders (private/trials/).
+        return;
+    }
     let steps = cert["steps"].as_u64();
     let metrics = private.join(rundir::METRICS);
     let (ok, detail) = match std::fs::read_to_string(&metrics) {
@@ -292,4 +309,54 @@ fn check_private(
         Err(e) => (false, format!("{}: {e}", metrics.display())),
     };
     check("metrics.jsonl has one line per step", ok, detail);
+}
+
+/// Checks of a private search's certificate (`dptrain tune`): the ledger is exactly one
+/// repeat-and-select event with the stated distribution of the number of trials, over the
+/// mixture of the stated candidates' trial mechanisms (each its DP-SGD steps at q = L/N and the
+/// Gaussian score), and the headline q, σ, steps, L and C are the selected candidate's.
+fn check_selection(cert: &serde_json::Value, ledger: &Ledger, check: &mut impl FnMut(&str, bool, String)) {
+    let sel = &cert["selection"];
+    let d = &sel["trials_distribution"];
+    let (mean, shape) = (d["mean"].as_f64().unwrap_or(f64::NAN), d["shape"].as_f64().unwrap_or(f64::NAN));
+    let score_noise = sel["score_noise"].as_f64().unwrap_or(f64::NAN);
+    let n = cert["dataset_size"].as_u64().unwrap_or(0);
+    let cands = sel["candidates"].as_array().cloned().unwrap_or_default();
+    let mut expected = Vec::new();
+    let mut rates_ok = !cands.is_empty();
+    for c in &cands {
+        let (q, sigma, steps) = (c["sample_rate"].as_f64(), c["noise_multiplier"].as_f64(), c["steps"].as_u64());
+        let l = c["settings"]["expected_batch_size"].as_u64();
+        match (q, sigma, steps, l) {
+            (Some(q), Some(sigma), Some(steps), Some(l)) => {
+                rates_ok &= n > 0 && q == l as f64 / n as f64;
+                expected.push(crate::tune::trial_event(q, sigma, steps, score_noise));
+            }
+            _ => rates_ok = false,
+        }
+    }
+    check("every candidate's q = L / N", rates_ok, format!("{} candidates, N {n}", cands.len()));
+    let want = crate::tune::search_event(&expected, mean, shape);
+    check(
+        "ledger = the search over the stated candidates",
+        ledger.entries.len() == 1 && ledger.entries[0] == want,
+        format!("one repeat-and-select event (mean {mean}, η {shape}) over the {} candidates' trials", cands.len()),
+    );
+    let gamma_ok = crate::accounting::selection::TruncatedNegativeBinomial::with_mean(shape, mean)
+        .is_ok_and(|t| d["gamma"].as_f64() == Some(t.gamma));
+    check("γ of the trial distribution from its mean and shape", gamma_ok, format!("γ {}", d["gamma"]));
+    let chosen = sel["selected"]["candidate"].as_u64().and_then(|i| cands.get(i as usize));
+    let same = chosen.is_some_and(|c| {
+        c["sample_rate"] == cert["sample_rate"]
+            && c["noise_multiplier"] == cert["noise_multiplier"]
+            && c["steps"] == cert["steps"]
+            && c["settings"]["expected_batch_size"] == cert["expected_batch_size"]
+            && c["settings"]["clip_norm"] == cert["clip_norm"]
+            && c["settings"] == sel["selected"]["settings"]
+    });
+    check(
+        "headline q, σ, steps, L, C = the selected candidate's",
+        same,
+        format!("selected candidate {}", sel["selected"]["candidate"]),
+    );
 }

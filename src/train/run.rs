@@ -73,6 +73,12 @@ pub enum RunError {
 /// before this succeeds) → `train` (the steps, each in the ledger, checkpoints in the private part)
 /// → `release` (evaluation, ε re-checked against the target, outputs written, checkpoints removed).
 pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
+    if plan.tune.is_some() {
+        return Err(RunError::Plan(format!(
+            "{} has a [tune] table: run `dptrain tune --config {0}` for the private search, or remove the table to train once with the settings above it",
+            plan.config_path.display()
+        )));
+    }
     // Lock, writability and temporaries first: before any data or model is loaded.
     let dir = RunDir::open(&plan.output_dir)?;
     let resuming_here = check_existing(&dir, opts)?;
