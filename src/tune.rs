@@ -203,6 +203,8 @@ pub struct TuneOptions {
     pub out: Option<PathBuf>,
     /// Replace an earlier search's outputs in the folder.
     pub overwrite: bool,
+    /// Print the calibrated search (candidates, σ of each, ε) and stop before any trial.
+    pub dry_run: bool,
 }
 
 /// One trial, as the private record keeps it.
@@ -244,9 +246,8 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
         ));
     };
     let root = opts.out.clone().unwrap_or_else(|| plan.output_dir.clone());
-    let dir = RunDir::open(&root)?;
-    if dir.holds_outputs() && !opts.overwrite {
-        return Err(ReportError::OutputExists(dir.root.clone()).into());
+    if rundir::holds_outputs(&root) && !opts.overwrite && !opts.dry_run {
+        return Err(ReportError::OutputExists(root.clone()).into());
     }
     let arch = crate::model::Architecture::detect(&plan.model_dir)?;
     if arch != crate::model::Architecture::Bert {
@@ -292,6 +293,16 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
         cal.epsilon,
         plan.delta
     );
+    for (i, (c, (&(q, steps), s))) in cands.iter().zip(runs.iter().zip(&cal.sigmas)).enumerate() {
+        eprintln!("candidate {i}: {c:?}: q = {q:.5}, {steps} steps, σ = {s:.4}");
+    }
+    if opts.dry_run {
+        return Ok(TuneOutcome { epsilon: cal.epsilon, trials: Vec::new(), best: 0, candidates: cands, release: root });
+    }
+    let dir = RunDir::open(&root)?;
+    if dir.holds_outputs() && !opts.overwrite {
+        return Err(ReportError::OutputExists(dir.root.clone()).into());
+    }
     if opts.overwrite {
         dir.clear_previous(false)?;
     }

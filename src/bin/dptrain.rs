@@ -103,6 +103,9 @@ enum Command {
         /// Replace an earlier search's outputs in the folder.
         #[arg(long)]
         overwrite: bool,
+        /// Print the calibrated search (candidates, σ of each, ε) and stop before any trial.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// ε of DP-SGD for a sampling rate, noise multiplier, step count and δ.
     Epsilon {
@@ -686,10 +689,14 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Command::Tune { config, out, overwrite }) => {
+        Some(Command::Tune { config, out, overwrite, dry_run }) => {
             let plan = dptrain::config::load(config)?;
-            let opts = dptrain::tune::TuneOptions { out: out.clone(), overwrite: *overwrite };
+            let opts = dptrain::tune::TuneOptions { out: out.clone(), overwrite: *overwrite, dry_run: *dry_run };
             let t = dptrain::tune::tune(&plan, &opts).with_context(|| format!("search of {}", config.display()))?;
+            if *dry_run {
+                println!("dry run: the search would spend ε ≤ {} (δ = {:e}); no trial run", t.epsilon, plan.delta);
+                return Ok(());
+            }
             let win = &t.trials[t.best];
             println!(
                 "selected candidate {} {:?} (noisy validation score {}): ε ≤ {} for the whole search (δ = {:e}, rdp accountant); release in {}",
