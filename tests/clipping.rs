@@ -113,3 +113,12 @@ fn automatic_clipping_scales_every_example_below_c_and_matches_its_f64_twin() {
         }
     }
 }
+
+#[test]
+fn a_whole_gradient_factor_for_per_layer_clipping_is_refused_by_name() {
+    let sq = Tensor::new(&[4.0f64, 0.25], &Device::Cpu).unwrap();
+    let e = dptrain::kernels::clip_factors_kind(&sq, Some(1.0), dptrain::privacy::ClipKind::PerLayer).unwrap_err();
+    assert!(e.to_string().contains("per-layer"), "{e}");
+    assert_eq!(dptrain::privacy::ClipKind::PerLayer.factor(2.0, 1.0), None);
+    assert!(dptrain::privacy::ClipKind::Flat.factor(2.0, 1.0).is_some_and(|f| f < 0.5));
+}

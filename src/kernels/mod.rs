@@ -165,7 +165,7 @@ pub fn clip_factor_from_sq_kind(sq: f64, clip: Option<f64>, kind: crate::privacy
     if !norm.is_finite() {
         return 0.0;
     }
-    clip.map_or(1.0, |c| kind.factor(norm, c)) as f32
+    clip.map_or(1.0, |c| kind.factor(norm, c).expect("per-layer refused by clip_factors_kind")) as f32
 }
 
 impl candle_core::CustomOp1 for ClipFactors {
@@ -206,6 +206,11 @@ pub fn clip_factors(sq: &Tensor, clip: Option<f64>) -> Result<Tensor> {
 
 /// The same with a chosen `ClipKind`.
 pub fn clip_factors_kind(sq: &Tensor, clip: Option<f64>, kind: crate::privacy::ClipKind) -> Result<Tensor> {
+    if kind == crate::privacy::ClipKind::PerLayer {
+        candle_core::bail!(
+            "per-layer clipping has one factor per group of tensors, not per example: the DP step computes it group by group (flat factors at C/√G)"
+        );
+    }
     if let crate::privacy::ClipKind::Automatic { stability } = kind {
         if !(stability > 0.0 && stability.is_finite()) {
             candle_core::bail!("automatic clipping's stability γ must be positive and finite, got {stability}");

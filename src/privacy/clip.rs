@@ -47,13 +47,14 @@ pub enum ClipKind {
 }
 
 impl ClipKind {
-    /// The factor for one example's gradient norm with clip norm `c` (C' = c·CLIP_MARGIN).
-    pub fn factor(self, norm: f64, c: f64) -> f64 {
+    /// The factor for one example's whole-gradient norm with clip norm `c` (C' = c·CLIP_MARGIN);
+    /// `None` for per-layer clipping, which has one factor per group, not one per example (the
+    /// step computes those).
+    pub fn factor(self, norm: f64, c: f64) -> Option<f64> {
         match self {
-            ClipKind::Flat => clip_factor(norm, c),
-            ClipKind::Automatic { stability } => c * CLIP_MARGIN / (norm + stability),
-            // The per-group factors are computed by the step; on a whole gradient, flat.
-            ClipKind::PerLayer => clip_factor(norm, c),
+            ClipKind::Flat => Some(clip_factor(norm, c)),
+            ClipKind::Automatic { stability } => Some(c * CLIP_MARGIN / (norm + stability)),
+            ClipKind::PerLayer => None,
         }
     }
 }
@@ -113,7 +114,7 @@ pub fn clip_and_sum_reference_kind(per_example: &[Vec<f32>], clip: f64, kind: Cl
             continue;
         }
         let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
-        let f = kind.factor(norm, clip);
+        let f = kind.factor(norm, clip).expect("per-layer clipping has per-group factors: use the step's grouped twin");
         for (s, &v) in sum.iter_mut().zip(row) {
             *s += f * v as f64;
         }
