@@ -91,13 +91,60 @@ pub struct LlamaConfig {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-/// θ of a RoPE settings object (`rope_scaling` or `rope_parameters`, named `name`) that describes
-/// plain RoPE: `Some(θ)` when it states one. Anything else (a scaled RoPE type, an unknown field,
-/// per-layer-type parameters) is refused, naming it.
-fn plain_rope_theta(
+/// Llama 3.x's RoPE frequency scaling (`rope_type` "llama3"): the parameters transformers'
+/// `_compute_llama3_parameters` reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// The RoPE a config describes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub llama3: Option<Llama3Scaling>,
+}
+
+impl Rope {
+    /// The d/2 inverse frequencies θ^(−2j/d), with Llama 3's scaling when configured: wavelengths
+    /// (2π/f) above original/low_freq_factor are divided by `factor`, those below
+    /// original/high_freq_factor kept, and those between interpolated with
+    /// s = (original/wavelength − low) / (high − low): (1 − s)·f/factor + s·f.
+    pub fn inv_freqs(&self, d: usize) -> Vec<f64> {
+        (0..d / 2)
+            .map(|j| {
+                let f = self.theta.powf(-2.0 * j as f64 / d as f64);
+                let Some(s) = self.llama3 else { return f };
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let (low, high) = (
+                    s.original_max_position_embeddings / s.low_freq_factor,
+                    s.original_max_position_embeddings / s.high_freq_factor,
+                );
+                if wavelen > low {
+                    f / s.factor
+                } else if wavelen < high {
+                    f
+                } else {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * f / s.factor + smooth * f
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a RoPE settings object (`rope_scaling` or `rope_parameters`, named `name`) states: its θ
+/// if any, and Llama 3 scaling if that is its type. Plain ("default") and "llama3" are
+/// implemented; anything else (another scaled type, an unknown field, per-layer-type parameters)
+/// is refused, naming it.
+fn rope_settings(
     name: &str,
     p: &serde_json::Map<String, serde_json::Value>,
-) -> std::result::Result<Option<f64>, String> {
+) -> std::result::Result<(Option<f64>, Option<Llama3Scaling>), String> {
     let kind = p.get("rope_type").or_else(|| p.get("type"));
     let kind = match kind {
         Some(serde_json::Value::String(t)) => t.as_str(),
@@ -105,32 +152,57 @@ fn plain_rope_theta(
         None if p.values().any(|v| v.is_object()) => {
             let kinds: Vec<&str> = p.keys().map(|k| k.as_str()).collect();
             return Err(format!(
-                "unsupported `{name}` with parameters per layer type ({}): only one plain RoPE for every \
+                "unsupported `{name}` with parameters per layer type ({}): only one RoPE for every \
                  layer is implemented",
                 kinds.join(", ")
             ));
         }
         None => "default",
     };
-    if kind != "default" {
+    const LLAMA3_KEYS: [&str; 4] =
+        ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"];
+    let allowed = |k: &str, v: &serde_json::Value| {
+        matches!(k, "rope_type" | "type" | "rope_theta")
+            || (k == "partial_rotary_factor" && v.as_f64() == Some(1.0))
+            || (kind == "llama3" && LLAMA3_KEYS.contains(&k))
+    };
+    if !matches!(kind, "default" | "llama3") {
         return Err(format!(
-            "unsupported {name} with rope_type `{kind}` (only plain RoPE is implemented): {}",
+            "unsupported {name} with rope_type `{kind}` (implemented: default, llama3): {}",
             serde_json::Value::Object(p.clone())
         ));
     }
-    // A partial_rotary_factor of 1 rotates every dimension: plain RoPE.
-    let plain = |k: &str, v: &serde_json::Value| {
-        matches!(k, "rope_type" | "type" | "rope_theta") || (k == "partial_rotary_factor" && v.as_f64() == Some(1.0))
+    if let Some(k) = p.iter().find(|(k, v)| !allowed(k, v)).map(|(k, _)| k) {
+        return Err(format!("unsupported `{name}.{k}` for rope_type `{kind}`"));
+    }
+    let number = |k: &str| -> std::result::Result<f64, String> {
+        match p.get(k) {
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("`{name}.{k}` is {v}, not a positive number")),
+            None => Err(format!("`{name}` of rope_type `{kind}` lacks `{k}`")),
+        }
     };
-    if let Some(k) = p.iter().find(|(k, v)| !plain(k, v)).map(|(k, _)| k) {
-        return Err(format!(
-            "unsupported `{name}.{k}` (only plain RoPE is implemented, with rope_type and rope_theta)"
-        ));
-    }
-    match p.get("rope_theta") {
-        None => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("`{name}.rope_theta` is {v}, not a number")),
-    }
+    let llama3 = if kind == "llama3" {
+        let s = Llama3Scaling {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        };
+        if s.high_freq_factor <= s.low_freq_factor {
+            return Err(format!("`{name}`: high_freq_factor must exceed low_freq_factor"));
+        }
+        Some(s)
+    } else {
+        None
+    };
+    let theta = match p.get("rope_theta") {
+        None => None,
+        Some(v) => Some(v.as_f64().ok_or_else(|| format!("`{name}.rope_theta` is {v}, not a number"))?),
+    };
+    Ok((theta, llama3))
 }
 
 impl LlamaConfig {
@@ -146,19 +218,25 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// θ of the (plain) RoPE, from either layout: `rope_theta` at the top level, or
-    /// `rope_parameters` {"rope_type": "default", "rope_theta": θ} as transformers 5 writes it
-    /// (also accepted inside a `rope_scaling` of type "default"). Where several state θ they must
-    /// agree; where none does, θ = 10000 (transformers' default). Scaled RoPE is refused.
-    pub fn rope_theta(&self) -> std::result::Result<f64, String> {
+    /// The RoPE, from either layout: θ from `rope_theta` at the top level or from
+    /// `rope_parameters` {"rope_type": …, "rope_theta": θ, …} as transformers 5 writes it (also
+    /// accepted inside `rope_scaling`); Llama 3 scaling from `rope_scaling` (older layout) or
+    /// `rope_parameters` (transformers 5). Where several state θ, or both state a scaling, they
+    /// must agree; where none states θ, θ = 10000 (transformers' default).
+    pub fn rope(&self) -> std::result::Result<Rope, String> {
         let mut stated: Vec<(String, f64)> =
             self.rope_theta.map(|t| ("rope_theta".to_string(), t)).into_iter().collect();
+        let mut scalings: Vec<(&str, Llama3Scaling)> = Vec::new();
         for (name, v) in [("rope_scaling", &self.rope_scaling), ("rope_parameters", &self.rope_parameters)] {
             match v {
                 None | Some(serde_json::Value::Null) => {}
                 Some(serde_json::Value::Object(p)) => {
-                    if let Some(t) = plain_rope_theta(name, p)? {
+                    let (t, l3) = rope_settings(name, p)?;
+                    if let Some(t) = t {
                         stated.push((format!("{name}.rope_theta"), t));
+                    }
+                    if let Some(l3) = l3 {
+                        scalings.push((name, l3));
                     }
                 }
                 Some(other) => return Err(format!("`{name}` is {other}, not an object")),
@@ -171,7 +249,17 @@ impl LlamaConfig {
         if !(theta.is_finite() && theta > 0.0) {
             return Err(format!("RoPE theta {theta} is not a positive number"));
         }
-        Ok(theta)
+        if let [(a, x), (b, y)] = scalings.as_slice() {
+            if x != y {
+                return Err(format!("the llama3 scalings of `{a}` and `{b}` disagree"));
+            }
+        }
+        Ok(Rope { theta, llama3: scalings.first().map(|s| s.1) })
+    }
+
+    /// θ of the RoPE (`rope`).
+    pub fn rope_theta(&self) -> std::result::Result<f64, String> {
+        self.rope().map(|r| r.theta)
     }
 
     /// Checks what this implementation supports; every unsupported feature, and every key that is
@@ -192,7 +280,7 @@ impl LlamaConfig {
                 return Err(format!("unsupported hidden_act `{act}` (supported: silu)"));
             }
         }
-        self.rope_theta()?;
+        self.rope()?;
         if self.rope_interleaved == Some(true) {
             return Err("unsupported rope_interleaved = true (dptrain implements rotate-half RoPE)".into());
         }
@@ -445,7 +533,8 @@ impl LlamaLm {
             }
         }
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let (cos, sin) = rope_tables(t, hd, cfg.rope_theta().map_err(candle_core::Error::Msg)?, x.device())?;
+        let rope_spec = cfg.rope().map_err(candle_core::Error::Msg)?;
+        let (cos, sin) = rope_tables_of(t, hd, &rope_spec.inv_freqs(hd), x.device())?;
         let bias = attention_bias(mask)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let heads = Heads { query: nh, kv: nkv, dim: hd };
@@ -625,14 +714,22 @@ impl DpModel for LlamaLm {
     }
 }
 
-/// cos and sin tables [T, d] of rotate-half RoPE (angles in f64, rounded to f32).
+/// cos and sin tables [T, d] of plain rotate-half RoPE with base θ.
 pub fn rope_tables(t: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    rope_tables_of(t, d, &Rope { theta, llama3: None }.inv_freqs(d), device)
+}
+
+/// cos and sin tables [T, d] of rotate-half RoPE with the d/2 inverse frequencies `inv` (angles in
+/// f64, rounded to f32).
+pub fn rope_tables_of(t: usize, d: usize, inv: &[f64], device: &Device) -> Result<(Tensor, Tensor)> {
     let half = d / 2;
+    if inv.len() != half {
+        candle_core::bail!("RoPE: {} inverse frequencies for head dimension {d}", inv.len());
+    }
     let (mut c, mut s) = (Vec::with_capacity(t * d), Vec::with_capacity(t * d));
     for pos in 0..t {
         for j in 0..d {
-            let inv = theta.powf(-2.0 * (j % half) as f64 / d as f64);
-            let a = pos as f64 * inv;
+            let a = pos as f64 * inv[j % half];
             c.push(a.cos() as f32);
             s.push(a.sin() as f32);
         }
@@ -843,11 +940,40 @@ mod tests {
     }
 
     #[test]
-    fn scaled_rope_is_refused_in_both_layouts_naming_the_rope_type() {
+    fn llama3_rope_reads_the_same_from_both_layouts_and_is_checked() {
+        let (old, new) =
+            (LlamaConfig::from_json(&llama3(false)).unwrap(), LlamaConfig::from_json(&llama3(true)).unwrap());
+        let want = Rope {
+            theta: 500_000.0,
+            llama3: Some(Llama3Scaling {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            }),
+        };
+        assert_eq!((old.rope(), new.rope()), (Ok(want), Ok(want)));
+        // Both layouts in one file must agree; a missing or extra field is named.
+        let mut both: serde_json::Value = serde_json::from_str(&llama3(true)).unwrap();
+        both["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert!(LlamaConfig::from_json(&both.to_string()).unwrap_err().contains("disagree"));
+        let mut missing: serde_json::Value = serde_json::from_str(&llama3(true)).unwrap();
+        missing["rope_parameters"].as_object_mut().unwrap().remove("low_freq_factor");
+        assert!(LlamaConfig::from_json(&missing.to_string()).unwrap_err().contains("lacks `low_freq_factor`"));
+        let mut extra: serde_json::Value = serde_json::from_str(&llama3(false)).unwrap();
+        extra["rope_scaling"]["beta_fast"] = 32.into();
+        assert!(LlamaConfig::from_json(&extra.to_string()).unwrap_err().contains("`rope_scaling.beta_fast`"));
+    }
+
+    #[test]
+    fn other_scaled_rope_is_refused_in_both_layouts_naming_the_rope_type() {
         for v5 in [false, true] {
-            let e = LlamaConfig::from_json(&llama3(v5)).unwrap_err();
+            let mut c: serde_json::Value = serde_json::from_str(&llama3(v5)).unwrap();
             let key = if v5 { "rope_parameters" } else { "rope_scaling" };
-            assert!(e.contains(key) && e.contains("`llama3`") && e.contains("only plain RoPE"), "{e}");
+            c[key]["rope_type"] = "yarn".into();
+            let e = LlamaConfig::from_json(&c.to_string()).unwrap_err();
+            assert!(e.contains(key) && e.contains("`yarn`") && e.contains("implemented: default, llama3"), "{e}");
         }
         // The legacy `type` spelling, and a "default" type with a scaling field.
         let linear = with(QWEN2_OLD, "rope_scaling", Some(serde_json::json!({"type": "linear", "factor": 2.0})));
