@@ -91,6 +91,11 @@ fn per_example_grads_match_one_at_a_time_untied_qwen2_with_qkv_biases() {
 }
 
 #[test]
+fn per_example_grads_match_one_at_a_time_qwen3_through_its_query_and_key_norms() {
+    check(&["q_proj", "k_proj", "o_proj"], common::tiny_llama_config(true, "qwen3"), 4);
+}
+
+#[test]
 fn padding_does_not_change_an_examples_loss() {
     let model = common::tiny_llama(3, &LLAMA_LORA_MODULES, common::tiny_llama_config(true, "llama"));
     let exs = examples();

@@ -337,16 +337,22 @@ impl LlamaConfig {
         self.model_type.as_deref() == Some("qwen2") || self.attention_bias == Some(true)
     }
 
-    /// An o_proj bias: Llama's `attention_bias` puts one on all four attention projections
-    /// (transformers' LlamaAttention); Qwen2's fixed q/k/v biases leave o_proj without.
+    /// Qwen3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen3")
+    }
+
+    /// An o_proj bias: Llama's and Qwen3's `attention_bias` puts one on all four attention
+    /// projections (transformers' LlamaAttention, Qwen3Attention); Qwen2's fixed q/k/v biases
+    /// leave o_proj without.
     pub fn o_bias(&self) -> bool {
-        self.model_type.as_deref() == Some("llama") && self.attention_bias == Some(true)
+        matches!(self.model_type.as_deref(), Some("llama" | "qwen3")) && self.attention_bias == Some(true)
     }
 
     /// Mistral-style sliding-window attention, when it is active.
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_deref() {
-            Some("qwen2") if self.use_sliding_window != Some(true) => None,
+            Some("qwen2" | "qwen3") if self.use_sliding_window != Some(true) => None,
             _ => self.sliding_window,
         }
     }
@@ -371,6 +377,9 @@ struct LlamaLayer {
     down: LoraLinear,
     input_norm: Tensor,
     post_norm: Tensor,
+    /// Qwen3: RMSNorm of every query / key head (weight [head_dim]) before RoPE.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
 }
 
 impl LlamaLayer {
@@ -464,6 +473,8 @@ impl LlamaLm {
                 down: lin(&mlp, i, "down_proj", h, f, false)?,
                 input_norm: f32_get(&l, &[h], "input_layernorm.weight")?,
                 post_norm: f32_get(&l, &[h], "post_attention_layernorm.weight")?,
+                q_norm: if config.qk_norm() { Some(f32_get(&att, &[hd], "q_norm.weight")?) } else { None },
+                k_norm: if config.qk_norm() { Some(f32_get(&att, &[hd], "k_norm.weight")?) } else { None },
             });
         }
         let embed_raw = vb.get((config.vocab_size, h), "model.embed_tokens.weight")?;
@@ -541,11 +552,17 @@ impl LlamaLm {
         for layer in &self.layers[layers] {
             let hn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
             // RoPE on [b, T, heads, d] (the projection's own layout), back to [b, T, heads · d].
-            let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
-                rope(&y.reshape((b, t, n, hd))?, &cos, &sin)?.reshape((b, t, n * hd))
+            // Qwen3 first normalises every head (RMSNorm over its head_dim).
+            let rotated = |y: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+                let y = y.reshape((b, t, n, hd))?;
+                let y = match norm {
+                    Some(w) => rms_norm(&y, w, cfg.rms_norm_eps)?,
+                    None => y,
+                };
+                rope(&y, &cos, &sin)?.reshape((b, t, n * hd))
             };
-            let q = rotated(layer.q.forward(&hn, tape.as_deref_mut())?, nh)?;
-            let k = rotated(layer.k.forward(&hn, tape.as_deref_mut())?, nkv)?;
+            let q = rotated(layer.q.forward(&hn, tape.as_deref_mut())?, nh, layer.q_norm.as_ref())?;
+            let k = rotated(layer.k.forward(&hn, tape.as_deref_mut())?, nkv, layer.k_norm.as_ref())?;
             let v = layer.v.forward(&hn, tape.as_deref_mut())?;
             let ctx = attention(&q, &k, &v, &bias, heads, scale)?;
             // o(ctx) + x (x is a constant in the lowest adapted layer: no gradient computed for it).
@@ -791,6 +808,10 @@ pub fn random_weights(
         }
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0, rng)?;
         put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, rng)?;
+        if cfg.qk_norm() {
+            put(format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim()], 1.0, rng)?;
+            put(format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim()], 1.0, rng)?;
+        }
     }
     Ok(w)
 }

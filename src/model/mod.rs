@@ -205,7 +205,7 @@ pub enum Architecture {
 
 /// `model_type` values accepted per family.
 pub const BERT_MODEL_TYPES: [&str; 1] = ["bert"];
-pub const LLAMA_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub const LLAMA_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 impl Architecture {
     /// Reads `model_type` from the folder's config.json.

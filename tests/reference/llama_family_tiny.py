@@ -1,0 +1,102 @@
+"""Reference values for the Llama-family architectures (tests/llama_family_reference.rs), from
+transformers: per family, a tiny model (hidden 64, 2 layers, GQA 4/2 heads, head dim 16, tied
+embeddings) with the family's own options switched on:
+- llama3: LlamaForCausalLM with `rope_type = "llama3"` scaling whose original context (16) is
+  shorter than the test sequences (24), so the scaled frequencies change the output;
+- qwen3: Qwen3ForCausalLM (RMSNorm of every query and key head before RoPE, θ = 1e6).
+Its weights follow a closed formula that the
+Rust test reproduces exactly (no torch needed in CI): for a tensor named `name`,
+  seed = Σ_i ord(name[i]) · (i + 1) mod 1009,
+  v_k = ((k · 7919 + seed · 104729) mod 2003) / 2003 − 0.5   (k = flat index, row-major),
+weights 0.2 · v_k, norm weights 1 + 0.2 · v_k. Written per family: the config as transformers 5 saves it
+(`rope_parameters`), the input ids, logits at a few positions, and each sequence's mean
+next-token NLL; for llama3 also the NLL with plain RoPE (to show the scaling matters) and the
+inverse frequencies transformers computes for Llama-3.2-1B's RoPE settings.
+
+Run: .cache/pyenv/bin/python tests/reference/llama_family_tiny.py > tests/reference/llama_family_tiny.json
+"""
+import json
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+torch.set_num_threads(1)
+
+
+def formula(name, shape):
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % 1009
+    n = 1
+    for d in shape:
+        n *= d
+    k = torch.arange(n, dtype=torch.float64)
+    v = torch.remainder(k * 7919 + seed * 104729, 2003) / 2003 - 0.5
+    scale_one = name.endswith("norm.weight")
+    v = 1 + 0.2 * v if scale_one else 0.2 * v
+    return v.reshape(shape).to(torch.float32)
+
+
+ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+             max_position_embeddings=128, tie_word_embeddings=True, hidden_act="silu",
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build(config_cls, model_cls, rope):
+    cfg = config_cls(rope_parameters=rope, **SHAPE)
+    m = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name == "lm_head.weight":
+                continue
+            p.copy_(formula(name, tuple(p.shape)))
+    return cfg, m
+
+
+def mean_nll(m, ids):
+    with torch.no_grad():
+        logits = m(input_ids=ids).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -lp.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logits, nll.mean(dim=1)
+
+
+ids = torch.tensor([[(7 * i * i + 3 * i + 5 + 11 * b) % 93 + 3 for i in range(24)] for b in range(2)])
+positions = [0, 7, 15, 23]
+
+
+def entry(cfg, m):
+    logits, nll = mean_nll(m, ids)
+    return {
+        "config": json.loads(cfg.to_json_string()),
+        "logits": [[logits[b, p].tolist() for p in positions] for b in range(2)],
+        "mean_nll": nll.tolist(),
+    }
+
+
+out = {
+    "about": f"transformers {transformers.__version__}, torch {torch.__version__}: see tests/reference/llama_family_tiny.py",
+    "input_ids": ids.tolist(),
+    "positions": positions,
+}
+cfg, m = build(LlamaConfig, LlamaForCausalLM, ROPE)
+out["llama3"] = entry(cfg, m)
+_, m_plain = build(LlamaConfig, LlamaForCausalLM, {"rope_type": "default", "rope_theta": 10000.0})
+out["llama3"]["mean_nll_without"] = mean_nll(m_plain, ids)[1].tolist()
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+cfg, m = build(Qwen3Config, Qwen3ForCausalLM, QWEN_ROPE)
+out["qwen3"] = entry(cfg, m)
+
+big = LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, max_position_embeddings=131072,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192})
+inv_big, scale_big = ROPE_INIT_FUNCTIONS["llama3"](big, "cpu")
+out["llama_3_2_1b_inv_freq"] = inv_big.double().tolist()
+out["llama_3_2_1b_attention_scaling"] = scale_big
+print(json.dumps(out, indent=1))
