@@ -48,6 +48,9 @@ pub struct BertConfig {
     /// Only "absolute" (learned position embeddings) is implemented.
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// RoBERTa / XLM-R: the padding id, which also sets where positions start (its index + 1).
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
     /// Every other key of config.json (checked by `validate`).
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -70,8 +73,13 @@ impl BertConfig {
     /// neither understood nor known not to matter, is named.
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self.model_type.as_deref() {
-            Some("bert") => {}
-            other => return Err(format!("unsupported architecture {other:?}: this model family is `bert`")),
+            Some(t) if super::BERT_MODEL_TYPES.contains(&t) => {}
+            other => {
+                return Err(format!(
+                    "unsupported architecture {other:?}: this model family is {}",
+                    super::BERT_MODEL_TYPES.join(", ")
+                ))
+            }
         }
         super::config_keys::check_other_keys(&self.other, BERT_IGNORED_KEYS, "BERT")?;
         if self.hidden_act != "gelu" {
@@ -85,7 +93,24 @@ impl BertConfig {
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads".into());
         }
+        if self.position_offset() >= self.max_position_embeddings {
+            return Err(format!(
+                "positions start at {} (pad_token_id + 1) but there are only {} position embeddings",
+                self.position_offset(),
+                self.max_position_embeddings
+            ));
+        }
         Ok(())
+    }
+
+    /// The position index of the first token: 0 for BERT; pad_token_id + 1 for RoBERTa and XLM-R,
+    /// whose position ids count real tokens from there (transformers'
+    /// `create_position_ids_from_input_ids`; padding, always on the right here, is masked out).
+    pub fn position_offset(&self) -> usize {
+        match self.model_type.as_deref() {
+            Some("roberta" | "xlm-roberta") => self.pad_token_id.unwrap_or(1) + 1,
+            _ => 0,
+        }
     }
 }
 
@@ -214,7 +239,15 @@ impl BertClassifier {
         super::check_weight_dtypes(std::slice::from_ref(&st))?;
         // SAFETY: the file is memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
-        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        // A task model's weights sit under the family's prefix (bert., roberta.); a bare encoder's
+        // do not.
+        let prefix = ["bert", "roberta"]
+            .into_iter()
+            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")));
+        let vb = match prefix {
+            Some(p) => vb.pp(p),
+            None => vb,
+        };
         Self::new(vb, config, lora, num_labels, init_rng)
             .map_err(|e| ModelError::Load { file: st, message: e.to_string() })
     }
@@ -298,12 +331,17 @@ impl BertClassifier {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let cfg = &self.config;
-        if t > cfg.max_position_embeddings {
-            candle_core::bail!("sequence length {t} exceeds max_position_embeddings {}", cfg.max_position_embeddings);
+        let offset = cfg.position_offset();
+        if t + offset > cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence length {t} exceeds the {} positions of max_position_embeddings {}",
+                cfg.max_position_embeddings - offset,
+                cfg.max_position_embeddings
+            );
         }
         let h = cfg.hidden_size;
         let words = self.word_emb.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, h))?;
-        let pos = self.pos_emb.narrow(0, 0, t)?;
+        let pos = self.pos_emb.narrow(0, offset, t)?;
         let typ = self.type_emb.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&typ)?;
         layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, cfg.layer_norm_eps)

@@ -56,6 +56,7 @@ pub const IGNORED_KEYS: &[(&str, &[&str])] = &[
          padding is masked out, whatever its id",
         &[
             "bos_token_id",
+            "eos_token_id",
             "pad_token_id",
             "sep_token_id",
             "cls_token_id",

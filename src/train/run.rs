@@ -841,13 +841,15 @@ pub fn load_data(plan: &Plan, arch: Architecture) -> Result<(Dataset, Dataset), 
     // model.max-seq-len against the model's positions, before any record is read.
     let positions = match arch {
         Architecture::Bert => {
-            Some(crate::model::BertConfig::from_file(&plan.model_dir.join("config.json"))?.max_position_embeddings)
+            // RoBERTa's positions start after the padding index (514 embeddings hold 512 tokens).
+            let c = crate::model::BertConfig::from_file(&plan.model_dir.join("config.json"))?;
+            Some(c.max_position_embeddings - c.position_offset())
         }
         Architecture::Llama => LlamaConfig::from_file(&plan.model_dir.join("config.json"))?.max_position_embeddings,
     };
     if let Some(p) = positions.filter(|&p| plan.max_seq_len > p) {
         return Err(RunError::Plan(format!(
-            "model.max-seq-len {} exceeds the model's max_position_embeddings {p} ({})",
+            "model.max-seq-len {} exceeds the {p} positions of the model's max_position_embeddings ({})",
             plan.max_seq_len,
             plan.model_dir.join("config.json").display()
         )));

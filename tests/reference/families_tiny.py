@@ -1,25 +1,28 @@
-"""Reference values for the Llama-family architectures (tests/llama_family_reference.rs), from
+"""Reference values for the model families (tests/families_reference.rs), from
 transformers: per family, a tiny model (hidden 64, 2 layers, GQA 4/2 heads, head dim 16, tied
 embeddings) with the family's own options switched on:
 - llama3: LlamaForCausalLM with `rope_type = "llama3"` scaling whose original context (16) is
   shorter than the test sequences (24), so the scaled frequencies change the output;
-- qwen3: Qwen3ForCausalLM (RMSNorm of every query and key head before RoPE, θ = 1e6).
+- qwen3: Qwen3ForCausalLM (RMSNorm of every query and key head before RoPE, θ = 1e6);
+- roberta: the RoBERTa encoder (positions offset by pad_token_id + 1, one token type, LayerNorm
+  eps 1e-5), on a batch with a right-padded sequence: its last hidden states at a few positions
+  and the mask-weighted mean over real tokens (what dptrain's classification head reads).
 Its weights follow a closed formula that the
 Rust test reproduces exactly (no torch needed in CI): for a tensor named `name`,
   seed = Σ_i ord(name[i]) · (i + 1) mod 1009,
   v_k = ((k · 7919 + seed · 104729) mod 2003) / 2003 − 0.5   (k = flat index, row-major),
-weights 0.2 · v_k, norm weights 1 + 0.2 · v_k. Written per family: the config as transformers 5 saves it
+weights 0.2 · v_k, norm weights (a name ending in norm.weight, any case) 1 + 0.2 · v_k. Written per family: the config as transformers 5 saves it
 (`rope_parameters`), the input ids, logits at a few positions, and each sequence's mean
 next-token NLL; for llama3 also the NLL with plain RoPE (to show the scaling matters) and the
 inverse frequencies transformers computes for Llama-3.2-1B's RoPE settings.
 
-Run: .cache/pyenv/bin/python tests/reference/llama_family_tiny.py > tests/reference/llama_family_tiny.json
+Run: .cache/pyenv/bin/python tests/reference/families_tiny.py > tests/reference/families_tiny.json
 """
 import json
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 torch.set_num_threads(1)
@@ -32,7 +35,7 @@ def formula(name, shape):
         n *= d
     k = torch.arange(n, dtype=torch.float64)
     v = torch.remainder(k * 7919 + seed * 104729, 2003) / 2003 - 0.5
-    scale_one = name.endswith("norm.weight")
+    scale_one = name.lower().endswith("norm.weight")
     v = 1 + 0.2 * v if scale_one else 0.2 * v
     return v.reshape(shape).to(torch.float32)
 
@@ -80,7 +83,7 @@ def entry(cfg, m):
 
 
 out = {
-    "about": f"transformers {transformers.__version__}, torch {torch.__version__}: see tests/reference/llama_family_tiny.py",
+    "about": f"transformers {transformers.__version__}, torch {torch.__version__}: see tests/reference/families_tiny.py",
     "input_ids": ids.tolist(),
     "positions": positions,
 }
@@ -91,6 +94,31 @@ out["llama3"]["mean_nll_without"] = mean_nll(m_plain, ids)[1].tolist()
 QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
 cfg, m = build(Qwen3Config, Qwen3ForCausalLM, QWEN_ROPE)
 out["qwen3"] = entry(cfg, m)
+
+rcfg = RobertaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1,
+                     bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+rm = RobertaModel(rcfg, add_pooling_layer=False).eval()
+with torch.no_grad():
+    for name, p in rm.named_parameters():
+        p.copy_(formula(name, tuple(p.shape)))
+lengths = [20, 13]
+r_ids = torch.ones(2, 20, dtype=torch.long)
+for b, n in enumerate(lengths):
+    r_ids[b, :n] = torch.tensor([0] + [(5 * i * i + 7 * i + 3 + 13 * b) % 92 + 3 for i in range(n - 2)] + [2])
+r_mask = (r_ids != 1).long()
+with torch.no_grad():
+    hidden = rm(input_ids=r_ids, attention_mask=r_mask).last_hidden_state.double()
+pooled = (hidden * r_mask.unsqueeze(-1)).sum(1) / r_mask.sum(1, keepdim=True)
+r_positions = [0, 5, 12]
+out["roberta"] = {
+    "config": json.loads(rcfg.to_json_string()),
+    "input_ids": r_ids.tolist(),
+    "lengths": lengths,
+    "positions": r_positions,
+    "hidden": [[hidden[b, p].tolist() for p in r_positions] for b in range(2)],
+    "pooled": pooled.tolist(),
+}
 
 big = LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, max_position_embeddings=131072,
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
