@@ -44,24 +44,33 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Built-in model shapes (random weights: throughput does not depend on the values).
-pub const SHAPES: [&str; 5] = ["tiny", "minilm-l6", "bert-base", "llama-tiny", "smollm2-135m"];
+pub const SHAPES: [&str; 7] =
+    ["tiny", "minilm-l6", "bert-base", "llama-tiny", "smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"];
 
 /// The Llama config of a built-in decoder shape (`None` for the BERT shapes).
 pub fn llama_shape_config(name: &str) -> Result<Option<LlamaConfig>> {
-    let (vocab, h, layers, heads, kv, ffn) = match name {
-        "llama-tiny" => (256, 64, 2, 4, 2, 128),
+    let (vocab, h, layers, heads, kv, ffn, tied) = match name {
+        "llama-tiny" => (256, 64, 2, 4, 2, 128, true),
         // SmolLM2-135M: the published config.
-        "smollm2-135m" => (49152, 576, 30, 9, 3, 1536),
+        "smollm2-135m" => (49152, 576, 30, 9, 3, 1536, true),
+        // Llama-3.2-1B and Llama-3.1-8B: the published shapes and RoPE settings.
+        "llama-3.2-1b" => (128256, 2048, 16, 32, 8, 8192, true),
+        "llama-3.1-8b" => (128256, 4096, 32, 32, 8, 14336, false),
         _ => return Ok(None),
     };
-    serde_json::from_value(serde_json::json!({
+    let mut cfg = serde_json::json!({
         "model_type": "llama", "vocab_size": vocab, "hidden_size": h, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
         "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
-        "tie_word_embeddings": true, "hidden_act": "silu"
-    }))
-    .map(Some)
-    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        "tie_word_embeddings": tied, "hidden_act": "silu"
+    });
+    if name.starts_with("llama-3") {
+        cfg["rope_theta"] = 500000.0.into();
+        cfg["max_position_embeddings"] = 131072.into();
+        cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": if tied { 32.0 } else { 8.0 },
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    }
+    serde_json::from_value(cfg).map(Some).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 pub fn shape_config(name: &str) -> Result<BertConfig> {
@@ -579,5 +588,25 @@ mod memory {
     #[cfg(not(feature = "cuda"))]
     fn gpu_peak(_device: &Device) -> Result<Option<u64>> {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decoder_shape_is_a_valid_config_with_its_published_sizes() {
+        for (name, params_millions) in [("smollm2-135m", 134.5), ("llama-3.2-1b", 1235.8), ("llama-3.1-8b", 8030.3)] {
+            let c = llama_shape_config(name).unwrap().unwrap();
+            c.validate().unwrap();
+            let (h, f, l, v) = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size);
+            let kv = c.kv_heads() * c.head_dim();
+            let per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h;
+            let total = v * h * if c.tied() { 1 } else { 2 } + l * per_layer + h;
+            let m = total as f64 / 1e6;
+            assert!((m - params_millions).abs() < 0.1, "{name}: {m} M parameters");
+            assert_eq!(c.rope().unwrap().llama3.is_some(), name.starts_with("llama-3"), "{name}");
+        }
     }
 }
