@@ -6,7 +6,8 @@
 //! to 1e-4. Families: Llama 3 (`llama3` RoPE scaling; plain RoPE would not match) and Qwen3
 //! (per-head q/k RMSNorm; without them the logits would not match). The RoBERTa encoder (and
 //! XLM-R, the same architecture) gives transformers' last hidden states and masked mean over a
-//! batch with a right-padded sequence (read as BERT, without the position offset, it would not).
+//! batch with a right-padded sequence (read as BERT, without the position offset, it would not);
+//! so does DistilBERT (its own weight names, no token types).
 //! Also: the inverse frequencies of Llama-3.2-1B's RoPE settings equal transformers'.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -157,50 +158,55 @@ fn llama_3_2_1b_inverse_frequencies_equal_transformers() {
 }
 
 #[test]
-fn the_roberta_encoder_matches_transformers_and_xlm_r_reads_the_same() {
+fn the_roberta_and_distilbert_encoders_match_transformers_and_xlm_r_reads_as_roberta() {
     use dptrain::model::{BertClassifier, BertConfig};
     let r = reference();
-    let f = &r["roberta"];
-    let ids: Vec<Vec<u32>> = serde_json::from_value(f["input_ids"].clone()).unwrap();
-    let lengths: Vec<usize> = serde_json::from_value(f["lengths"].clone()).unwrap();
-    let positions: Vec<usize> = serde_json::from_value(f["positions"].clone()).unwrap();
-    let want_hidden: Vec<Vec<Vec<f64>>> = serde_json::from_value(f["hidden"].clone()).unwrap();
-    let want_pooled: Vec<Vec<f64>> = serde_json::from_value(f["pooled"].clone()).unwrap();
-    let t = ids[0].len();
-    let mask: Vec<Vec<f32>> =
-        lengths.iter().map(|&n| (0..t).map(|i| if i < n { 1.0 } else { 0.0 }).collect()).collect();
-    let (input, mask) = (Tensor::new(ids.clone(), &Device::Cpu).unwrap(), Tensor::new(mask, &Device::Cpu).unwrap());
-    // (largest relative error of the hidden states, of the pooled features)
-    let errors = |config: serde_json::Value| -> (f64, f64) {
-        let cfg = BertConfig::from_json(&config.to_string()).unwrap();
-        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
-        let shapes = dptrain::model::bert::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
-        let w: HashMap<String, Tensor> = shapes.iter().map(|(n, t)| (n.clone(), formula(n, t.dims()))).collect();
-        let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
-        let m = BertClassifier::new(vb, cfg, None, 2, &mut rng).unwrap();
-        let hidden = m.encode(&input, &mask, None).unwrap();
-        let pooled: Vec<Vec<f32>> = m.pooled(&input, &mask, None).unwrap().to_vec2().unwrap();
-        let rel = |g: f32, w: f64| (g as f64 - w).abs() / w.abs().max(1.0);
-        let mut eh = 0.0f64;
-        for (b, rows) in want_hidden.iter().enumerate() {
-            for (k, &p) in positions.iter().enumerate() {
-                let got: Vec<f32> = hidden.i((b, p)).unwrap().to_vec1().unwrap();
-                eh = got.iter().zip(&rows[k]).fold(eh, |m, (&g, &w)| m.max(rel(g, w)));
+    for family in ["roberta", "distilbert"] {
+        let f = &r[family];
+        let ids: Vec<Vec<u32>> = serde_json::from_value(f["input_ids"].clone()).unwrap();
+        let lengths: Vec<usize> = serde_json::from_value(f["lengths"].clone()).unwrap();
+        let positions: Vec<usize> = serde_json::from_value(f["positions"].clone()).unwrap();
+        let want_hidden: Vec<Vec<Vec<f64>>> = serde_json::from_value(f["hidden"].clone()).unwrap();
+        let want_pooled: Vec<Vec<f64>> = serde_json::from_value(f["pooled"].clone()).unwrap();
+        let t = ids[0].len();
+        let mask: Vec<Vec<f32>> =
+            lengths.iter().map(|&n| (0..t).map(|i| if i < n { 1.0 } else { 0.0 }).collect()).collect();
+        let (input, mask) = (Tensor::new(ids.clone(), &Device::Cpu).unwrap(), Tensor::new(mask, &Device::Cpu).unwrap());
+        // (largest relative error of the hidden states, of the pooled features)
+        let errors = |config: serde_json::Value| -> (f64, f64) {
+            let cfg = BertConfig::from_json(&config.to_string()).unwrap_or_else(|e| panic!("{family}: {e}"));
+            let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+            let shapes = dptrain::model::bert::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
+            let w: HashMap<String, Tensor> = shapes.iter().map(|(n, t)| (n.clone(), formula(n, t.dims()))).collect();
+            let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+            let m = BertClassifier::new(vb, cfg, None, 2, &mut rng).unwrap();
+            let hidden = m.encode(&input, &mask, None).unwrap();
+            let pooled: Vec<Vec<f32>> = m.pooled(&input, &mask, None).unwrap().to_vec2().unwrap();
+            let rel = |g: f32, w: f64| (g as f64 - w).abs() / w.abs().max(1.0);
+            let mut eh = 0.0f64;
+            for (b, rows) in want_hidden.iter().enumerate() {
+                for (k, &p) in positions.iter().enumerate() {
+                    let got: Vec<f32> = hidden.i((b, p)).unwrap().to_vec1().unwrap();
+                    eh = got.iter().zip(&rows[k]).fold(eh, |m, (&g, &w)| m.max(rel(g, w)));
+                }
             }
+            let ep =
+                pooled.iter().flatten().zip(want_pooled.iter().flatten()).fold(0.0f64, |m, (&g, &w)| m.max(rel(g, w)));
+            (eh, ep)
+        };
+        let config = f["config"].clone();
+        assert_eq!(config["model_type"], family);
+        let (eh, ep) = errors(config.clone());
+        assert!(eh <= 1e-4 && ep <= 1e-4, "{family}: hidden {eh}, pooled {ep}");
+        if family == "roberta" {
+            let mut xlmr = config.clone();
+            xlmr["model_type"] = "xlm-roberta".into();
+            assert_eq!(errors(xlmr), (eh, ep));
+            // Read as BERT (positions from 0) the same weights give other features.
+            let mut bert = config;
+            bert["model_type"] = "bert".into();
+            let (_, ep) = errors(bert);
+            assert!(ep > 1e-3, "without the position offset the pooled features still match ({ep})");
         }
-        let ep = pooled.iter().flatten().zip(want_pooled.iter().flatten()).fold(0.0f64, |m, (&g, &w)| m.max(rel(g, w)));
-        (eh, ep)
-    };
-    let config = f["config"].clone();
-    assert_eq!(config["model_type"], "roberta");
-    let (eh, ep) = errors(config.clone());
-    assert!(eh <= 1e-4 && ep <= 1e-4, "roberta: hidden {eh}, pooled {ep}");
-    let mut xlmr = config.clone();
-    xlmr["model_type"] = "xlm-roberta".into();
-    assert_eq!(errors(xlmr), (eh, ep));
-    // Read as BERT (positions from 0) the same weights give other features.
-    let mut bert = config;
-    bert["model_type"] = "bert".into();
-    let (_, ep) = errors(bert);
-    assert!(ep > 1e-3, "without the position offset the pooled features still match ({ep})");
+    }
 }

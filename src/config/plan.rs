@@ -381,12 +381,17 @@ impl Plan {
             }
             // Checked against the model's own list when it is loaded; here, names no family has.
             for m in targets {
-                if !BERT_LORA_MODULES.contains(&m.as_str()) && !LLAMA_LORA_MODULES.contains(&m.as_str()) {
+                let distil = crate::model::bert::DISTILBERT_LORA_MODULES;
+                if !BERT_LORA_MODULES.contains(&m.as_str())
+                    && !LLAMA_LORA_MODULES.contains(&m.as_str())
+                    && !distil.iter().any(|(d, _)| d == m)
+                {
                     return Err(bad(
                         "lora.target-modules",
                         format!(
-                            "`{m}` matches no linear layer (BERT: {}; Llama: {})",
+                            "`{m}` matches no linear layer (BERT: {}; DistilBERT: {}; Llama: {})",
                             BERT_LORA_MODULES.join(", "),
+                            distil.iter().map(|(d, _)| *d).collect::<Vec<_>>().join(", "),
                             LLAMA_LORA_MODULES.join(", ")
                         ),
                     ));

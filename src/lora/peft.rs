@@ -34,6 +34,7 @@ fn known_modules() -> Vec<&'static str> {
         .iter()
         .chain(crate::model::llama::LLAMA_LORA_MODULES.iter())
         .copied()
+        .chain(crate::model::bert::DISTILBERT_LORA_MODULES.iter().map(|(m, _)| *m))
         .collect();
     v.sort_by_key(|m| std::cmp::Reverse(m.len()));
     v

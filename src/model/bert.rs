@@ -62,11 +62,49 @@ impl BertConfig {
         Self::from_json(&text).map_err(|message| ModelError::Config { path: path.into(), message })
     }
 
-    /// Parses and validates the text of a config.json.
+    /// Parses and validates the text of a config.json. A DistilBERT config (`dim`, `n_layers`,
+    /// `n_heads`, `hidden_dim`, `activation`) is read into the same fields, with no token types
+    /// and transformers' fixed LayerNorm eps of 1e-12.
     pub fn from_json(text: &str) -> std::result::Result<BertConfig, String> {
-        let cfg: BertConfig = serde_json::from_str(text).map_err(|e| format!("not a BERT config: {e}"))?;
+        let mut v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not a BERT config: {e}"))?;
+        if v["model_type"] == "distilbert" {
+            let m = v.as_object_mut().ok_or("not a JSON object")?;
+            for (from, to) in [
+                ("dim", "hidden_size"),
+                ("n_layers", "num_hidden_layers"),
+                ("n_heads", "num_attention_heads"),
+                ("hidden_dim", "intermediate_size"),
+                ("activation", "hidden_act"),
+            ] {
+                if m.contains_key(to) {
+                    return Err(format!("a DistilBERT config with `{to}` as well as `{from}`"));
+                }
+                if let Some(x) = m.remove(from) {
+                    m.insert(to.into(), x);
+                }
+            }
+            for (k, x) in [("type_vocab_size", 0.into()), ("layer_norm_eps", 1e-12.into())] {
+                if m.insert(k.into(), x).is_some() {
+                    return Err(format!("a DistilBERT config with `{k}`"));
+                }
+            }
+            // The position table is in the weights either way, but a sinusoidal one has not been
+            // checked here.
+            match m.remove("sinusoidal_pos_embds") {
+                None | Some(serde_json::Value::Bool(false)) => {}
+                Some(x) => {
+                    return Err(format!("unsupported sinusoidal_pos_embds = {x} (only learned positions are checked)"))
+                }
+            }
+        }
+        let cfg: BertConfig = serde_json::from_value(v).map_err(|e| format!("not a BERT config: {e}"))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// DistilBERT (its own weight and module names, no token types).
+    pub fn is_distilbert(&self) -> bool {
+        self.model_type.as_deref() == Some("distilbert")
     }
 
     /// Checks what this implementation supports; every unsupported feature, and every key that is
@@ -117,6 +155,74 @@ impl BertConfig {
 pub use super::{load_tokenizer, HEAD_MODULE};
 pub use crate::lora::LoraSpec;
 
+/// Module names a DistilBERT layer exposes to LoRA (PEFT's), each with the BERT name that is
+/// accepted as its alias (so the same config and `dptrain init` recipe serve both).
+pub const DISTILBERT_LORA_MODULES: [(&str, &str); 6] = [
+    ("q_lin", "query"),
+    ("k_lin", "key"),
+    ("v_lin", "value"),
+    ("out_lin", "attention.output.dense"),
+    ("lin1", "intermediate.dense"),
+    ("lin2", "output.dense"),
+];
+
+/// Where a BERT-family encoder keeps its layers' tensors: the layer prefix, the six linear
+/// layers' paths and LoRA module names (query, key, value, attention output, intermediate,
+/// output), and the two LayerNorms.
+struct Layout {
+    layer: &'static str,
+    paths: [&'static str; 6],
+    modules: [&'static str; 6],
+    attn_ln: &'static str,
+    out_ln: &'static str,
+}
+
+const BERT_LAYOUT: Layout = Layout {
+    layer: "encoder.layer",
+    paths: [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
+    modules: crate::config::BERT_LORA_MODULES,
+    attn_ln: "attention.output.LayerNorm",
+    out_ln: "output.LayerNorm",
+};
+
+const DISTILBERT_LAYOUT: Layout = Layout {
+    layer: "transformer.layer",
+    paths: ["attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"],
+    modules: ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    attn_ln: "sa_layer_norm",
+    out_ln: "output_layer_norm",
+};
+
+impl BertConfig {
+    fn layout(&self) -> &'static Layout {
+        if self.is_distilbert() {
+            &DISTILBERT_LAYOUT
+        } else {
+            &BERT_LAYOUT
+        }
+    }
+
+    /// The model's own LoRA module name for a configured target (DistilBERT also takes the BERT
+    /// names), or `None` when it has no such module.
+    pub fn lora_module(&self, target: &str) -> Option<&'static str> {
+        let layout = self.layout();
+        if let Some(m) = layout.modules.iter().find(|m| **m == target) {
+            return Some(m);
+        }
+        if self.is_distilbert() {
+            return DISTILBERT_LORA_MODULES.iter().find(|(_, bert)| *bert == target).map(|(m, _)| *m);
+        }
+        None
+    }
+}
+
 struct BertLayer {
     query: LoraLinear,
     key: LoraLinear,
@@ -133,7 +239,8 @@ pub struct BertClassifier {
     pub config: BertConfig,
     word_emb: Tensor,
     pos_emb: Tensor,
-    type_emb: Tensor,
+    /// [types, H]; `None` for DistilBERT (no token types).
+    type_emb: Option<Tensor>,
     emb_ln: (Tensor, Tensor),
     layers: Vec<BertLayer>,
     /// [C, H]
@@ -156,14 +263,21 @@ impl BertClassifier {
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
         let ln = |vb: VarBuilder| -> Result<(Tensor, Tensor)> { Ok((vb.get(h, "weight")?, vb.get(h, "bias")?)) };
-        if let Some(bad) =
-            lora.iter().flat_map(|s| &s.targets).find(|t| !crate::config::BERT_LORA_MODULES.contains(&t.as_str()))
-        {
+        if let Some(bad) = lora.iter().flat_map(|s| &s.targets).find(|t| config.lora_module(t).is_none()) {
+            let known: Vec<&str> = if config.is_distilbert() {
+                DISTILBERT_LORA_MODULES.iter().flat_map(|(m, b)| [*m, *b]).collect()
+            } else {
+                crate::config::BERT_LORA_MODULES.to_vec()
+            };
             candle_core::bail!(
-                "lora.target-modules: `{bad}` matches no linear layer of a BERT-family model (known: {})",
-                crate::config::BERT_LORA_MODULES.join(", ")
+                "lora.target-modules: `{bad}` matches no linear layer of this {} model (known: {})",
+                config.model_type.as_deref().unwrap_or("BERT"),
+                known.join(", ")
             );
         }
+        let targets: Vec<&'static str> =
+            lora.iter().flat_map(|s| &s.targets).filter_map(|t| config.lora_module(t)).collect();
+        let layout = config.layout();
         if let Some(layers) = lora.and_then(|s| s.layers.as_ref()) {
             if let Some(bad) = layers.iter().find(|&&l| l >= config.num_hidden_layers) {
                 candle_core::bail!(
@@ -177,8 +291,7 @@ impl BertClassifier {
                 let v = vb.pp(path);
                 let name = v.prefix().to_string();
                 let adapt = |spec: &LoraSpec| {
-                    spec.targets.iter().any(|t| t == module)
-                        && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
+                    targets.contains(&module) && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
                 };
                 let adapter = match lora {
                     Some(spec) if adapt(spec) => {
@@ -197,23 +310,28 @@ impl BertClassifier {
             };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let l = vb.pp(format!("encoder.layer.{i}"));
+            let l = vb.pp(format!("{}.{i}", layout.layer));
             let f = config.intermediate_size;
+            let (p, m) = (&layout.paths, &layout.modules);
             layers.push(BertLayer {
-                query: lin(&l, i, "attention.self.query", "query", h, h)?,
-                key: lin(&l, i, "attention.self.key", "key", h, h)?,
-                value: lin(&l, i, "attention.self.value", "value", h, h)?,
-                attn_out: lin(&l, i, "attention.output.dense", "attention.output.dense", h, h)?,
-                attn_ln: ln(l.pp("attention.output.LayerNorm"))?,
-                intermediate: lin(&l, i, "intermediate.dense", "intermediate.dense", f, h)?,
-                output: lin(&l, i, "output.dense", "output.dense", h, f)?,
-                out_ln: ln(l.pp("output.LayerNorm"))?,
+                query: lin(&l, i, p[0], m[0], h, h)?,
+                key: lin(&l, i, p[1], m[1], h, h)?,
+                value: lin(&l, i, p[2], m[2], h, h)?,
+                attn_out: lin(&l, i, p[3], m[3], h, h)?,
+                attn_ln: ln(l.pp(layout.attn_ln))?,
+                intermediate: lin(&l, i, p[4], m[4], f, h)?,
+                output: lin(&l, i, p[5], m[5], h, f)?,
+                out_ln: ln(l.pp(layout.out_ln))?,
             });
         }
         Ok(BertClassifier {
             word_emb: emb.get((config.vocab_size, h), "word_embeddings.weight")?,
             pos_emb: emb.get((config.max_position_embeddings, h), "position_embeddings.weight")?,
-            type_emb: emb.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            type_emb: if config.type_vocab_size > 0 {
+                Some(emb.get((config.type_vocab_size, h), "token_type_embeddings.weight")?)
+            } else {
+                None
+            },
             emb_ln: ln(emb.pp("LayerNorm"))?,
             layers,
             head_w: Tensor::zeros((num_labels, h), DType::F32, vb.device())?,
@@ -241,7 +359,7 @@ impl BertClassifier {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
         // A task model's weights sit under the family's prefix (bert., roberta.); a bare encoder's
         // do not.
-        let prefix = ["bert", "roberta"]
+        let prefix = ["bert", "roberta", "distilbert"]
             .into_iter()
             .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")));
         let vb = match prefix {
@@ -342,8 +460,10 @@ impl BertClassifier {
         let h = cfg.hidden_size;
         let words = self.word_emb.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, h))?;
         let pos = self.pos_emb.narrow(0, offset, t)?;
-        let typ = self.type_emb.narrow(0, 0, 1)?;
-        let x = words.broadcast_add(&pos)?.broadcast_add(&typ)?;
+        let mut x = words.broadcast_add(&pos)?;
+        if let Some(types) = &self.type_emb {
+            x = x.broadcast_add(&types.narrow(0, 0, 1)?)?;
+        }
         layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, cfg.layer_norm_eps)
     }
 
@@ -514,24 +634,21 @@ pub fn random_weights(
     };
     put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h], 1.0, rng)?;
     put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h], 0.5, rng)?;
-    put("embeddings.token_type_embeddings.weight".into(), &[cfg.type_vocab_size, h], 0.5, rng)?;
+    if cfg.type_vocab_size > 0 {
+        put("embeddings.token_type_embeddings.weight".into(), &[cfg.type_vocab_size, h], 0.5, rng)?;
+    }
     put("embeddings.LayerNorm.weight".into(), &[h], 1.0, rng)?;
     put("embeddings.LayerNorm.bias".into(), &[h], 0.2, rng)?;
     let lin_scale = 1.7 / (h as f32).sqrt();
+    let layout = cfg.layout();
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("encoder.layer.{i}");
-        for (m, o, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
+        let p = format!("{}.{i}", layout.layer);
+        let shapes = [(h, h), (h, h), (h, h), (h, h), (f, h), (h, f)];
+        for (m, (o, inp)) in layout.paths.iter().zip(shapes) {
             put(format!("{p}.{m}.weight"), &[o, inp], lin_scale, rng)?;
             put(format!("{p}.{m}.bias"), &[o], 0.1, rng)?;
         }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        for ln in [layout.attn_ln, layout.out_ln] {
             put(format!("{p}.{ln}.weight"), &[h], 1.0, rng)?;
             put(format!("{p}.{ln}.bias"), &[h], 0.2, rng)?;
         }
@@ -601,5 +718,48 @@ mod tests {
         // Keys of another family are not silently accepted either.
         let e = BertConfig::from_json(&with(MINILM, "rope_theta", 10000.0.into())).unwrap_err();
         assert!(e.contains("`rope_theta`"), "{e}");
+    }
+
+    #[test]
+    fn distilbert_reads_its_own_config_and_names_and_takes_bert_target_names_as_aliases() {
+        let text = r#"{"activation": "gelu", "attention_dropout": 0.1, "dim": 64, "dropout": 0.1, "hidden_dim": 96,
+            "initializer_range": 0.02, "max_position_embeddings": 40, "model_type": "distilbert", "n_heads": 4,
+            "n_layers": 2, "pad_token_id": 0, "qa_dropout": 0.1, "seq_classif_dropout": 0.2,
+            "sinusoidal_pos_embds": false, "tie_word_embeddings": true, "vocab_size": 96}"#;
+        let cfg = BertConfig::from_json(text).unwrap();
+        assert_eq!(
+            (
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+                cfg.type_vocab_size
+            ),
+            (64, 2, 4, 96, 0)
+        );
+        assert_eq!((cfg.layer_norm_eps, cfg.position_offset()), (1e-12, 0));
+        let e = BertConfig::from_json(&with(text, "sinusoidal_pos_embds", true.into())).unwrap_err();
+        assert!(e.contains("sinusoidal_pos_embds"), "{e}");
+        let adapted = |targets: &[&str]| -> std::result::Result<Vec<String>, String> {
+            let mut rng = <ChaCha20Rng as rand::SeedableRng>::seed_from_u64(1);
+            let w = random_weights(&cfg, &mut rng, &Device::Cpu).map_err(|e| e.to_string())?;
+            let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+            let spec = LoraSpec {
+                rank: 2,
+                alpha: 4.0,
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                layers: Some(vec![1]),
+            };
+            let m = BertClassifier::new(vb, cfg.clone(), Some(&spec), 2, &mut rng).map_err(|e| e.to_string())?;
+            Ok(m.adapted_layers().iter().map(|l| l.name.clone()).collect())
+        };
+        let want = vec!["transformer.layer.1.attention.q_lin".to_string(), "transformer.layer.1.ffn.lin2".to_string()];
+        assert_eq!(adapted(&["q_lin", "lin2"]).unwrap(), want);
+        assert_eq!(adapted(&["query", "output.dense"]).unwrap(), want);
+        let e = adapted(&["dense"]).unwrap_err();
+        assert!(e.contains("`dense`") && e.contains("q_lin") && e.contains("query"), "{e}");
+        // A BERT model has no q_lin.
+        let bert = BertConfig::from_json(MINILM).unwrap();
+        assert_eq!((bert.lora_module("q_lin"), bert.lora_module("query")), (None, Some("query")));
     }
 }

@@ -49,7 +49,15 @@ pub const IGNORED_KEYS: &[(&str, &[&str])] = &[
     (
         "dropout probabilities: dptrain applies no dropout, in training or in evaluation (it has no \
          dropout layer and no LoRA dropout), so they never enter its computation",
-        &["attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "classifier_dropout"],
+        &[
+            "attention_dropout",
+            "attention_probs_dropout_prob",
+            "hidden_dropout_prob",
+            "classifier_dropout",
+            "dropout",
+            "qa_dropout",
+            "seq_classif_dropout",
+        ],
     ),
     (
         "special-token ids and tokenizer hints: the tokenizer (tokenizer.json) inserts special tokens; \

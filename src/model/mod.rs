@@ -204,7 +204,7 @@ pub enum Architecture {
 }
 
 /// `model_type` values accepted per family.
-pub const BERT_MODEL_TYPES: [&str; 3] = ["bert", "roberta", "xlm-roberta"];
+pub const BERT_MODEL_TYPES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
 pub const LLAMA_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 impl Architecture {

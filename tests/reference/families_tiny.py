@@ -6,7 +6,8 @@ embeddings) with the family's own options switched on:
 - qwen3: Qwen3ForCausalLM (RMSNorm of every query and key head before RoPE, θ = 1e6);
 - roberta: the RoBERTa encoder (positions offset by pad_token_id + 1, one token type, LayerNorm
   eps 1e-5), on a batch with a right-padded sequence: its last hidden states at a few positions
-  and the mask-weighted mean over real tokens (what dptrain's classification head reads).
+  and the mask-weighted mean over real tokens (what dptrain's classification head reads);
+- distilbert: the DistilBERT encoder (its own names, no token types), on the same batch.
 Its weights follow a closed formula that the
 Rust test reproduces exactly (no torch needed in CI): for a tensor named `name`,
   seed = Σ_i ord(name[i]) · (i + 1) mod 1009,
@@ -22,7 +23,7 @@ import json
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaModel
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 torch.set_num_threads(1)
@@ -109,16 +110,30 @@ for b, n in enumerate(lengths):
 r_mask = (r_ids != 1).long()
 with torch.no_grad():
     hidden = rm(input_ids=r_ids, attention_mask=r_mask).last_hidden_state.double()
-pooled = (hidden * r_mask.unsqueeze(-1)).sum(1) / r_mask.sum(1, keepdim=True)
 r_positions = [0, 5, 12]
-out["roberta"] = {
-    "config": json.loads(rcfg.to_json_string()),
-    "input_ids": r_ids.tolist(),
-    "lengths": lengths,
-    "positions": r_positions,
-    "hidden": [[hidden[b, p].tolist() for p in r_positions] for b in range(2)],
-    "pooled": pooled.tolist(),
-}
+
+
+def encoder_entry(cfg, hidden):
+    pooled = (hidden * r_mask.unsqueeze(-1)).sum(1) / r_mask.sum(1, keepdim=True)
+    return {
+        "config": json.loads(cfg.to_json_string()),
+        "input_ids": r_ids.tolist(),
+        "lengths": lengths,
+        "positions": r_positions,
+        "hidden": [[hidden[b, p].tolist() for p in r_positions] for b in range(2)],
+        "pooled": pooled.tolist(),
+    }
+
+
+out["roberta"] = encoder_entry(rcfg, hidden)
+dcfg = DistilBertConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=40,
+                        pad_token_id=1)
+dm = DistilBertModel(dcfg).eval()
+with torch.no_grad():
+    for name, p in dm.named_parameters():
+        p.copy_(formula(name, tuple(p.shape)))
+    d_hidden = dm(input_ids=r_ids, attention_mask=r_mask).last_hidden_state.double()
+out["distilbert"] = encoder_entry(dcfg, d_hidden)
 
 big = LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, max_position_embeddings=131072,
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
