@@ -3,8 +3,9 @@
 //! options, its weights from a closed formula both sides compute, read from the config in the
 //! transformers 5 layout (`rope_parameters`) and in the older Hub layout (`rope_theta`, plus
 //! `rope_scaling` where scaled), gives transformers' logits and per-sequence mean next-token NLL
-//! to 1e-4. Families: Llama 3 (`llama3` RoPE scaling; plain RoPE would not match) and Qwen3
-//! (per-head q/k RMSNorm; without them the logits would not match). The RoBERTa encoder (and
+//! to 1e-4. Families: Llama 3 (`llama3` RoPE scaling; plain RoPE would not match), Qwen3
+//! (per-head q/k RMSNorm; without them the logits would not match), Qwen2 (q/k/v biases; the
+//! same) and Mistral (sliding window longer than the sequences). The RoBERTa encoder (and
 //! XLM-R, the same architecture) gives transformers' last hidden states and masked mean over a
 //! batch with a right-padded sequence (read as BERT, without the position offset, it would not);
 //! so does DistilBERT (its own weight names, no token types).
@@ -83,7 +84,7 @@ fn every_llama_family_matches_transformers_in_both_config_layouts() {
     let r = reference();
     let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let positions: Vec<usize> = serde_json::from_value(r["positions"].clone()).unwrap();
-    for family in ["llama3", "qwen3"] {
+    for family in ["llama3", "qwen3", "qwen2", "mistral"] {
         let f = &r[family];
         let want_logits: Vec<Vec<Vec<f64>>> = serde_json::from_value(f["logits"].clone()).unwrap();
         let want_nll: Vec<f64> = serde_json::from_value(f["mean_nll"].clone()).unwrap();
@@ -112,8 +113,12 @@ fn every_llama_family_matches_transformers_in_both_config_layouts() {
                 let plain: Vec<f64> = serde_json::from_value(f["mean_nll_without"].clone()).unwrap();
                 assert!(want_nll.iter().zip(&plain).all(|(a, b)| !close(*a, *b)), "{want_nll:?} vs {plain:?}");
             }
-            "qwen3" => {
-                // The same model read as a Llama: no q/k norms (their tensors are then unused).
+            // Mistral is Llama with a sliding window (here longer than the sequences): nothing to
+            // switch off.
+            "mistral" => continue,
+            "qwen2" | "qwen3" => {
+                // The same model read as a Llama: no q/k norms, no q/k/v biases (their tensors are
+                // then unused).
                 without.model_type = Some("llama".into());
                 for k in ["layer_types", "max_window_layers", "sliding_window", "use_sliding_window"] {
                     without.other.remove(k);

@@ -4,6 +4,8 @@ embeddings) with the family's own options switched on:
 - llama3: LlamaForCausalLM with `rope_type = "llama3"` scaling whose original context (16) is
   shorter than the test sequences (24), so the scaled frequencies change the output;
 - qwen3: Qwen3ForCausalLM (RMSNorm of every query and key head before RoPE, θ = 1e6);
+- qwen2: Qwen2ForCausalLM (biases on q, k and v projections, none on o_proj);
+- mistral: MistralForCausalLM with a sliding window (32) longer than the sequences;
 - roberta: the RoBERTa encoder (positions offset by pad_token_id + 1, one token type, LayerNorm
   eps 1e-5), on a batch with a right-padded sequence: its last hidden states at a few positions
   and the mask-weighted mean over real tokens (what dptrain's classification head reads);
@@ -23,7 +25,7 @@ import json
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, MistralConfig, MistralForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 torch.set_num_threads(1)
@@ -95,6 +97,15 @@ out["llama3"]["mean_nll_without"] = mean_nll(m_plain, ids)[1].tolist()
 QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
 cfg, m = build(Qwen3Config, Qwen3ForCausalLM, QWEN_ROPE)
 out["qwen3"] = entry(cfg, m)
+cfg, m = build(Qwen2Config, Qwen2ForCausalLM, QWEN_ROPE)
+out["qwen2"] = entry(cfg, m)
+cfg = MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, sliding_window=32, **SHAPE)
+m = MistralForCausalLM(cfg).eval()
+with torch.no_grad():
+    for name, p in m.named_parameters():
+        if name != "lm_head.weight":
+            p.copy_(formula(name, tuple(p.shape)))
+out["mistral"] = entry(cfg, m)
 
 rcfg = RobertaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=96, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1,
