@@ -81,6 +81,27 @@ fn event(v: &Value) -> String {
     }
 }
 
+/// The "Data and model" table's common rows: the data files' sizes and commitments (a search's
+/// validation file too), labels and base model.
+fn data_and_model(o: &mut String, r: &Value) {
+    let _ = writeln!(o, "## Data and model\n");
+    let _ = writeln!(o, "| item | value |\n|---|---|");
+    row(o, "training records N", &num(&r["dataset"]["size"]));
+    row(o, "training data commitment", &text(&r["dataset"]["commitment"]));
+    if r["validation_dataset"].is_object() {
+        row(o, "validation records", &num(&r["validation_dataset"]["size"]));
+        row(o, "validation data commitment", &text(&r["validation_dataset"]["commitment"]));
+    }
+    row(o, "held-out records", &num(&r["test_dataset"]["size"]));
+    row(o, "held-out data commitment", &text(&r["test_dataset"]["commitment"]));
+    row(o, "commitment scheme", &text(&r["certificate"]["commitments"]["scheme"]));
+    if let Some(labels) = r["dataset"]["labels"].as_array().filter(|l| !l.is_empty()) {
+        row(o, "labels", &labels.iter().map(text).collect::<Vec<_>>().join(", "));
+    }
+    row(o, "base model", &text(&r["base_model"]["path"]));
+    row(o, "base model sha256 (config.json and weights)", &text(&r["base_model"]["sha256"]));
+}
+
 /// The markdown report of a `privacy_report.json` value.
 pub fn render(r: &Value) -> String {
     let mut o = String::new();
@@ -157,18 +178,7 @@ pub fn render(r: &Value) -> String {
     row(&mut o, "neighbouring relation", &text(&r["neighbouring_relation"]));
     o.push('\n');
 
-    let _ = writeln!(o, "## Data and model\n");
-    let _ = writeln!(o, "| item | value |\n|---|---|");
-    row(&mut o, "training records N", &num(&r["dataset"]["size"]));
-    row(&mut o, "training data commitment", &text(&r["dataset"]["commitment"]));
-    row(&mut o, "held-out records", &num(&r["test_dataset"]["size"]));
-    row(&mut o, "held-out data commitment", &text(&r["test_dataset"]["commitment"]));
-    row(&mut o, "commitment scheme", &text(&cert["commitments"]["scheme"]));
-    if let Some(labels) = r["dataset"]["labels"].as_array().filter(|l| !l.is_empty()) {
-        row(&mut o, "labels", &labels.iter().map(text).collect::<Vec<_>>().join(", "));
-    }
-    row(&mut o, "base model", &text(&r["base_model"]["path"]));
-    row(&mut o, "base model sha256 (config.json and weights)", &text(&r["base_model"]["sha256"]));
+    data_and_model(&mut o, r);
     row(&mut o, "task", &text(&r["task"]));
     row(
         &mut o,
@@ -327,20 +337,7 @@ pub fn render_search(r: &Value) -> String {
     row(&mut o, "steps", &num(&r["steps"]));
     row(&mut o, "held-out metric (test file, not protected)", &metric(&r["metrics"]["test"]));
     o.push('\n');
-    let _ = writeln!(o, "## Data and model\n");
-    let _ = writeln!(o, "| item | value |\n|---|---|");
-    row(&mut o, "training records N", &num(&r["dataset"]["size"]));
-    row(&mut o, "training data commitment", &text(&r["dataset"]["commitment"]));
-    row(&mut o, "validation records", &num(&r["validation_dataset"]["size"]));
-    row(&mut o, "validation data commitment", &text(&r["validation_dataset"]["commitment"]));
-    row(&mut o, "held-out records", &num(&r["test_dataset"]["size"]));
-    row(&mut o, "held-out data commitment", &text(&r["test_dataset"]["commitment"]));
-    row(&mut o, "commitment scheme", &text(&cert["commitments"]["scheme"]));
-    if let Some(labels) = r["dataset"]["labels"].as_array().filter(|l| !l.is_empty()) {
-        row(&mut o, "labels", &labels.iter().map(text).collect::<Vec<_>>().join(", "));
-    }
-    row(&mut o, "base model", &text(&r["base_model"]["path"]));
-    row(&mut o, "base model sha256 (config.json and weights)", &text(&r["base_model"]["sha256"]));
+    data_and_model(&mut o, r);
     o.push('\n');
     let _ = writeln!(o, "## What the guarantee does not cover\n");
     for item in r["not_protected"].as_array().into_iter().flatten() {
