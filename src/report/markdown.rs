@@ -245,18 +245,26 @@ pub fn render(r: &Value) -> String {
         o,
         "Every step taken, in order (consecutive identical steps merged). ε above is computed from exactly this.\n"
     );
+    ledger_and_config(
+        &mut o,
+        r,
+        "Kept in the run's private part (`private/run.json`): this run is seeded and its config holds the seed.",
+    );
+    o
+}
+
+/// The ledger table (one row per entry, in words), then the config (or why it is withheld).
+fn ledger_and_config(o: &mut String, r: &Value, withheld: &str) {
     let _ = writeln!(o, "| # | event |\n|---|---|");
     for (i, e) in r["ledger"]["entries"].as_array().into_iter().flatten().enumerate() {
         let _ = writeln!(o, "| {} | {} |", i + 1, cell(&event(e)));
     }
     o.push('\n');
-
     if r["config"].is_string() {
         let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
     } else {
-        let _ = writeln!(o, "## Config\n\nKept in the run's private part (`private/run.json`): this run is seeded and its config holds the seed.");
+        let _ = writeln!(o, "## Config\n\n{withheld}");
     }
-    o
 }
 
 /// The markdown report of a private hyper-parameter search (`dptrain tune`'s
@@ -345,15 +353,10 @@ pub fn render_search(r: &Value) -> String {
     }
     o.push('\n');
     let _ = writeln!(o, "## Ledger\n\nε above is computed from exactly this.\n");
-    let _ = writeln!(o, "| # | event |\n|---|---|");
-    for (i, e) in r["ledger"]["entries"].as_array().into_iter().flatten().enumerate() {
-        let _ = writeln!(o, "| {} | {} |", i + 1, cell(&event(e)));
-    }
-    o.push('\n');
-    if r["config"].is_string() {
-        let _ = writeln!(o, "## Config\n\n```toml\n{}\n```", text(&r["config"]).trim_end());
-    } else {
-        let _ = writeln!(o, "## Config\n\nKept in the search's private part (`private/run.json`): it is seeded and its config holds the seed.");
-    }
+    ledger_and_config(
+        &mut o,
+        r,
+        "Kept in the search's private part (`private/run.json`): it is seeded and its config holds the seed.",
+    );
     o
 }
