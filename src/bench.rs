@@ -179,7 +179,11 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         (None, Some(_)) => Architecture::Llama,
         (None, None) => Architecture::Bert,
     };
-    let targets = if opts.targets.is_empty() { arch.default_lora_targets() } else { opts.targets.clone() };
+    let targets = match (&opts.model_dir, opts.targets.is_empty()) {
+        (_, false) => opts.targets.clone(),
+        (Some(dir), true) => arch.default_lora_targets_of(dir).map_err(err)?,
+        (None, true) => arch.default_lora_targets(),
+    };
     let spec = LoraSpec {
         rank: opts.lora_rank,
         alpha: opts.lora_alpha.unwrap_or(2.0 * opts.lora_rank as f64),

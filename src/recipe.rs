@@ -226,9 +226,13 @@ pub enum InitError {
 pub fn init(inputs: &RecipeInputs, out: &Path, overwrite: bool) -> Result<(Recipe, String), InitError> {
     let arch = Architecture::detect(&inputs.model)?;
     let cfg_path = inputs.model.join("config.json");
-    let layers = match arch {
-        Architecture::Bert => crate::model::BertConfig::from_file(&cfg_path)?.num_hidden_layers,
-        Architecture::Llama => crate::model::LlamaConfig::from_file(&cfg_path)?.num_hidden_layers,
+    let (layers, targets) = match arch {
+        Architecture::Bert => (crate::model::BertConfig::from_file(&cfg_path)?.num_hidden_layers, None),
+        Architecture::Llama => {
+            // Query and value, wherever the model keeps them (Phi-3: its fused qkv_proj).
+            let c = crate::model::LlamaConfig::from_file(&cfg_path)?;
+            (c.num_hidden_layers, Some(c.default_lora_targets()))
+        }
     };
     let bad = |path: &Path, message: String| InitError::Input { path: path.into(), message };
     for p in [&inputs.train, &inputs.test] {
@@ -249,7 +253,10 @@ pub fn init(inputs: &RecipeInputs, out: &Path, overwrite: bool) -> Result<(Recip
             "--labels: a Llama-family model trains language modelling, which has no labels".into(),
         ));
     }
-    let recipe = derive(inputs, arch, records, layers);
+    let mut recipe = derive(inputs, arch, records, layers);
+    if let Some(t) = targets {
+        recipe.targets = t;
+    }
     let text = render(inputs, &recipe);
     if out.exists() && !overwrite {
         return Err(InitError::Exists(out.into()));

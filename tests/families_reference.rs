@@ -5,7 +5,8 @@
 //! `rope_scaling` where scaled), gives transformers' logits and per-sequence mean next-token NLL
 //! to 1e-4. Families: Llama 3 (`llama3` RoPE scaling; plain RoPE would not match), Qwen3
 //! (per-head q/k RMSNorm; without them the logits would not match), Qwen2 (q/k/v biases; the
-//! same) and Mistral (sliding window longer than the sequences). The RoBERTa encoder (and
+//! same), Mistral (sliding window longer than the sequences) and Phi-3 (fused qkv_proj and
+//! gate_up_proj, untied head). The RoBERTa encoder (and
 //! XLM-R, the same architecture) gives transformers' last hidden states and masked mean over a
 //! batch with a right-padded sequence (read as BERT, without the position offset, it would not);
 //! so does DistilBERT (its own weight names, no token types).
@@ -84,7 +85,7 @@ fn every_llama_family_matches_transformers_in_both_config_layouts() {
     let r = reference();
     let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let positions: Vec<usize> = serde_json::from_value(r["positions"].clone()).unwrap();
-    for family in ["llama3", "qwen3", "qwen2", "mistral"] {
+    for family in ["llama3", "qwen3", "qwen2", "mistral", "phi3"] {
         let f = &r[family];
         let want_logits: Vec<Vec<Vec<f64>>> = serde_json::from_value(f["logits"].clone()).unwrap();
         let want_nll: Vec<f64> = serde_json::from_value(f["mean_nll"].clone()).unwrap();
@@ -115,7 +116,8 @@ fn every_llama_family_matches_transformers_in_both_config_layouts() {
             }
             // Mistral is Llama with a sliding window (here longer than the sequences): nothing to
             // switch off.
-            "mistral" => continue,
+            // Phi-3's fused projections are its weight layout: read any other way it does not load.
+            "mistral" | "phi3" => continue,
             "qwen2" | "qwen3" => {
                 // The same model read as a Llama: no q/k norms, no q/k/v biases (their tensors are
                 // then unused).

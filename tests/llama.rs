@@ -96,6 +96,11 @@ fn per_example_grads_match_one_at_a_time_qwen3_through_its_query_and_key_norms()
 }
 
 #[test]
+fn per_example_grads_match_one_at_a_time_phi3_through_its_fused_projections() {
+    check(&["qkv_proj", "gate_up_proj", "down_proj"], common::tiny_llama_config(false, "phi3"), 5);
+}
+
+#[test]
 fn padding_does_not_change_an_examples_loss() {
     let model = common::tiny_llama(3, &LLAMA_LORA_MODULES, common::tiny_llama_config(true, "llama"));
     let exs = examples();

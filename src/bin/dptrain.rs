@@ -525,7 +525,10 @@ fn bench(cmd: &Command) -> Result<()> {
         opts.lora_alpha = Some(plan.lora_alpha);
         opts.lora_layers = plan.lora_layers.clone();
         if opts.targets.is_empty() {
-            opts.targets = plan.target_modules.clone().unwrap_or_else(|| arch.default_lora_targets());
+            opts.targets = match &plan.target_modules {
+                Some(t) => t.clone(),
+                None => arch.default_lora_targets_of(&plan.model_dir)?,
+            };
         }
         opts.examples = Some(train.examples);
     }

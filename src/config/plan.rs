@@ -382,17 +382,20 @@ impl Plan {
             // Checked against the model's own list when it is loaded; here, names no family has.
             for m in targets {
                 let distil = crate::model::bert::DISTILBERT_LORA_MODULES;
+                let phi3 = crate::model::llama::PHI3_LORA_MODULES;
                 if !BERT_LORA_MODULES.contains(&m.as_str())
                     && !LLAMA_LORA_MODULES.contains(&m.as_str())
                     && !distil.iter().any(|(d, _)| d == m)
+                    && !phi3.contains(&m.as_str())
                 {
                     return Err(bad(
                         "lora.target-modules",
                         format!(
-                            "`{m}` matches no linear layer (BERT: {}; DistilBERT: {}; Llama: {})",
+                            "`{m}` matches no linear layer (BERT: {}; DistilBERT: {}; Llama: {}; Phi-3: {})",
                             BERT_LORA_MODULES.join(", "),
                             distil.iter().map(|(d, _)| *d).collect::<Vec<_>>().join(", "),
-                            LLAMA_LORA_MODULES.join(", ")
+                            LLAMA_LORA_MODULES.join(", "),
+                            phi3.join(", ")
                         ),
                     ));
                 }

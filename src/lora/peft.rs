@@ -35,6 +35,7 @@ fn known_modules() -> Vec<&'static str> {
         .chain(crate::model::llama::LLAMA_LORA_MODULES.iter())
         .copied()
         .chain(crate::model::bert::DISTILBERT_LORA_MODULES.iter().map(|(m, _)| *m))
+        .chain(crate::model::llama::PHI3_LORA_MODULES.iter().copied())
         .collect();
     v.sort_by_key(|m| std::cmp::Reverse(m.len()));
     v

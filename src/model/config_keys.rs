@@ -57,6 +57,8 @@ pub const IGNORED_KEYS: &[(&str, &[&str])] = &[
             "dropout",
             "qa_dropout",
             "seq_classif_dropout",
+            "embd_pdrop",
+            "resid_pdrop",
         ],
     ),
     (

@@ -25,10 +25,19 @@ use std::path::{Path, PathBuf};
 /// Module names a Llama layer exposes to LoRA (PEFT names).
 pub const LLAMA_LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// Phi-3's linear layers (q, k, v fused into `qkv_proj`; gate and up into `gate_up_proj`), as
+/// PEFT names them.
+pub const PHI3_LORA_MODULES: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
 /// Keys of a Llama-family config.json known not to change dptrain's computation, beyond
 /// `config_keys::IGNORED_KEYS` (see there).
-pub const LLAMA_IGNORED_KEYS: &[(&str, &[&str])] =
-    &[("nanotron's marker of a config written in Llama form (SmolLM2); no setting", &["is_llama_config"])];
+pub const LLAMA_IGNORED_KEYS: &[(&str, &[&str])] = &[
+    ("nanotron's marker of a config written in Llama form (SmolLM2); no setting", &["is_llama_config"]),
+    (
+        "Phi-3's original context length: read only by its longrope RoPE scaling, which is refused by name",
+        &["original_max_position_embeddings"],
+    ),
+];
 
 /// A Llama-family config.json. Every key is a field here (parsed and used or validated), or lands
 /// in `other`, where `validate` accepts it only when it is known not to change the computation
@@ -337,6 +346,18 @@ impl LlamaConfig {
         self.model_type.as_deref() == Some("qwen2") || self.attention_bias == Some(true)
     }
 
+    /// Phi-3: q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj`.
+    pub fn fused_projections(&self) -> bool {
+        self.model_type.as_deref() == Some("phi3")
+    }
+
+    /// LoRA targets when the config names none: PEFT's defaults (query and value; Phi-3's fused
+    /// `qkv_proj`).
+    pub fn default_lora_targets(&self) -> Vec<String> {
+        let t: &[&str] = if self.fused_projections() { &["qkv_proj"] } else { &["q_proj", "v_proj"] };
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
     /// Qwen3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
     pub fn qk_norm(&self) -> bool {
         self.model_type.as_deref() == Some("qwen3")
@@ -368,13 +389,10 @@ impl LlamaConfig {
 }
 
 struct LlamaLayer {
-    q: LoraLinear,
-    k: LoraLinear,
-    v: LoraLinear,
-    o: LoraLinear,
-    gate: LoraLinear,
-    up: LoraLinear,
-    down: LoraLinear,
+    /// The linear layers in forward order: q, k, v, o, gate, up, down; or, fused (Phi-3),
+    /// qkv, o, gate_up, down.
+    lin: Vec<LoraLinear>,
+    fused: bool,
     input_norm: Tensor,
     post_norm: Tensor,
     /// Qwen3: RMSNorm of every query / key head (weight [head_dim]) before RoPE.
@@ -383,11 +401,11 @@ struct LlamaLayer {
 }
 
 impl LlamaLayer {
-    fn linears(&self) -> [&LoraLinear; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    fn linears(&self) -> &[LoraLinear] {
+        &self.lin
     }
-    fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    fn linears_mut(&mut self) -> &mut [LoraLinear] {
+        &mut self.lin
     }
 }
 
@@ -415,10 +433,12 @@ impl LlamaLm {
         let (h, f) = (config.hidden_size, config.intermediate_size);
         let (nh, nkv, hd) = (config.num_attention_heads, config.kv_heads(), config.head_dim());
         if let Some(spec) = lora {
-            if let Some(bad) = spec.targets.iter().find(|t| !LLAMA_LORA_MODULES.contains(&t.as_str())) {
+            let known: &[&str] = if config.fused_projections() { &PHI3_LORA_MODULES } else { &LLAMA_LORA_MODULES };
+            if let Some(bad) = spec.targets.iter().find(|t| !known.contains(&t.as_str())) {
                 candle_core::bail!(
-                    "lora.target-modules: `{bad}` matches no linear layer of a Llama-family model (known: {})",
-                    LLAMA_LORA_MODULES.join(", ")
+                    "lora.target-modules: `{bad}` matches no linear layer of this {} model (known: {})",
+                    config.model_type.as_deref().unwrap_or("Llama-family"),
+                    known.join(", ")
                 );
             }
             if let Some(bad) = spec.layers.iter().flatten().find(|&&l| l >= config.num_hidden_layers) {
@@ -463,14 +483,28 @@ impl LlamaLm {
             let l = vb.pp(format!("model.layers.{i}"));
             let att = l.pp("self_attn");
             let mlp = l.pp("mlp");
+            let fused = config.fused_projections();
+            let lin_layers = if fused {
+                vec![
+                    lin(&att, i, "qkv_proj", (nh + 2 * nkv) * hd, h, bias)?,
+                    lin(&att, i, "o_proj", h, nh * hd, config.o_bias())?,
+                    lin(&mlp, i, "gate_up_proj", 2 * f, h, false)?,
+                    lin(&mlp, i, "down_proj", h, f, false)?,
+                ]
+            } else {
+                vec![
+                    lin(&att, i, "q_proj", nh * hd, h, bias)?,
+                    lin(&att, i, "k_proj", nkv * hd, h, bias)?,
+                    lin(&att, i, "v_proj", nkv * hd, h, bias)?,
+                    lin(&att, i, "o_proj", h, nh * hd, config.o_bias())?,
+                    lin(&mlp, i, "gate_proj", f, h, false)?,
+                    lin(&mlp, i, "up_proj", f, h, false)?,
+                    lin(&mlp, i, "down_proj", h, f, false)?,
+                ]
+            };
             layers.push(LlamaLayer {
-                q: lin(&att, i, "q_proj", nh * hd, h, bias)?,
-                k: lin(&att, i, "k_proj", nkv * hd, h, bias)?,
-                v: lin(&att, i, "v_proj", nkv * hd, h, bias)?,
-                o: lin(&att, i, "o_proj", h, nh * hd, config.o_bias())?,
-                gate: lin(&mlp, i, "gate_proj", f, h, false)?,
-                up: lin(&mlp, i, "up_proj", f, h, false)?,
-                down: lin(&mlp, i, "down_proj", h, f, false)?,
+                lin: lin_layers,
+                fused,
                 input_norm: f32_get(&l, &[h], "input_layernorm.weight")?,
                 post_norm: f32_get(&l, &[h], "post_attention_layernorm.weight")?,
                 q_norm: if config.qk_norm() { Some(f32_get(&att, &[hd], "q_norm.weight")?) } else { None },
@@ -561,16 +595,34 @@ impl LlamaLm {
                 };
                 rope(&y, &cos, &sin)?.reshape((b, t, n * hd))
             };
-            let q = rotated(layer.q.forward(&hn, tape.as_deref_mut())?, nh, layer.q_norm.as_ref())?;
-            let k = rotated(layer.k.forward(&hn, tape.as_deref_mut())?, nkv, layer.k_norm.as_ref())?;
-            let v = layer.v.forward(&hn, tape.as_deref_mut())?;
+            let l = &layer.lin;
+            let (q, k, v) = if layer.fused {
+                // Phi-3's qkv_proj: the query heads, then the key heads, then the value heads.
+                let y = l[0].forward(&hn, tape.as_deref_mut())?;
+                let part = |start: usize, len: usize| y.narrow(D::Minus1, start, len)?.contiguous();
+                (part(0, nh * hd)?, part(nh * hd, nkv * hd)?, part((nh + nkv) * hd, nkv * hd)?)
+            } else {
+                let q = l[0].forward(&hn, tape.as_deref_mut())?;
+                let k = l[1].forward(&hn, tape.as_deref_mut())?;
+                (q, k, l[2].forward(&hn, tape.as_deref_mut())?)
+            };
+            let q = rotated(q, nh, layer.q_norm.as_ref())?;
+            let k = rotated(k, nkv, layer.k_norm.as_ref())?;
             let ctx = attention(&q, &k, &v, &bias, heads, scale)?;
+            let (o, down) = (if layer.fused { &l[1] } else { &l[3] }, &l[l.len() - 1]);
             // o(ctx) + x (x is a constant in the lowest adapted layer: no gradient computed for it).
-            x = add_const(&layer.o.forward(&ctx, tape.as_deref_mut())?, &x)?;
+            x = add_const(&o.forward(&ctx, tape.as_deref_mut())?, &x)?;
             let hn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
-            let gate = layer.gate.forward(&hn, tape.as_deref_mut())?;
-            let up = layer.up.forward(&hn, tape.as_deref_mut())?;
-            x = (x + layer.down.forward(&swiglu(&gate, &up)?, tape.as_deref_mut())?)?;
+            let (gate, up) = if layer.fused {
+                // Phi-3's gate_up_proj: the gate half, then the up half.
+                let y = l[2].forward(&hn, tape.as_deref_mut())?;
+                let f = cfg.intermediate_size;
+                (y.narrow(D::Minus1, 0, f)?.contiguous()?, y.narrow(D::Minus1, f, f)?.contiguous()?)
+            } else {
+                let gate = l[4].forward(&hn, tape.as_deref_mut())?;
+                (gate, l[5].forward(&hn, tape.as_deref_mut())?)
+            };
+            x = (x + down.forward(&swiglu(&gate, &up)?, tape.as_deref_mut())?)?;
         }
         Ok(x)
     }
@@ -787,7 +839,7 @@ pub fn random_weights(
     let s = 1.7 / (h as f32).sqrt();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for (m, o, inp) in [
+        let separate = [
             ("self_attn.q_proj", q, h),
             ("self_attn.k_proj", kv, h),
             ("self_attn.v_proj", kv, h),
@@ -795,7 +847,15 @@ pub fn random_weights(
             ("mlp.gate_proj", f, h),
             ("mlp.up_proj", f, h),
             ("mlp.down_proj", h, f),
-        ] {
+        ];
+        let fused = [
+            ("self_attn.qkv_proj", q + 2 * kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_up_proj", 2 * f, h),
+            ("mlp.down_proj", h, f),
+        ];
+        let linears: &[(&str, usize, usize)] = if cfg.fused_projections() { &fused } else { &separate };
+        for &(m, o, inp) in linears {
             put(format!("{p}.{m}.weight"), &[o, inp], s, rng)?;
         }
         if cfg.qkv_bias() {

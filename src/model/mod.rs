@@ -205,7 +205,7 @@ pub enum Architecture {
 
 /// `model_type` values accepted per family.
 pub const BERT_MODEL_TYPES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
-pub const LLAMA_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const LLAMA_MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "phi3"];
 
 impl Architecture {
     /// Reads `model_type` from the folder's config.json.
@@ -235,6 +235,14 @@ impl Architecture {
             Architecture::Llama => &["q_proj", "v_proj"],
         };
         t.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The same for the model in `dir` (Phi-3's query and value live in its fused `qkv_proj`).
+    pub fn default_lora_targets_of(self, dir: &Path) -> std::result::Result<Vec<String>, ModelError> {
+        Ok(match self {
+            Architecture::Llama => LlamaConfig::from_file(&dir.join("config.json"))?.default_lora_targets(),
+            Architecture::Bert => self.default_lora_targets(),
+        })
     }
 }
 

@@ -223,7 +223,10 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     };
 
     let mut streams = RandomStreams::new(plan.seed);
-    let target_modules = plan.target_modules.clone().unwrap_or_else(|| arch.default_lora_targets());
+    let target_modules = match &plan.target_modules {
+        Some(t) => t.clone(),
+        None => arch.default_lora_targets_of(&plan.model_dir)?,
+    };
     let spec = LoraSpec {
         rank: plan.lora_rank,
         alpha: plan.lora_alpha,

@@ -6,6 +6,7 @@ embeddings) with the family's own options switched on:
 - qwen3: Qwen3ForCausalLM (RMSNorm of every query and key head before RoPE, θ = 1e6);
 - qwen2: Qwen2ForCausalLM (biases on q, k and v projections, none on o_proj);
 - mistral: MistralForCausalLM with a sliding window (32) longer than the sequences;
+- phi3: Phi3ForCausalLM (q, k, v fused in qkv_proj, gate and up in gate_up_proj; untied head);
 - roberta: the RoBERTa encoder (positions offset by pad_token_id + 1, one token type, LayerNorm
   eps 1e-5), on a batch with a right-padded sequence: its last hidden states at a few positions
   and the mask-weighted mean over real tokens (what dptrain's classification head reads);
@@ -25,7 +26,7 @@ import json
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, MistralConfig, MistralForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 torch.set_num_threads(1)
@@ -106,6 +107,13 @@ with torch.no_grad():
         if name != "lm_head.weight":
             p.copy_(formula(name, tuple(p.shape)))
 out["mistral"] = entry(cfg, m)
+cfg = Phi3Config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                 **{**SHAPE, "tie_word_embeddings": False})
+m = Phi3ForCausalLM(cfg).eval()
+with torch.no_grad():
+    for name, p in m.named_parameters():
+        p.copy_(formula(name, tuple(p.shape)))
+out["phi3"] = entry(cfg, m)
 
 rcfg = RobertaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=96, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1,
