@@ -2,7 +2,10 @@
 """Adapters written by dptrain load unchanged with Hugging Face PEFT and give dptrain's outputs.
 
 For each family (BERT: all-MiniLM-L6-v2 on SpamAssassin; Llama: SmolLM2-135M-Instruct on
-Moby-Dick), this trains a small DP adapter with the dptrain binary, evaluates it with
+Moby-Dick; and tiny random models that transformers creates and saves here for every other
+supported architecture: RoBERTa, XLM-R and DistilBERT with MiniLM's tokenizer, Llama 3 (llama3
+RoPE), Mistral, Qwen2, Qwen3 and Phi-3 with SmolLM2's), this trains a small DP adapter with the
+dptrain binary, evaluates it with
 `dptrain eval --json`, then loads the same folder with `PeftModel.from_pretrained(base, folder)`
 in PyTorch and recomputes the metric on the same records:
   - BERT: accuracy of argmax(mean-pooled PEFT hidden states @ head), the head being the adapter's
@@ -97,55 +100,100 @@ def wrapped_modules_match(model, adapter_dir):
     return ours == theirs and len(ours) > 0, f"{len(ours)} trained, {len(theirs)} wrapped by PEFT, differ: {sorted(ours ^ theirs)[:4]}"
 
 
-def bert(tmp):
-    model_dir = os.path.join(ROOT, ".cache/models/all-MiniLM-L6-v2")
+MINILM = os.path.join(ROOT, ".cache/models/all-MiniLM-L6-v2")
+SMOLLM2 = os.path.join(ROOT, ".cache/models/SmolLM2-135M-Instruct")
+
+
+def tiny_model(tmp, name, config, model_cls, tokenizer_dir):
+    """A tiny random model of `config` saved by transformers into tmp/name, with the tokenizer
+    of `tokenizer_dir` (its vocabulary size is the config's)."""
+    torch.manual_seed(0)
+    d = os.path.join(tmp, name)
+    model_cls(config).eval().save_pretrained(d)
+    import shutil
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), d)
+    return d
+
+
+def tiny_families(tmp):
+    """(name, model folder, tokenizer folder, kind, LoRA targets) of every tiny architecture."""
+    enc = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=96, max_position_embeddings=130, type_vocab_size=1, layer_norm_eps=1e-5)
+    dec = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+               max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    T = transformers
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    return [
+        ("roberta", tiny_model(tmp, "tiny-roberta", T.RobertaConfig(**enc), T.RobertaModel, MINILM), MINILM,
+         "encoder", ["query", "value", "output.dense"]),
+        ("xlm-roberta", tiny_model(tmp, "tiny-xlmr", T.XLMRobertaConfig(**enc), T.XLMRobertaModel, MINILM), MINILM,
+         "encoder", ["key", "intermediate.dense"]),
+        ("distilbert", tiny_model(tmp, "tiny-distilbert", T.DistilBertConfig(vocab_size=30522, dim=64, n_layers=2, n_heads=4,
+         hidden_dim=96, max_position_embeddings=130), T.DistilBertModel, MINILM), MINILM, "encoder", ["q_lin", "v_lin", "lin2"]),
+        ("llama3", tiny_model(tmp, "tiny-llama3", T.LlamaConfig(rope_parameters=llama3, **dec), T.LlamaForCausalLM, SMOLLM2),
+         SMOLLM2, "decoder", ["q_proj", "v_proj", "down_proj"]),
+        ("mistral", tiny_model(tmp, "tiny-mistral", T.MistralConfig(sliding_window=None, **dec), T.MistralForCausalLM, SMOLLM2),
+         SMOLLM2, "decoder", ["q_proj", "k_proj", "up_proj"]),
+        ("qwen2", tiny_model(tmp, "tiny-qwen2", T.Qwen2Config(**dec), T.Qwen2ForCausalLM, SMOLLM2), SMOLLM2, "decoder",
+         ["q_proj", "v_proj", "o_proj"]),
+        ("qwen3", tiny_model(tmp, "tiny-qwen3", T.Qwen3Config(**dec), T.Qwen3ForCausalLM, SMOLLM2), SMOLLM2, "decoder",
+         ["q_proj", "k_proj", "gate_proj"]),
+        ("phi3", tiny_model(tmp, "tiny-phi3", T.Phi3Config(**{**dec, "tie_word_embeddings": False}), T.Phi3ForCausalLM, SMOLLM2),
+         SMOLLM2, "decoder", ["qkv_proj", "gate_up_proj", "down_proj"]),
+    ]
+
+
+def bert(tmp, name="bert", model_dir=MINILM, tokenizer_dir=MINILM, targets=("query", "value", "output.dense")):
     data, test = os.path.join(tmp, "spam-train.jsonl"), os.path.join(tmp, "spam-test.jsonl")
     sample_lines(os.path.join(ROOT, ".cache/data/spamassassin/train.jsonl"), data, 400)
     sample_lines(os.path.join(ROOT, ".cache/data/spamassassin/test.jsonl"), test, 64)
     # output.dense as well: its short name is a suffix of attention.output.dense, which PEFT would
     # also wrap if the adapter config listed short names.
-    adapter = train(tmp, "bert", model_dir, data, test, {"len": 64, "targets": ["query", "value", "output.dense"], "lr": 0.05})
+    adapter = train(tmp, name, model_dir, data, test, {"len": 64, "targets": list(targets), "lr": 0.05})
     ours = json.loads(dptrain("eval", "--model", model_dir, "--adapter", adapter, "--data", test, "--max-seq-len", "64", "--json"))
     labels = json.load(open(os.path.join(adapter, "privacy_report.json")))["dataset"]["labels"]
 
     base = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     ok, detail = lora_tensors_match(model, adapter)
-    check("bert: PeftModel.from_pretrained loads every LoRA tensor unchanged", ok, detail)
+    check(f"{name}: PeftModel.from_pretrained loads every LoRA tensor unchanged", ok, detail)
     ok, detail = wrapped_modules_match(model, adapter)
-    check("bert: PEFT wraps exactly the modules dptrain trained", ok, detail)
+    check(f"{name}: PEFT wraps exactly the modules dptrain trained", ok, detail)
     tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     w, b = tensors["base_model.model.classifier.weight"], tensors["base_model.model.classifier.bias"]
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     records = [json.loads(l) for l in open(test)]
     correct = 0
     for r in records:
         enc = tok(r["text"], truncation=True, max_length=64, return_tensors="pt")
+        if base.config.model_type == "distilbert":
+            enc.pop("token_type_ids", None)
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (h * m).sum(1) / m.sum(1)
         pred = int((pooled @ w.T + b).argmax(-1))
         correct += labels[pred] == str(r["label"])
     acc = correct / len(records)
-    check("bert: PEFT accuracy equals dptrain eval", acc == ours["metric"]["accuracy"], f"PEFT {acc} vs dptrain {ours['metric']['accuracy']} on {len(records)} records")
+    check(f"{name}: PEFT accuracy equals dptrain eval", acc == ours["metric"]["accuracy"], f"PEFT {acc} vs dptrain {ours['metric']['accuracy']} on {len(records)} records")
 
 
-def llama(tmp):
-    model_dir = os.path.join(ROOT, ".cache/models/SmolLM2-135M-Instruct")
+def llama(tmp, name="llama", model_dir=SMOLLM2, tokenizer_dir=SMOLLM2,
+          targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
     data, test = os.path.join(tmp, "moby-train.jsonl"), os.path.join(tmp, "moby-test.jsonl")
     sample_lines(os.path.join(ROOT, ".cache/data/moby-dick/train.jsonl"), data, 200)
     sample_lines(os.path.join(ROOT, ".cache/data/moby-dick/test.jsonl"), test, 24)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    adapter = train(tmp, "llama", model_dir, data, test, {"len": 64, "targets": targets, "lr": 0.01})
+    adapter = train(tmp, name, model_dir, data, test, {"len": 64, "targets": list(targets), "lr": 0.01})
     ours = json.loads(dptrain("eval", "--model", model_dir, "--adapter", adapter, "--data", test, "--max-seq-len", "64", "--json", "--samples", "0"))
 
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     ok, detail = lora_tensors_match(model, adapter)
-    check("llama: PeftModel.from_pretrained loads every LoRA tensor unchanged", ok, detail)
+    check(f"{name}: PeftModel.from_pretrained loads every LoRA tensor unchanged", ok, detail)
     ok, detail = wrapped_modules_match(model, adapter)
-    check("llama: PEFT wraps exactly the modules dptrain trained", ok, detail)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    check(f"{name}: PEFT wraps exactly the modules dptrain trained", ok, detail)
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     nll, count = 0.0, 0
     for line in open(test):
         ids = tok(json.loads(line)["text"])["input_ids"][:64]
@@ -157,7 +205,7 @@ def llama(tmp):
     theirs = ours["metric"]["perplexity"]
     rel = abs(ppl / theirs["perplexity"] - 1)
     check(
-        "llama: PEFT perplexity equals dptrain eval (relative 1e-4)",
+        f"{name}: PEFT perplexity equals dptrain eval (relative 1e-4)",
         count == theirs["tokens"] and rel < 1e-4,
         f"PEFT {ppl:.6f} over {count} tokens vs dptrain {theirs['perplexity']:.6f} over {theirs['tokens']} (rel {rel:.2e})",
     )
@@ -170,6 +218,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         bert(tmp)
         llama(tmp)
+        for name, model_dir, tokenizer_dir, kind, targets in tiny_families(tmp):
+            (bert if kind == "encoder" else llama)(tmp, name, model_dir, tokenizer_dir, targets)
     failed = RESULTS.count(False)
     print(f"{len(RESULTS) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
