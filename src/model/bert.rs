@@ -270,8 +270,8 @@ impl BertClassifier {
                 crate::config::BERT_LORA_MODULES.to_vec()
             };
             candle_core::bail!(
-                "lora.target-modules: `{bad}` matches no linear layer of this {} model (known: {})",
-                config.model_type.as_deref().unwrap_or("BERT"),
+                "lora.target-modules: `{bad}` matches no linear layer of a BERT-family model ({}; known: {})",
+                config.model_type.as_deref().unwrap_or("no model_type"),
                 known.join(", ")
             );
         }

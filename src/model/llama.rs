@@ -436,8 +436,8 @@ impl LlamaLm {
             let known: &[&str] = if config.fused_projections() { &PHI3_LORA_MODULES } else { &LLAMA_LORA_MODULES };
             if let Some(bad) = spec.targets.iter().find(|t| !known.contains(&t.as_str())) {
                 candle_core::bail!(
-                    "lora.target-modules: `{bad}` matches no linear layer of this {} model (known: {})",
-                    config.model_type.as_deref().unwrap_or("Llama-family"),
+                    "lora.target-modules: `{bad}` matches no linear layer of a Llama-family model ({}; known: {})",
+                    config.model_type.as_deref().unwrap_or("no model_type"),
                     known.join(", ")
                 );
             }
