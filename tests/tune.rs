@@ -87,11 +87,20 @@ fn a_search_releases_the_best_trial_under_one_certificate_covering_the_whole_sea
     assert_eq!(cert["selection"]["candidates"].as_array().unwrap().len(), 4);
     assert_eq!(report["hyperparameters"], "selected privately, included in ε");
 
-    // Nothing of the other trials, nor their number, is in the release.
+    // Nothing of the other trials, nor their number, nor a plain hash of an input file or the
+    // commitment key, is in the release.
+    let secrets: Vec<String> = ["train", "test", "validation", "config"]
+        .iter()
+        .map(|w| record["inputs"][*w]["sha256"].as_str().unwrap().to_string())
+        .chain([record["commitment_key"].as_str().unwrap().to_string()])
+        .collect();
     for entry in std::fs::read_dir(&release).unwrap() {
         let p = entry.unwrap().path();
         let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned();
         assert!(!text.contains("trial-00") && !text.contains("number_of_trials\": 1"), "{}", p.display());
+        for secret in &secrets {
+            assert!(!text.contains(secret.as_str()), "{} holds {secret}", p.display());
+        }
     }
     assert!(cert["selection"]["number_of_trials"].is_string());
     let md = std::fs::read_to_string(release.join("privacy_report.md")).unwrap();
