@@ -406,7 +406,7 @@ fn fused_model_op_checks(device: &Device) -> Result<Vec<Check>> {
             {
                 let (w, y) = (head.clone(), targets.clone());
                 Box::new(move |x: &[Tensor]| {
-                    vocab_nll(&x[0], &on(&w, x[0].dtype(), x[0].device())?, &y.to_device(x[0].device())?)
+                    vocab_nll(&x[0], &on(&w, x[0].dtype(), x[0].device())?, &y.to_device(x[0].device())?, None)
                 })
             },
             {

@@ -5,8 +5,10 @@
 //! `rope_scaling` where scaled), gives transformers' logits and per-sequence mean next-token NLL
 //! to 1e-4. Families: Llama 3 (`llama3` RoPE scaling; plain RoPE would not match), Qwen3
 //! (per-head q/k RMSNorm; without them the logits would not match), Qwen2 (q/k/v biases; the
-//! same), Mistral (sliding window longer than the sequences) and Phi-3 (fused qkv_proj and
-//! gate_up_proj, untied head). The RoBERTa encoder (and
+//! same), Mistral (sliding window longer than the sequences), Phi-3 (fused qkv_proj and
+//! gate_up_proj, untied head), Gemma 2 (its norms, GeGLU, embedding scale and soft caps; without
+//! the caps it would not match) and Gemma 3 (q/k norms, a RoPE per layer type; with one RoPE it
+//! would not match). The RoBERTa encoder (and
 //! XLM-R, the same architecture) gives transformers' last hidden states and masked mean over a
 //! batch with a right-padded sequence (read as BERT, without the position offset, it would not);
 //! so does DistilBERT (its own weight names, no token types).
@@ -45,9 +47,23 @@ fn model(cfg: LlamaConfig) -> LlamaLm {
 
 /// The reference config in the older Hub layout: top-level `rope_theta`, a scaling in
 /// `rope_scaling` (as Llama 3.x folders on the Hub have it), plain RoPE with no `rope_scaling`.
+/// Gemma: no `layer_types` (Gemma 2 alternates from a sliding layer; Gemma 3 follows
+/// `sliding_window_pattern`), and Gemma 3's two RoPEs as `rope_theta` / `rope_scaling` (global)
+/// and `rope_local_base_freq` (sliding), as its Hub folders write them.
 fn older_layout(v5: &serde_json::Value) -> serde_json::Value {
     let mut c = v5.clone();
     let m = c.as_object_mut().unwrap();
+    if m["model_type"].as_str().unwrap().starts_with("gemma") {
+        assert_eq!(m.remove("layer_types").unwrap(), serde_json::json!(["sliding_attention", "full_attention"]));
+        if m.remove("_sliding_window_pattern").is_some() {
+            m.insert("sliding_window_pattern".into(), 2.into());
+            let mut per_type = m.remove("rope_parameters").unwrap();
+            let local = per_type["sliding_attention"].as_object_mut().unwrap();
+            assert_eq!(local.remove("rope_type").unwrap(), "default");
+            m.insert("rope_local_base_freq".into(), local.remove("rope_theta").unwrap());
+            m.insert("rope_parameters".into(), per_type["full_attention"].clone());
+        }
+    }
     let mut rope = m.remove("rope_parameters").unwrap();
     let theta = rope.as_object_mut().unwrap().remove("rope_theta").unwrap();
     m.insert("rope_theta".into(), theta);
@@ -85,12 +101,15 @@ fn every_llama_family_matches_transformers_in_both_config_layouts() {
     let r = reference();
     let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let positions: Vec<usize> = serde_json::from_value(r["positions"].clone()).unwrap();
-    for family in ["llama3", "qwen3", "qwen2", "mistral", "phi3"] {
+    for family in ["llama3", "qwen3", "qwen2", "mistral", "phi3", "gemma2", "gemma3"] {
         let f = &r[family];
         let want_logits: Vec<Vec<Vec<f64>>> = serde_json::from_value(f["logits"].clone()).unwrap();
         let want_nll: Vec<f64> = serde_json::from_value(f["mean_nll"].clone()).unwrap();
         let v5 = f["config"].clone();
         assert!(v5.get("rope_scaling").is_none() && v5["rope_parameters"].is_object(), "{family}");
+        if family.starts_with("gemma") {
+            assert!(LlamaConfig::from_json(&v5.to_string()).unwrap().is_gemma(), "{family}");
+        }
         for (layout, cfg) in [("transformers 5", v5.clone()), ("older Hub", older_layout(&v5))] {
             let cfg = LlamaConfig::from_json(&cfg.to_string()).unwrap_or_else(|e| panic!("{family}, {layout}: {e}"));
             let m = model(cfg.clone());
@@ -118,6 +137,17 @@ fn every_llama_family_matches_transformers_in_both_config_layouts() {
             // switch off.
             // Phi-3's fused projections are its weight layout: read any other way it does not load.
             "mistral" | "phi3" => continue,
+            // Gemma 2 without its soft caps.
+            "gemma2" => {
+                without.attn_logit_softcapping = None;
+                without.final_logit_softcapping = None;
+            }
+            // Gemma 3 with one RoPE (the global layer's) on both layers.
+            "gemma3" => {
+                let mut p = without.rope_parameters.clone().unwrap();
+                p["sliding_attention"] = p["full_attention"].clone();
+                without.rope_parameters = Some(p);
+            }
             "qwen2" | "qwen3" => {
                 // The same model read as a Llama: no q/k norms, no q/k/v biases (their tensors are
                 // then unused).
@@ -150,10 +180,11 @@ fn llama_3_2_1b_inverse_frequencies_equal_transformers() {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192.0,
         }),
+        linear: None,
     };
     let got = rope.inv_freqs(64);
     assert_eq!(got.len(), want.len());
-    let plain = dptrain::model::llama::Rope { theta: 500_000.0, llama3: None }.inv_freqs(64);
+    let plain = dptrain::model::llama::Rope::plain(500_000.0).inv_freqs(64);
     let mut scaled = 0;
     for (j, ((&g, &w), &p)) in got.iter().zip(&want).zip(&plain).enumerate() {
         // transformers computes them in f32.

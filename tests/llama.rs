@@ -100,6 +100,34 @@ fn per_example_grads_match_one_at_a_time_phi3_through_its_fused_projections() {
     check(&["qkv_proj", "gate_up_proj", "down_proj"], common::tiny_llama_config(false, "phi3"), 5);
 }
 
+/// A tiny Gemma config: the sliding window (16) is longer than every test sequence; the soft caps
+/// are small enough to bend these scores and logits.
+fn tiny_gemma_config(model_type: &str) -> dptrain::model::LlamaConfig {
+    let mut c = serde_json::json!({
+        "model_type": model_type, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 12, "sliding_window": 16,
+        "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0, "eos_token_id": 3
+    });
+    if model_type == "gemma3_text" {
+        c["rope_local_base_freq"] = 100.0.into();
+        c["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 4.0});
+        c["sliding_window_pattern"] = 2.into();
+    }
+    dptrain::model::LlamaConfig::from_json(&c.to_string()).unwrap()
+}
+
+#[test]
+fn per_example_grads_match_one_at_a_time_gemma2_through_its_soft_caps_and_geglu() {
+    check(&LLAMA_LORA_MODULES, tiny_gemma_config("gemma2"), 6);
+}
+
+#[test]
+fn per_example_grads_match_one_at_a_time_gemma3_through_its_query_and_key_norms_and_two_ropes() {
+    check(&["q_proj", "k_proj", "v_proj", "up_proj"], tiny_gemma_config("gemma3_text"), 7);
+}
+
 #[test]
 fn padding_does_not_change_an_examples_loss() {
     let model = common::tiny_llama(3, &LLAMA_LORA_MODULES, common::tiny_llama_config(true, "llama"));

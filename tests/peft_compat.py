@@ -4,8 +4,8 @@
 For each family (BERT: all-MiniLM-L6-v2 on SpamAssassin; Llama: SmolLM2-135M-Instruct on
 Moby-Dick; and tiny random models that transformers creates and saves here for every other
 supported architecture: RoBERTa, XLM-R and DistilBERT with MiniLM's tokenizer, Llama 3 (llama3
-RoPE), Mistral, Qwen2, Qwen3 and Phi-3 with SmolLM2's), this trains a small DP adapter with the
-dptrain binary, evaluates it with
+RoPE), Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 with SmolLM2's), this trains a small DP
+adapter with the dptrain binary, evaluates it with
 `dptrain eval --json`, then loads the same folder with `PeftModel.from_pretrained(base, folder)`
 in PyTorch and recomputes the metric on the same records:
   - BERT: accuracy of argmax(mean-pooled PEFT hidden states @ head), the head being the adapter's
@@ -142,6 +142,10 @@ def tiny_families(tmp):
          ["q_proj", "k_proj", "gate_proj"]),
         ("phi3", tiny_model(tmp, "tiny-phi3", T.Phi3Config(**{**dec, "tie_word_embeddings": False}), T.Phi3ForCausalLM, SMOLLM2),
          SMOLLM2, "decoder", ["qkv_proj", "gate_up_proj", "down_proj"]),
+        ("gemma2", tiny_model(tmp, "tiny-gemma2", T.Gemma2Config(**{**dec, "sliding_window": 128}), T.Gemma2ForCausalLM,
+         SMOLLM2), SMOLLM2, "decoder", ["q_proj", "o_proj", "up_proj"]),
+        ("gemma3", tiny_model(tmp, "tiny-gemma3", T.Gemma3TextConfig(**{**dec, "sliding_window": 128}),
+         T.Gemma3ForCausalLM, SMOLLM2), SMOLLM2, "decoder", ["q_proj", "k_proj", "down_proj"]),
     ]
 
 

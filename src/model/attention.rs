@@ -79,6 +79,21 @@ pub fn attention_composed(
     heads: Heads,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_capped(q, k, v, bias, heads, scale, None)
+}
+
+/// `attention_composed` with optional soft-capping of the scores (Gemma):
+/// softmax(c · tanh(scale · Q Kᵀ / c) + bias) V, the cap applied before the mask as transformers
+/// does. Composed of candle's differentiable ops on every device (the fused CPU op has no cap).
+pub fn attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: Heads,
+    scale: f64,
+    cap: Option<f64>,
+) -> Result<Tensor> {
     heads.check()?;
     let (b, t, _) = q.dims3()?;
     let split =
@@ -86,7 +101,11 @@ pub fn attention_composed(
     let group = heads.query / heads.kv;
     let q = split(q, heads.query)?;
     let (k, v) = (repeat_kv(&split(k, heads.kv)?, group)?, repeat_kv(&split(v, heads.kv)?, group)?);
-    let scores = add_const(&(q.matmul(&k.t()?)? * scale)?, bias)?;
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(c) = cap {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
+    let scores = add_const(&scores, bias)?;
     softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads.query * heads.dim))
 }
 

@@ -36,6 +36,7 @@ pub const IGNORED_KEYS: &[(&str, &[&str])] = &[
             "pretraining_tp",
             "chunk_size_feed_forward",
             "torchscript",
+            "cache_implementation",
         ],
     ),
     (
@@ -114,7 +115,8 @@ pub const IGNORED_KEYS: &[(&str, &[&str])] = &[
 ];
 
 /// Keys that switch on something dptrain does not implement (a decoder with cross-attention, an
-/// encoder-decoder, pruned heads): accepted only when off (null, false, or an empty list/map).
+/// encoder-decoder, pruned heads, a decoder run with bidirectional attention): accepted only when
+/// off (null, false, or an empty list/map).
 pub const MUST_BE_OFF: &[&str] = &[
     "is_decoder",
     "add_cross_attention",
@@ -122,6 +124,7 @@ pub const MUST_BE_OFF: &[&str] = &[
     "tie_encoder_decoder",
     "cross_attention_hidden_size",
     "pruned_heads",
+    "use_bidirectional_attention",
 ];
 
 fn is_off(v: &Value) -> bool {

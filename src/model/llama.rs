@@ -8,7 +8,7 @@
 //! `LmTargets`, so padding and prompt tokens contribute nothing to any example's gradient. No op
 //! mixes examples of a batch.
 
-use super::attention::{attention, Heads};
+use super::attention::{attention, attention_capped, Heads};
 pub use super::fused_llama::{rms_norm, rope, swiglu};
 use super::ops::add_const;
 use super::vocab::vocab_nll;
@@ -91,6 +91,27 @@ pub struct LlamaConfig {
     /// Per-layer attention kind ("full_attention" or "sliding_attention"; Qwen2, transformers ≥ 4.53).
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Gemma 2/3: the MLP's activation (transformers reads this key for Gemma, not `hidden_act`).
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    /// Gemma 2/3: attention scores are scaled by query_pre_attn_scalar^−½ (not head_dim^−½).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2/3: attention scores become c · tanh(scores / c) before the mask and softmax.
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2/3: vocabulary logits become c · tanh(logits / c).
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3, older layout: θ of the sliding-window layers' RoPE (plain, unscaled).
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3, older layout: every `sliding_window_pattern`-th layer is global, the rest slide
+    /// (transformers 5 writes `layer_types` and keeps the pattern as `_sliding_window_pattern`).
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default, rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_v5: Option<usize>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     #[serde(default)]
@@ -115,17 +136,27 @@ pub struct Llama3Scaling {
 pub struct Rope {
     pub theta: f64,
     pub llama3: Option<Llama3Scaling>,
+    /// Linear position interpolation (`rope_type` "linear"): every frequency divided by this
+    /// factor (Gemma 3's global layers, 4B and larger).
+    pub linear: Option<f64>,
 }
 
 impl Rope {
+    /// Plain RoPE with base θ.
+    pub fn plain(theta: f64) -> Rope {
+        Rope { theta, llama3: None, linear: None }
+    }
+
     /// The d/2 inverse frequencies θ^(−2j/d), with Llama 3's scaling when configured: wavelengths
     /// (2π/f) above original/low_freq_factor are divided by `factor`, those below
     /// original/high_freq_factor kept, and those between interpolated with
-    /// s = (original/wavelength − low) / (high − low): (1 − s)·f/factor + s·f.
+    /// s = (original/wavelength − low) / (high − low): (1 − s)·f/factor + s·f. Linear scaling
+    /// divides every frequency by its factor.
     pub fn inv_freqs(&self, d: usize) -> Vec<f64> {
         (0..d / 2)
             .map(|j| {
                 let f = self.theta.powf(-2.0 * j as f64 / d as f64);
+                let f = f / self.linear.unwrap_or(1.0);
                 let Some(s) = self.llama3 else { return f };
                 let wavelen = 2.0 * std::f64::consts::PI / f;
                 let (low, high) = (
@@ -146,14 +177,22 @@ impl Rope {
     }
 }
 
+/// What one RoPE settings object states.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RopeSettings {
+    theta: Option<f64>,
+    llama3: Option<Llama3Scaling>,
+    linear: Option<f64>,
+}
+
 /// What a RoPE settings object (`rope_scaling` or `rope_parameters`, named `name`) states: its θ
-/// if any, and Llama 3 scaling if that is its type. Plain ("default") and "llama3" are
-/// implemented; anything else (another scaled type, an unknown field, per-layer-type parameters)
-/// is refused, naming it.
+/// if any, and Llama 3 or linear scaling if that is its type. Plain ("default"), "llama3" and
+/// "linear" are implemented; anything else (another scaled type, an unknown field, per-layer-type
+/// parameters where the architecture has one RoPE) is refused, naming it.
 fn rope_settings(
     name: &str,
     p: &serde_json::Map<String, serde_json::Value>,
-) -> std::result::Result<(Option<f64>, Option<Llama3Scaling>), String> {
+) -> std::result::Result<RopeSettings, String> {
     let kind = p.get("rope_type").or_else(|| p.get("type"));
     let kind = match kind {
         Some(serde_json::Value::String(t)) => t.as_str(),
@@ -162,7 +201,7 @@ fn rope_settings(
             let kinds: Vec<&str> = p.keys().map(|k| k.as_str()).collect();
             return Err(format!(
                 "unsupported `{name}` with parameters per layer type ({}): only one RoPE for every \
-                 layer is implemented",
+                 layer is implemented for this architecture (per layer type: gemma3_text)",
                 kinds.join(", ")
             ));
         }
@@ -174,10 +213,11 @@ fn rope_settings(
         matches!(k, "rope_type" | "type" | "rope_theta")
             || (k == "partial_rotary_factor" && v.as_f64() == Some(1.0))
             || (kind == "llama3" && LLAMA3_KEYS.contains(&k))
+            || (kind == "linear" && k == "factor")
     };
-    if !matches!(kind, "default" | "llama3") {
+    if !matches!(kind, "default" | "llama3" | "linear") {
         return Err(format!(
-            "unsupported {name} with rope_type `{kind}` (implemented: default, llama3): {}",
+            "unsupported {name} with rope_type `{kind}` (implemented: default, llama3, linear): {}",
             serde_json::Value::Object(p.clone())
         ));
     }
@@ -207,11 +247,12 @@ fn rope_settings(
     } else {
         None
     };
+    let linear = if kind == "linear" { Some(number("factor")?) } else { None };
     let theta = match p.get("rope_theta") {
         None => None,
         Some(v) => Some(v.as_f64().ok_or_else(|| format!("`{name}.rope_theta` is {v}, not a number"))?),
     };
-    Ok((theta, llama3))
+    Ok(RopeSettings { theta, llama3, linear })
 }
 
 impl LlamaConfig {
@@ -229,26 +270,73 @@ impl LlamaConfig {
 
     /// The RoPE, from either layout: θ from `rope_theta` at the top level or from
     /// `rope_parameters` {"rope_type": …, "rope_theta": θ, …} as transformers 5 writes it (also
-    /// accepted inside `rope_scaling`); Llama 3 scaling from `rope_scaling` (older layout) or
-    /// `rope_parameters` (transformers 5). Where several state θ, or both state a scaling, they
-    /// must agree; where none states θ, θ = 10000 (transformers' default).
+    /// accepted inside `rope_scaling`); Llama 3 or linear scaling from `rope_scaling` (older
+    /// layout) or `rope_parameters` (transformers 5). Where several state θ, or several state a
+    /// scaling, they must agree; where none states θ, θ = 10000 (transformers' default). For
+    /// Gemma 3 this is the RoPE of its full-attention layers (see `rope_for`).
     pub fn rope(&self) -> std::result::Result<Rope, String> {
-        let mut stated: Vec<(String, f64)> =
-            self.rope_theta.map(|t| ("rope_theta".to_string(), t)).into_iter().collect();
-        let mut scalings: Vec<(&str, Llama3Scaling)> = Vec::new();
-        for (name, v) in [("rope_scaling", &self.rope_scaling), ("rope_parameters", &self.rope_parameters)] {
+        self.rope_for(false)
+    }
+
+    /// The RoPE of a full-attention (`sliding` false) or a sliding-window layer. Only Gemma 3 has
+    /// two: its sliding layers use plain RoPE with θ = `rope_local_base_freq` (older layout,
+    /// default 10000) or `rope_parameters.sliding_attention` (transformers 5), its full layers
+    /// `rope_theta` and `rope_scaling`, or `rope_parameters.full_attention`. Every other
+    /// architecture has one RoPE for all layers.
+    pub fn rope_for(&self, sliding: bool) -> std::result::Result<Rope, String> {
+        let two = self.is_gemma3();
+        let mut stated: Vec<(String, f64)> = Vec::new();
+        let mut objects: Vec<(String, &serde_json::Map<String, serde_json::Value>)> = Vec::new();
+        let object = |name: &str, v: &'_ Option<serde_json::Value>| -> std::result::Result<_, String> {
             match v {
-                None | Some(serde_json::Value::Null) => {}
-                Some(serde_json::Value::Object(p)) => {
-                    let (t, l3) = rope_settings(name, p)?;
-                    if let Some(t) = t {
-                        stated.push((format!("{name}.rope_theta"), t));
-                    }
-                    if let Some(l3) = l3 {
-                        scalings.push((name, l3));
-                    }
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::Object(p)) => Ok(Some(p.clone())),
+                Some(other) => Err(format!("`{name}` is {other}, not an object")),
+            }
+        };
+        let scaling = object("rope_scaling", &self.rope_scaling)?;
+        let params = object("rope_parameters", &self.rope_parameters)?;
+        let per_type = two && params.as_ref().is_some_and(|p| p.values().any(|v| v.is_object()));
+        let kind = if sliding { "sliding_attention" } else { "full_attention" };
+        if two && sliding {
+            if let Some(t) = self.rope_local_base_freq {
+                stated.push(("rope_local_base_freq".into(), t));
+            }
+        } else {
+            if let Some(t) = self.rope_theta {
+                stated.push(("rope_theta".into(), t));
+            }
+            if let Some(p) = &scaling {
+                objects.push(("rope_scaling".into(), p));
+            }
+        }
+        let typed;
+        match &params {
+            Some(p) if per_type => {
+                if let Some(k) = p.keys().find(|k| !matches!(k.as_str(), "full_attention" | "sliding_attention")) {
+                    return Err(format!("`rope_parameters.{k}`: not a layer type of gemma3_text"));
                 }
-                Some(other) => return Err(format!("`{name}` is {other}, not an object")),
+                typed = match p.get(kind) {
+                    Some(serde_json::Value::Object(q)) => q.clone(),
+                    _ => return Err(format!("`rope_parameters` has no `{kind}` object")),
+                };
+                objects.push((format!("rope_parameters.{kind}"), &typed));
+            }
+            // A single object for both of Gemma 3's layer types would be ambiguous: refused.
+            Some(_) if two => {
+                return Err("gemma3_text: `rope_parameters` must give full_attention and sliding_attention".into())
+            }
+            Some(p) => objects.push(("rope_parameters".into(), p)),
+            None => {}
+        }
+        let mut scalings: Vec<(String, RopeSettings)> = Vec::new();
+        for (name, p) in objects {
+            let s = rope_settings(&name, p)?;
+            if let Some(t) = s.theta {
+                stated.push((format!("{name}.rope_theta"), t));
+            }
+            if s.llama3.is_some() || s.linear.is_some() {
+                scalings.push((name, s));
             }
         }
         let theta = stated.first().map_or(10_000.0, |s| s.1);
@@ -259,11 +347,12 @@ impl LlamaConfig {
             return Err(format!("RoPE theta {theta} is not a positive number"));
         }
         if let [(a, x), (b, y)] = scalings.as_slice() {
-            if x != y {
-                return Err(format!("the llama3 scalings of `{a}` and `{b}` disagree"));
+            if (x.llama3, x.linear) != (y.llama3, y.linear) {
+                return Err(format!("the RoPE scalings of `{a}` and `{b}` disagree"));
             }
         }
-        Ok(Rope { theta, llama3: scalings.first().map(|s| s.1) })
+        let first = scalings.first().map(|s| s.1);
+        Ok(Rope { theta, llama3: first.and_then(|s| s.llama3), linear: first.and_then(|s| s.linear) })
     }
 
     /// θ of the RoPE (`rope`).
@@ -284,12 +373,60 @@ impl LlamaConfig {
             }
         }
         super::config_keys::check_other_keys(&self.other, LLAMA_IGNORED_KEYS, "Llama-family")?;
-        if let Some(act) = self.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(format!("unsupported hidden_act `{act}` (supported: silu)"));
+        if self.is_gemma() {
+            // transformers' Gemma 2/3 MLP reads `hidden_activation` (default gelu_pytorch_tanh);
+            // a `hidden_act` beside it must say the same, so that no reader is misled.
+            for (key, act) in [("hidden_activation", &self.hidden_activation), ("hidden_act", &self.hidden_act)] {
+                if let Some(a) = act.as_deref().filter(|a| *a != "gelu_pytorch_tanh") {
+                    return Err(format!("unsupported {key} `{a}` for Gemma (supported: gelu_pytorch_tanh)"));
+                }
+            }
+            for (key, v) in [
+                ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+                ("attn_logit_softcapping", self.attn_logit_softcapping),
+                ("final_logit_softcapping", self.final_logit_softcapping),
+            ] {
+                if let Some(x) = v.filter(|x| !(x.is_finite() && *x > 0.0)) {
+                    return Err(format!("`{key}` is {x}, not a positive number"));
+                }
+            }
+            if self.window().is_none() {
+                return Err("Gemma: no `sliding_window` is set for its sliding-window layers".into());
+            }
+        } else {
+            if let Some(act) = self.hidden_act.as_deref() {
+                if act != "silu" {
+                    return Err(format!("unsupported hidden_act `{act}` (supported: silu)"));
+                }
+            }
+            for (key, set) in [
+                ("hidden_activation", self.hidden_activation.is_some()),
+                ("query_pre_attn_scalar", self.query_pre_attn_scalar.is_some()),
+                ("attn_logit_softcapping", self.attn_logit_softcapping.is_some()),
+                ("final_logit_softcapping", self.final_logit_softcapping.is_some()),
+            ] {
+                if set {
+                    return Err(format!("unsupported `{key}` for model_type {:?} (a Gemma setting)", self.model_type));
+                }
             }
         }
+        if !self.is_gemma3()
+            && (self.rope_local_base_freq.is_some()
+                || self.sliding_window_pattern.is_some()
+                || self.sliding_window_pattern_v5.is_some())
+        {
+            return Err(format!(
+                "unsupported `rope_local_base_freq` / `sliding_window_pattern` for model_type {:?} (Gemma 3 settings)",
+                self.model_type
+            ));
+        }
+        if let Some(p) = self.sliding_window_pattern.or(self.sliding_window_pattern_v5).filter(|&p| p == 0) {
+            return Err(format!("sliding_window_pattern {p} must be at least 1"));
+        }
         self.rope()?;
+        if self.is_gemma3() {
+            self.rope_for(true)?;
+        }
         if self.rope_interleaved == Some(true) {
             return Err("unsupported rope_interleaved = true (dptrain implements rotate-half RoPE)".into());
         }
@@ -337,8 +474,44 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// Tied input and output embeddings (Gemma's default is tied, every other family's untied,
+    /// as in transformers).
     pub fn tied(&self) -> bool {
-        self.tie_word_embeddings.unwrap_or(false)
+        self.tie_word_embeddings.unwrap_or(self.is_gemma())
+    }
+
+    /// Gemma 2 or 3 (text): (1 + w) RMSNorms, also around the attention and MLP outputs;
+    /// GeGLU (tanh GELU) MLP; embeddings scaled by √hidden; query_pre_attn_scalar; soft-capping.
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.model_type.as_deref(), Some("gemma2" | "gemma3_text"))
+    }
+
+    /// Gemma 3 (text): Gemma 2 plus q/k norms and a second RoPE for the sliding-window layers.
+    pub fn is_gemma3(&self) -> bool {
+        self.model_type.as_deref() == Some("gemma3_text")
+    }
+
+    /// Which layers use sliding-window attention: `layer_types` where given; else Gemma 2's
+    /// alternation (even layers slide), Gemma 3's pattern (every `sliding_window_pattern`-th
+    /// layer, default 6, is global), and every layer when another family sets an active window.
+    pub fn sliding_layers(&self) -> Vec<bool> {
+        let n = self.num_hidden_layers;
+        if let Some(types) = &self.layer_types {
+            return types.iter().map(|t| t == "sliding_attention").collect();
+        }
+        match self.model_type.as_deref() {
+            Some("gemma2") => (0..n).map(|i| i % 2 == 0).collect(),
+            Some("gemma3_text") => {
+                let p = self.sliding_window_pattern.or(self.sliding_window_pattern_v5).unwrap_or(6);
+                (0..n).map(|i| (i + 1) % p != 0).collect()
+            }
+            _ => vec![self.window().is_some(); n],
+        }
+    }
+
+    /// The factor on attention scores: query_pre_attn_scalar^−½ (Gemma), else head_dim^−½.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt()
     }
 
     /// q/k/v biases: Qwen2 always has them; Llama when `attention_bias` says so.
@@ -358,9 +531,9 @@ impl LlamaConfig {
         t.iter().map(|s| s.to_string()).collect()
     }
 
-    /// Qwen3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
+    /// Qwen3's and Gemma 3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
     pub fn qk_norm(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen3")
+        matches!(self.model_type.as_deref(), Some("qwen3" | "gemma3_text"))
     }
 
     /// An o_proj bias: Llama's and Qwen3's `attention_bias` puts one on all four attention
@@ -394,10 +567,18 @@ struct LlamaLayer {
     lin: Vec<LoraLinear>,
     fused: bool,
     input_norm: Tensor,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
     post_norm: Tensor,
-    /// Qwen3: RMSNorm of every query / key head (weight [head_dim]) before RoPE.
+    /// Gemma: norms of the attention's and the MLP's outputs before each residual add (its
+    /// `post_attention_layernorm` and `post_feedforward_layernorm`).
+    attn_out_norm: Option<Tensor>,
+    ff_out_norm: Option<Tensor>,
+    /// Qwen3, Gemma 3: RMSNorm of every query / key head (weight [head_dim]) before RoPE.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    /// Sliding-window attention (with its own RoPE in Gemma 3).
+    sliding: bool,
 }
 
 impl LlamaLayer {
@@ -477,7 +658,18 @@ impl LlamaLm {
                     adapter,
                 })
             };
+        // RMSNorm weights as the forward multiplies by them: Gemma's norms scale by (1 + w).
+        let gemma = config.is_gemma();
+        let norm = |vb: &VarBuilder, n: usize, name: &str| -> Result<Tensor> {
+            let w = f32_get(vb, &[n], name)?;
+            if gemma {
+                w + 1.0
+            } else {
+                Ok(w)
+            }
+        };
         let bias = config.qkv_bias();
+        let sliding = config.sliding_layers();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = vb.pp(format!("model.layers.{i}"));
@@ -502,13 +694,25 @@ impl LlamaLm {
                     lin(&mlp, i, "down_proj", h, f, false)?,
                 ]
             };
+            let (post_norm, attn_out_norm, ff_out_norm) = if gemma {
+                (
+                    norm(&l, h, "pre_feedforward_layernorm.weight")?,
+                    Some(norm(&l, h, "post_attention_layernorm.weight")?),
+                    Some(norm(&l, h, "post_feedforward_layernorm.weight")?),
+                )
+            } else {
+                (norm(&l, h, "post_attention_layernorm.weight")?, None, None)
+            };
             layers.push(LlamaLayer {
                 lin: lin_layers,
                 fused,
-                input_norm: f32_get(&l, &[h], "input_layernorm.weight")?,
-                post_norm: f32_get(&l, &[h], "post_attention_layernorm.weight")?,
-                q_norm: if config.qk_norm() { Some(f32_get(&att, &[hd], "q_norm.weight")?) } else { None },
-                k_norm: if config.qk_norm() { Some(f32_get(&att, &[hd], "k_norm.weight")?) } else { None },
+                input_norm: norm(&l, h, "input_layernorm.weight")?,
+                post_norm,
+                attn_out_norm,
+                ff_out_norm,
+                q_norm: if config.qk_norm() { Some(norm(&att, hd, "q_norm.weight")?) } else { None },
+                k_norm: if config.qk_norm() { Some(norm(&att, hd, "k_norm.weight")?) } else { None },
+                sliding: sliding[i],
             });
         }
         let embed_raw = vb.get((config.vocab_size, h), "model.embed_tokens.weight")?;
@@ -517,7 +721,7 @@ impl LlamaLm {
         Ok(LlamaLm {
             embed: embed_raw.to_dtype(DType::F32)?,
             layers,
-            norm: f32_get(&vb, &[h], "model.norm.weight")?,
+            norm: norm(&vb, h, "model.norm.weight")?,
             lm_head: LoraLinear { name: "lm_head".into(), weight: head_weight, bias: None, adapter: None },
             config,
         })
@@ -556,9 +760,15 @@ impl LlamaLm {
     }
 
     /// Input embeddings [b, T, H].
+    /// Gemma scales them by √hidden (in f32, the precision dptrain computes in).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))
+        let x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        if self.config.is_gemma() {
+            x * (self.config.hidden_size as f32).sqrt() as f64
+        } else {
+            Ok(x)
+        }
     }
 
     /// Hidden states [b, T, H] after running `layers` on `x` (the input of the first of them).
@@ -578,12 +788,21 @@ impl LlamaLm {
             }
         }
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let rope_spec = cfg.rope().map_err(candle_core::Error::Msg)?;
-        let (cos, sin) = rope_tables_of(t, hd, &rope_spec.inv_freqs(hd), x.device())?;
+        // RoPE tables per layer kind (Gemma 3's sliding layers have their own).
+        let table = |sliding: bool| -> Result<(Tensor, Tensor)> {
+            let spec = cfg.rope_for(sliding).map_err(candle_core::Error::Msg)?;
+            rope_tables_of(t, hd, &spec.inv_freqs(hd), x.device())
+        };
+        let full = table(false)?;
+        let local = if cfg.is_gemma3() { Some(table(true)?) } else { None };
         let bias = attention_bias(mask)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.attention_scale();
         let heads = Heads { query: nh, kv: nkv, dim: hd };
         for layer in &self.layers[layers] {
+            let (cos, sin) = match &local {
+                Some(tables) if layer.sliding => (&tables.0, &tables.1),
+                _ => (&full.0, &full.1),
+            };
             let hn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
             // RoPE on [b, T, heads, d] (the projection's own layout), back to [b, T, heads · d].
             // Qwen3 first normalises every head (RMSNorm over its head_dim).
@@ -593,7 +812,7 @@ impl LlamaLm {
                     Some(w) => rms_norm(&y, w, cfg.rms_norm_eps)?,
                     None => y,
                 };
-                rope(&y, &cos, &sin)?.reshape((b, t, n * hd))
+                rope(&y, cos, sin)?.reshape((b, t, n * hd))
             };
             let l = &layer.lin;
             let (q, k, v) = if layer.fused {
@@ -608,10 +827,17 @@ impl LlamaLm {
             };
             let q = rotated(q, nh, layer.q_norm.as_ref())?;
             let k = rotated(k, nkv, layer.k_norm.as_ref())?;
-            let ctx = attention(&q, &k, &v, &bias, heads, scale)?;
+            let ctx = match cfg.attn_logit_softcapping {
+                Some(cap) => attention_capped(&q, &k, &v, &bias, heads, scale, Some(cap))?,
+                None => attention(&q, &k, &v, &bias, heads, scale)?,
+            };
             let (o, down) = (if layer.fused { &l[1] } else { &l[3] }, &l[l.len() - 1]);
+            let mut y = o.forward(&ctx, tape.as_deref_mut())?;
+            if let Some(w) = &layer.attn_out_norm {
+                y = rms_norm(&y, w, cfg.rms_norm_eps)?;
+            }
             // o(ctx) + x (x is a constant in the lowest adapted layer: no gradient computed for it).
-            x = add_const(&o.forward(&ctx, tape.as_deref_mut())?, &x)?;
+            x = add_const(&y, &x)?;
             let hn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
             let (gate, up) = if layer.fused {
                 // Phi-3's gate_up_proj: the gate half, then the up half.
@@ -622,7 +848,12 @@ impl LlamaLm {
                 let gate = l[4].forward(&hn, tape.as_deref_mut())?;
                 (gate, l[5].forward(&hn, tape.as_deref_mut())?)
             };
-            x = (x + down.forward(&swiglu(&gate, &up)?, tape.as_deref_mut())?)?;
+            let act = if cfg.is_gemma() { geglu_tanh(&gate, &up)? } else { swiglu(&gate, &up)? };
+            let mut y = down.forward(&act, tape.as_deref_mut())?;
+            if let Some(w) = &layer.ff_out_norm {
+                y = rms_norm(&y, w, cfg.rms_norm_eps)?;
+            }
+            x = (x + y)?;
         }
         Ok(x)
     }
@@ -635,7 +866,11 @@ impl LlamaLm {
 
     /// Vocabulary logits [.., V] of hidden states [.., H].
     pub fn logits_of(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden, None)
+        let logits = self.lm_head.forward(hidden, None)?;
+        match self.config.final_logit_softcapping {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// Logits [b, T, V] at every position of unpadded sequences (`input_ids` [b, T], no padding).
@@ -669,7 +904,7 @@ impl LlamaLm {
         if self.lm_head.adapter.is_some() || self.lm_head.bias.is_some() {
             candle_core::bail!("the LM head has an adapter or a bias, which the vocabulary NLL does not apply");
         }
-        vocab_nll(&rows, &self.lm_head.weight, &lm.targets)
+        vocab_nll(&rows, &self.lm_head.weight, &lm.targets, self.config.final_logit_softcapping)
     }
 
     /// Greedy continuation of `prompt` by `n` tokens (no sampling; each step re-runs the whole
@@ -785,7 +1020,7 @@ impl DpModel for LlamaLm {
 
 /// cos and sin tables [T, d] of plain rotate-half RoPE with base θ.
 pub fn rope_tables(t: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
-    rope_tables_of(t, d, &Rope { theta, llama3: None }.inv_freqs(d), device)
+    rope_tables_of(t, d, &Rope::plain(theta).inv_freqs(d), device)
 }
 
 /// cos and sin tables [T, d] of rotate-half RoPE with the d/2 inverse frequencies `inv` (angles in
@@ -804,6 +1039,17 @@ pub fn rope_tables_of(t: usize, d: usize, inv: &[f64], device: &Device) -> Resul
         }
     }
     Ok((Tensor::from_vec(c, (t, d), device)?, Tensor::from_vec(s, (t, d), device)?))
+}
+
+/// c · tanh(x / c) (Gemma's soft-capping of attention scores and logits), differentiable.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
+/// gelu_tanh(gate) · up (Gemma's GeGLU MLP, transformers' `gelu_pytorch_tanh`), from candle's
+/// differentiable ops (candle's `gelu` is the tanh approximation).
+pub fn geglu_tanh(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.gelu()? * up
 }
 
 /// Additive attention bias [b, 1, T, T]: 0 where query i may read key j (j ≤ i and j is a real
@@ -868,6 +1114,10 @@ pub fn random_weights(
         }
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0, rng)?;
         put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, rng)?;
+        if cfg.is_gemma() {
+            put(format!("{p}.pre_feedforward_layernorm.weight"), &[h], 1.0, rng)?;
+            put(format!("{p}.post_feedforward_layernorm.weight"), &[h], 1.0, rng)?;
+        }
         if cfg.qk_norm() {
             put(format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim()], 1.0, rng)?;
             put(format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim()], 1.0, rng)?;
@@ -1032,6 +1282,7 @@ mod tests {
                 high_freq_factor: 4.0,
                 original_max_position_embeddings: 8192.0,
             }),
+            linear: None,
         };
         assert_eq!((old.rope(), new.rope()), (Ok(want), Ok(want)));
         // Both layouts in one file must agree; a missing or extra field is named.
@@ -1054,11 +1305,17 @@ mod tests {
             let key = if v5 { "rope_parameters" } else { "rope_scaling" };
             c[key]["rope_type"] = "yarn".into();
             let e = LlamaConfig::from_json(&c.to_string()).unwrap_err();
-            assert!(e.contains(key) && e.contains("`yarn`") && e.contains("implemented: default, llama3"), "{e}");
+            assert!(
+                e.contains(key) && e.contains("`yarn`") && e.contains("implemented: default, llama3, linear"),
+                "{e}"
+            );
         }
-        // The legacy `type` spelling, and a "default" type with a scaling field.
+        // The legacy `type` spelling (linear scaling is implemented: every frequency ÷ factor;
+        // dynamic is not), and a "default" type with a scaling field.
         let linear = with(QWEN2_OLD, "rope_scaling", Some(serde_json::json!({"type": "linear", "factor": 2.0})));
-        assert!(LlamaConfig::from_json(&linear).unwrap_err().contains("`linear`"));
+        assert_eq!(LlamaConfig::from_json(&linear).unwrap().rope().unwrap().linear, Some(2.0));
+        let dynamic = with(QWEN2_OLD, "rope_scaling", Some(serde_json::json!({"type": "dynamic", "factor": 2.0})));
+        assert!(LlamaConfig::from_json(&dynamic).unwrap_err().contains("`dynamic`"));
         let extra = with(
             &qwen2_v5(),
             "rope_parameters",
@@ -1099,5 +1356,87 @@ mod tests {
         let mut c = LlamaConfig::from_json(QWEN2_OLD).unwrap();
         c.other.insert("foo_scaling".into(), 2.into());
         assert!(c.validate().unwrap_err().contains("`foo_scaling`"));
+    }
+
+    /// gemma-2-2b's config.json as the Hub has it (older layout, no `layer_types`).
+    const GEMMA2_HUB: &str = r#"{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false,
+      "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
+      "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
+      "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+      "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192,
+      "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+      "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+      "sliding_window": 4096, "torch_dtype": "float32", "transformers_version": "4.42.4", "use_cache": true,
+      "vocab_size": 256000}"#;
+
+    /// gemma-3-1b's config.json as the Hub has it (older layout).
+    const GEMMA3_HUB: &str = r#"{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
+      "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2,
+      "cache_implementation": "hybrid", "eos_token_id": [1, 106], "final_logit_softcapping": null,
+      "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+      "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+      "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+      "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+      "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
+      "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+      "use_cache": true, "vocab_size": 262144}"#;
+
+    #[test]
+    fn gemma_hub_configs_read_their_layer_kinds_ropes_scale_and_tied_head() {
+        let g2 = LlamaConfig::from_json(GEMMA2_HUB).unwrap();
+        assert!(g2.is_gemma() && !g2.is_gemma3() && g2.tied() && !g2.qk_norm());
+        // Gemma 2 alternates, starting with a sliding layer.
+        let kinds = g2.sliding_layers();
+        assert!(kinds.iter().enumerate().all(|(i, &s)| s == (i % 2 == 0)) && kinds.len() == 26);
+        assert_eq!((g2.attention_scale(), g2.window()), (1.0 / 16.0, Some(4096)));
+        assert_eq!(g2.rope(), Ok(Rope::plain(10_000.0)));
+        let g3 = LlamaConfig::from_json(GEMMA3_HUB).unwrap();
+        assert!(g3.is_gemma3() && g3.tied() && g3.qk_norm());
+        let globals: Vec<usize> = (0..26).filter(|&i| !g3.sliding_layers()[i]).collect();
+        assert_eq!(globals, [5, 11, 17, 23]);
+        assert_eq!((g3.rope_for(false), g3.rope_for(true)), (Ok(Rope::plain(1e6)), Ok(Rope::plain(1e4))));
+        // Gemma 3 4B's text model: linear scaling on the global layers only.
+        let g3_4b = with(GEMMA3_HUB, "rope_scaling", Some(serde_json::json!({"rope_type": "linear", "factor": 8.0})));
+        let c = LlamaConfig::from_json(&g3_4b).unwrap();
+        assert_eq!(c.rope_for(false), Ok(Rope { theta: 1e6, llama3: None, linear: Some(8.0) }));
+        assert_eq!(c.rope_for(true), Ok(Rope::plain(1e4)));
+        assert_eq!(Rope { theta: 1e4, llama3: None, linear: Some(8.0) }.inv_freqs(4), [1.0 / 8.0, 1e-2 / 8.0]);
+        // transformers 5's layout of the same settings reads the same.
+        let mut v5: serde_json::Value = serde_json::from_str(&g3_4b).unwrap();
+        for k in ["rope_scaling", "rope_theta", "rope_local_base_freq", "sliding_window_pattern"] {
+            v5.as_object_mut().unwrap().remove(k);
+        }
+        v5["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}});
+        v5["_sliding_window_pattern"] = 6.into();
+        let c5 = LlamaConfig::from_json(&v5.to_string()).unwrap();
+        assert_eq!((c5.rope_for(false), c5.rope_for(true)), (c.rope_for(false), c.rope_for(true)));
+        assert_eq!(c5.sliding_layers(), c.sliding_layers());
+    }
+
+    #[test]
+    fn gemma_settings_elsewhere_and_unsupported_gemma_options_are_refused_naming_them() {
+        let refused = |text: String, want: &str| {
+            let e = LlamaConfig::from_json(&text).unwrap_err();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        };
+        refused(with(GEMMA2_HUB, "hidden_activation", Some("gelu".into())), "hidden_activation `gelu`");
+        refused(with(GEMMA2_HUB, "hidden_act", Some("silu".into())), "hidden_act `silu`");
+        refused(with(GEMMA2_HUB, "sliding_window", None), "sliding_window");
+        refused(with(GEMMA2_HUB, "use_bidirectional_attention", Some(true.into())), "use_bidirectional_attention");
+        refused(with(GEMMA2_HUB, "rope_local_base_freq", Some(10.0.into())), "rope_local_base_freq");
+        refused(with(GEMMA2_HUB, "attn_logit_softcapping", Some(0.0.into())), "attn_logit_softcapping");
+        refused(with(SMOLLM2_HUB, "final_logit_softcapping", Some(30.0.into())), "final_logit_softcapping");
+        refused(with(SMOLLM2_HUB, "query_pre_attn_scalar", Some(256.into())), "query_pre_attn_scalar");
+        // Gemma 3 in transformers 5's layout needs both layer types' RoPE.
+        let one = serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6}});
+        refused(with(GEMMA3_HUB, "rope_parameters", Some(one)), "no `sliding_attention`");
+        let flat = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+        refused(with(GEMMA3_HUB, "rope_parameters", Some(flat)), "full_attention and sliding_attention");
+        // Other architectures still refuse per-layer-type RoPE.
+        let per_type = serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}});
+        refused(with(SMOLLM2_HUB, "rope_parameters", Some(per_type)), "per layer type");
     }
 }

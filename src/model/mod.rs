@@ -205,7 +205,7 @@ pub enum Architecture {
 
 /// `model_type` values accepted per family.
 pub const BERT_MODEL_TYPES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
-pub const LLAMA_MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "phi3"];
+pub const LLAMA_MODEL_TYPES: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
 
 impl Architecture {
     /// Reads `model_type` from the folder's config.json.
@@ -221,9 +221,16 @@ impl Architecture {
             Ok(Architecture::Llama)
         } else {
             let known: Vec<&str> = BERT_MODEL_TYPES.iter().chain(&LLAMA_MODEL_TYPES).copied().collect();
+            let hint = match mt {
+                "gemma3" => {
+                    " (a multimodal Gemma 3 checkpoint: its language model sits under `text_config` and \
+                     `language_model.`; dptrain reads text-only folders, model_type gemma3_text)"
+                }
+                _ => "",
+            };
             Err(ModelError::Config {
                 path,
-                message: format!("unsupported architecture (model_type {mt:?}); supported: {}", known.join(", ")),
+                message: format!("unsupported architecture (model_type {mt:?}){hint}; supported: {}", known.join(", ")),
             })
         }
     }

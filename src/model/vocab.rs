@@ -24,14 +24,15 @@ use std::sync::Mutex;
 /// so chunks reuse heap memory instead of faulting fresh pages in).
 const CHUNK_VALUES: usize = 1 << 22;
 
-/// −log softmax(h Wᵀ)[targets] for every row: `h` [n, H], `w` [V, H] (frozen), `targets` [n]
-/// (u32, each < V). Returns [n] f32. Fused on the CPU when h and W are f32 (`VocabNll`),
+/// −log softmax(z)[targets] for every row, with z = h Wᵀ or, with a soft cap c (Gemma's
+/// final_logit_softcapping), z = c · tanh(h Wᵀ / c): `h` [n, H], `w` [V, H] (frozen), `targets`
+/// [n] (u32, each < V). Returns [n] f32. Fused on the CPU when h and W are f32 (`VocabNll`),
 /// composed of candle ops elsewhere (`vocab_nll_composed`).
-pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor, cap: Option<f64>) -> Result<Tensor> {
     let fusable =
         h.device().is_cpu() && h.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op() && h.rank() == 2;
     if !fusable {
-        return vocab_nll_composed(h, w, targets);
+        return vocab_nll_composed(h, w, targets, cap);
     }
     let (n, hidden) = h.dims2()?;
     let (vocab, wh) = w.dims2()?;
@@ -46,13 +47,19 @@ pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
         candle_core::bail!("vocabulary NLL: target token {bad} outside the vocabulary of {vocab}");
     }
     let keep = h.track_op();
-    h.contiguous()?.apply_op1(VocabNll { w: w.contiguous()?, targets, keep, grad_unit: Mutex::new(None) })
+    let cap = cap.map(|c| c as f32);
+    h.contiguous()?.apply_op1(VocabNll { w: w.contiguous()?, targets, cap, keep, grad_unit: Mutex::new(None) })
 }
 
 /// The same NLL from candle's differentiable ops: the head product (`lora::frozen_linear`), the
-/// log-softmax (`ops::log_softmax_last`), the gathered target column, negated.
-pub fn vocab_nll_composed(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax_last(&crate::lora::frozen_linear(h, w, None)?)?;
+/// soft cap if any (`llama::softcap`), the log-softmax (`ops::log_softmax_last`), the gathered
+/// target column, negated.
+pub fn vocab_nll_composed(h: &Tensor, w: &Tensor, targets: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    let mut logits = crate::lora::frozen_linear(h, w, None)?;
+    if let Some(c) = cap {
+        logits = super::llama::softcap(&logits, c)?;
+    }
+    let logp = log_softmax_last(&logits)?;
     logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
@@ -60,6 +67,8 @@ struct VocabNll {
     /// [V, H], f32, contiguous.
     w: Tensor,
     targets: Vec<u32>,
+    /// The soft cap c of the logits (z → c · tanh(z / c)), if any.
+    cap: Option<f32>,
     /// Whether the input is tracked: the forward then also computes the backward's factor.
     keep: bool,
     /// d nll_r / d h_r = softmax_r · W − W[y_r] per row ([n, H]), kept by the forward.
@@ -159,11 +168,43 @@ impl CustomOp1 for VocabNll {
         let mut target_logit = vec![0f32; n];
         let mut acc = vec![0f32; if self.keep { n * hidden } else { 0 }];
         let mut logits = vec![0f32; n * width];
+        // With a cap: the derivative 1 − tanh²(z / c) of each capped logit (for the backward's
+        // accumulation) and of each row's target.
+        let capped_grad = self.keep && self.cap.is_some();
+        let mut deriv = vec![0f32; if capped_grad { n * width } else { 0 }];
+        let mut target_deriv = vec![1f32; n];
         self.with_w(|w| {
             for v0 in (0..vocab).step_by(width) {
                 let cols = width.min(vocab - v0);
                 let logits = &mut logits[..n * cols];
                 slice_logits(h, w, hidden, v0, cols, logits);
+                if let Some(c) = self.cap {
+                    // z → c · tanh(z / c), as transformers computes it (f32: divide, tanh, multiply).
+                    let cap_row = |i: usize, row: &mut [f32], mut d: Option<&mut [f32]>, td: &mut f32| {
+                        let y = self.targets[i] as usize;
+                        for (j, z) in row.iter_mut().enumerate() {
+                            let t = (*z / c).tanh();
+                            *z = t * c;
+                            if let Some(d) = d.as_deref_mut() {
+                                d[j] = 1.0 - t * t;
+                            }
+                            if y == v0 + j {
+                                *td = 1.0 - t * t;
+                            }
+                        }
+                    };
+                    let rows = logits.par_chunks_mut(cols);
+                    if capped_grad {
+                        rows.zip(deriv[..n * cols].par_chunks_mut(cols))
+                            .zip(target_deriv.par_iter_mut())
+                            .enumerate()
+                            .for_each(|(i, ((row, d), td))| cap_row(i, row, Some(d), td));
+                    } else {
+                        rows.zip(target_deriv.par_iter_mut())
+                            .enumerate()
+                            .for_each(|(i, (row, td))| cap_row(i, row, None, td));
+                    }
+                }
                 let rows = logits.par_chunks_mut(cols).zip(state.par_iter_mut().zip(target_logit.par_iter_mut()));
                 let per_row = |i: usize, row: &mut [f32], state: &mut (f32, f64), target: &mut f32| -> f32 {
                     let y = self.targets[i] as usize;
@@ -173,10 +214,15 @@ impl CustomOp1 for VocabNll {
                     fold_row(state, row, self.keep)
                 };
                 if self.keep {
+                    let deriv = &deriv[..if capped_grad { n * cols } else { 0 }];
                     rows.zip(acc.par_chunks_mut(hidden)).enumerate().for_each(|(i, ((row, (state, target)), acc))| {
                         let rescale = per_row(i, row, state, target);
                         if rescale != 1.0 {
                             acc.iter_mut().for_each(|a| *a *= rescale);
+                        }
+                        // Capped: exp(z − max) · dz/d(hW) is what multiplies W below.
+                        if capped_grad {
+                            row.iter_mut().zip(&deriv[i * cols..(i + 1) * cols]).for_each(|(e, &d)| *e *= d);
                         }
                     });
                     // acc += exp(logits − max) · W[v0 .. v0 + cols].
@@ -211,13 +257,16 @@ impl CustomOp1 for VocabNll {
                     });
                 }
             }
-            // d nll_r / d h_r = softmax_r · W − W[y_r] = acc_r / Σ_r − W[y_r].
-            acc.par_chunks_mut(hidden).zip(&state).zip(&self.targets).for_each(|((acc, &(_, sum)), &y)| {
-                let wy = &w[y as usize * hidden..(y as usize + 1) * hidden];
-                for (a, &wy) in acc.iter_mut().zip(wy) {
-                    *a = (*a as f64 / sum - wy as f64) as f32;
-                }
-            });
+            // d nll_r / d h_r = softmax_r · W − W[y_r] = acc_r / Σ_r − W[y_r] (capped: each term
+            // times the derivative of its capped logit, the target's d_y).
+            acc.par_chunks_mut(hidden).zip(&state).zip(self.targets.par_iter().zip(&target_deriv)).for_each(
+                |((acc, &(_, sum)), (&y, &dy))| {
+                    let wy = &w[y as usize * hidden..(y as usize + 1) * hidden];
+                    for (a, &wy) in acc.iter_mut().zip(wy) {
+                        *a = (*a as f64 / sum - dy as f64 * wy as f64) as f32;
+                    }
+                },
+            );
             Ok(())
         })?;
         let lse: Vec<f64> = state.iter().map(|&(max, sum)| max as f64 + sum.ln()).collect();
@@ -253,7 +302,7 @@ mod tests {
 
     /// NLL and dL/dh for L = Σ c · nll: the fused op and the composed fallback (both f32)
     /// against the same composition in f64 (candle's matmul, log-softmax, gather).
-    fn check(n: usize, hidden: usize, vocab: usize, seed: u64) {
+    fn check(n: usize, hidden: usize, vocab: usize, seed: u64, cap: Option<f64>) {
         let h = (rand(&[n, hidden], seed) * 2.0).unwrap();
         let w = rand(&[vocab, hidden], seed + 1);
         let ys: Vec<u32> = (0..n).map(|i| ((i * 7919 + seed as usize) % vocab) as u32).collect();
@@ -264,10 +313,14 @@ mod tests {
             let hv = Var::from_tensor(&h.to_dtype(dt).unwrap()).unwrap();
             let w = w.to_dtype(dt).unwrap();
             let nll = match how {
-                0 => vocab_nll(hv.as_tensor(), &w, &y).unwrap(),
-                1 => vocab_nll_composed(hv.as_tensor(), &w, &y).unwrap(),
+                0 => vocab_nll(hv.as_tensor(), &w, &y, cap).unwrap(),
+                1 => vocab_nll_composed(hv.as_tensor(), &w, &y, cap).unwrap(),
                 _ => {
-                    let logp = log_softmax_last(&hv.as_tensor().matmul(&w.t().unwrap()).unwrap()).unwrap();
+                    let mut z = hv.as_tensor().matmul(&w.t().unwrap()).unwrap();
+                    if let Some(c) = cap {
+                        z = ((z / c).unwrap().tanh().unwrap() * c).unwrap();
+                    }
+                    let logp = log_softmax_last(&z).unwrap();
                     logp.gather(&y.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
                 }
             };
@@ -282,21 +335,36 @@ mod tests {
                 let top = b.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
                 a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / top
             };
-            assert!(worst(&fy, &sy) < 1e-5, "{how} {n}x{hidden}x{vocab}: NLL differs by {}", worst(&fy, &sy));
-            assert!(worst(&fg, &sg) < 1e-5, "{how} {n}x{hidden}x{vocab}: gradient differs by {}", worst(&fg, &sg));
+            let at = format!("{how} {n}x{hidden}x{vocab} cap {cap:?}");
+            assert!(worst(&fy, &sy) < 1e-5, "{at}: NLL differs by {}", worst(&fy, &sy));
+            assert!(worst(&fg, &sg) < 1e-5, "{at}: gradient differs by {}", worst(&fg, &sg));
         }
     }
 
     #[test]
     fn fused_vocab_nll_matches_the_composed_twin_in_value_and_gradient() {
-        check(5, 8, 11, 1);
-        check(1, 16, 3, 2);
-        // A vocabulary of several slices (4,096 wide for 1,024 rows), the last one partial, with
-        // rows whose running max grows in a later slice (the rescaling of the running sum).
-        assert_eq!(slice_width(1024), 4096);
-        check(1024, 4, 3 * 4096 + 100, 3);
-        // One row: a single slice as wide as the vocabulary.
-        check(1, 8, 5000, 4);
+        // Without a cap, and with Gemma's soft cap at a value that bends the logits (|h W| up to
+        // ~8 here: a cap of 3 changes most of them).
+        for cap in [None, Some(3.0)] {
+            check(5, 8, 11, 1, cap);
+            check(1, 16, 3, 2, cap);
+            // A vocabulary of several slices (4,096 wide for 1,024 rows), the last one partial,
+            // with rows whose running max grows in a later slice (the rescaling of the running sum).
+            assert_eq!(slice_width(1024), 4096);
+            check(1024, 4, 3 * 4096 + 100, 3, cap);
+            // One row: a single slice as wide as the vocabulary.
+            check(1, 8, 5000, 4, cap);
+        }
+    }
+
+    #[test]
+    fn the_soft_cap_changes_the_nll() {
+        let h = (rand(&[4, 8], 5) * 4.0).unwrap();
+        let w = rand(&[9, 8], 6);
+        let y = Tensor::new(&[1u32, 8, 0, 3], &Device::Cpu).unwrap();
+        let plain = vocab_nll(&h, &w, &y, None).unwrap().to_vec1::<f32>().unwrap();
+        let capped = vocab_nll(&h, &w, &y, Some(1.0)).unwrap().to_vec1::<f32>().unwrap();
+        assert!(plain.iter().zip(&capped).all(|(a, b)| (a - b).abs() > 1e-3), "{plain:?} vs {capped:?}");
     }
 
     #[test]
@@ -305,8 +373,8 @@ mod tests {
         let h = rand(&[3, 4], 1).to_dtype(DType::F64).unwrap();
         let w = rand(&[7, 4], 2).to_dtype(DType::F64).unwrap();
         let y = Tensor::new(&[1u32, 6, 0], &Device::Cpu).unwrap();
-        let a = vocab_nll(&h, &w, &y).unwrap().to_vec1::<f32>().unwrap();
-        let b = vocab_nll_composed(&h, &w, &y).unwrap().to_vec1::<f32>().unwrap();
+        let a = vocab_nll(&h, &w, &y, None).unwrap().to_vec1::<f32>().unwrap();
+        let b = vocab_nll_composed(&h, &w, &y, None).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a, b);
     }
 
@@ -315,7 +383,7 @@ mod tests {
         let h = rand(&[2, 4], 1);
         let w = rand(&[5, 4], 2);
         let y = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
-        let err = vocab_nll(&h, &w, &y).unwrap_err().to_string();
+        let err = vocab_nll(&h, &w, &y, None).unwrap_err().to_string();
         assert!(err.contains("target token 5 outside the vocabulary of 5"), "{err}");
     }
 }

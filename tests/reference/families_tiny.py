@@ -7,6 +7,10 @@ embeddings) with the family's own options switched on:
 - qwen2: Qwen2ForCausalLM (biases on q, k and v projections, none on o_proj);
 - mistral: MistralForCausalLM with a sliding window (32) longer than the sequences;
 - phi3: Phi3ForCausalLM (q, k, v fused in qkv_proj, gate and up in gate_up_proj; untied head);
+- gemma2: Gemma2ForCausalLM ((1 + w) norms around attention and MLP, tanh-GELU GeGLU, embeddings
+  times √hidden, query_pre_attn_scalar, attention and final-logit soft caps bending the values);
+- gemma3: Gemma3ForCausalLM (text; Gemma 2 plus q/k norms, a linear-scaled RoPE on the global
+  layer and another θ on the sliding one);
 - roberta: the RoBERTa encoder (positions offset by pad_token_id + 1, one token type, LayerNorm
   eps 1e-5), on a batch with a right-padded sequence: its last hidden states at a few positions
   and the mask-weighted mean over real tokens (what dptrain's classification head reads);
@@ -26,7 +30,7 @@ import json
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM, RobertaConfig, RobertaModel, DistilBertConfig, DistilBertModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 torch.set_num_threads(1)
@@ -114,6 +118,25 @@ with torch.no_grad():
     for name, p in m.named_parameters():
         p.copy_(formula(name, tuple(p.shape)))
 out["phi3"] = entry(cfg, m)
+# Gemma: GeGLU (tanh GELU) from `hidden_activation`, (1 + w) norms, embeddings times √hidden,
+# query_pre_attn_scalar ≠ head_dim, a sliding layer then a global one (window longer than the
+# sequences). Gemma 2 with soft caps small enough to bend these scores and logits; Gemma 3 with
+# q/k norms and two RoPEs: linear-scaled θ = 1e6 on the global layer, plain θ = 1e4 on the
+# sliding one.
+GEMMA = {**{k: v for k, v in SHAPE.items() if k != "hidden_act"}, "hidden_activation": "gelu_pytorch_tanh",
+         "query_pre_attn_scalar": 24, "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]}
+for family, cfg in [
+    ("gemma2", Gemma2Config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                            attn_logit_softcapping=1.5, final_logit_softcapping=2.5, **GEMMA)),
+    ("gemma3", Gemma3TextConfig(rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **GEMMA)),
+]:
+    m = (Gemma2ForCausalLM if family == "gemma2" else Gemma3ForCausalLM)(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(formula(name, tuple(p.shape)))
+    out[family] = entry(cfg, m)
 
 rcfg = RobertaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=96, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1,
