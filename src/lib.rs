@@ -14,6 +14,7 @@ pub mod data;
 pub mod flops;
 pub mod kernels;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod privacy;
 pub mod profile;

@@ -123,6 +123,12 @@ pub struct Plan {
     pub tuned_on_private_data: bool,
     pub expected_batch_size: usize,
     pub max_physical_batch: usize,
+    /// Whether the config sets `training.max-physical-batch` (else the run chooses it from its
+    /// memory plan, `memory::MemoryPlan`, at most `max_physical_batch`).
+    pub max_physical_batch_configured: bool,
+    /// `training.max-memory-gib` in bytes: the memory plan's budget instead of the device's
+    /// available memory (when smaller).
+    pub max_memory: Option<u64>,
     /// Padded-token bound per micro-batch (`training.max-tokens`).
     pub max_tokens: Option<usize>,
     pub steps: Option<u64>,
@@ -287,7 +293,7 @@ impl Plan {
         if t.expected_batch_size == 0 {
             return Err(bad("training.expected-batch-size", "must be at least 1".into()));
         }
-        let max_physical_batch = t.max_physical_batch.unwrap_or(32);
+        let max_physical_batch = t.max_physical_batch.unwrap_or(crate::memory::DEFAULT_MICRO_BATCH);
         if max_physical_batch == 0 {
             return Err(bad("training.max-physical-batch", "must be at least 1".into()));
         }
@@ -453,6 +459,12 @@ impl Plan {
             })?,
             expected_batch_size: t.expected_batch_size,
             max_physical_batch,
+            max_physical_batch_configured: t.max_physical_batch.is_some(),
+            max_memory: match t.max_memory_gib {
+                None => None,
+                Some(g) if g > 0.0 && g.is_finite() => Some((g * (1u64 << 30) as f64) as u64),
+                Some(g) => return Err(bad("training.max-memory-gib", format!("must be a positive number, got {g}"))),
+            },
             max_tokens: match t.max_tokens {
                 Some(0) => return Err(bad("training.max-tokens", "must be at least 1".into())),
                 m => m,

@@ -114,8 +114,12 @@ pub struct RawTraining {
     /// Expected logical batch size L: each record is sampled with probability q = L / N. The
     /// noisy gradient sum is divided by L (a public constant), never by the realised size.
     pub expected_batch_size: usize,
-    /// Largest number of examples run through the model at once (memory bound). Default 32.
+    /// Largest number of examples run through the model at once (memory bound). Default: the
+    /// memory plan's choice, at most 32.
     pub max_physical_batch: Option<usize>,
+    /// Memory the run may plan to use, in GiB (default: what the device has available). The
+    /// memory plan chooses the micro-batch size within it when `max-physical-batch` is not set.
+    pub max_memory_gib: Option<f64>,
     /// Largest number of padded tokens (examples × longest length) run through the model at once;
     /// a longer single record still runs alone. Default: no token bound.
     pub max_tokens: Option<usize>,

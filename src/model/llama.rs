@@ -671,7 +671,7 @@ impl LlamaLm {
         let bias = config.qkv_bias();
         let sliding = config.sliding_layers();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
+        for (i, &slides) in sliding.iter().enumerate() {
             let l = vb.pp(format!("model.layers.{i}"));
             let att = l.pp("self_attn");
             let mlp = l.pp("mlp");
@@ -712,7 +712,7 @@ impl LlamaLm {
                 ff_out_norm,
                 q_norm: if config.qk_norm() { Some(norm(&att, hd, "q_norm.weight")?) } else { None },
                 k_norm: if config.qk_norm() { Some(norm(&att, hd, "k_norm.weight")?) } else { None },
-                sliding: sliding[i],
+                sliding: slides,
             });
         }
         let embed_raw = vb.get((config.vocab_size, h), "model.embed_tokens.weight")?;

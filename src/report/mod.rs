@@ -140,6 +140,9 @@ pub struct RunSummary {
     pub examples_per_second: f64,
     pub stopped_early: Option<String>,
     pub ledger: Ledger,
+    /// Private part only: the memory plan, the micro-batch size it chose and the steps' measured
+    /// peak (`memory::MemoryPlan::to_json`; facts about the machine, not the data).
+    pub memory: serde_json::Value,
 }
 
 impl RunSummary {
@@ -466,6 +469,7 @@ pub fn run_record(
         "examples_per_second": s.examples_per_second,
         "non_private_reference": s.reference,
         "metrics": { "test": s.test_metric, "test_groups": s.test_groups },
+        "memory": s.memory,
     })
 }
 

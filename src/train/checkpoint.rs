@@ -195,6 +195,12 @@ pub struct State {
     pub examples_seen: usize,
     pub train_seconds: f64,
     pub fingerprint: Fingerprint,
+    /// The micro-batch size the run uses (chosen by its memory plan unless the config fixes it),
+    /// kept so that a resumed run groups per-example gradients as the uninterrupted run would.
+    /// Absent in checkpoints written before the memory plan existed (those runs used the config's
+    /// `training.max-physical-batch`, default 32).
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
     /// sha256 of tensors.safetensors.
     pub tensors_sha256: String,
 }
@@ -440,6 +446,7 @@ mod tests {
                 metrics: Vec::new(),
                 examples_seen: 0,
                 train_seconds: 0.0,
+                micro_batch: Some(4),
                 fingerprint: Fingerprint {
                     config_sha256: String::new(),
                     config_text: String::new(),

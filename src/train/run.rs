@@ -87,7 +87,23 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<RunOutcome, RunError> {
         // Only now that config, model and data are known good is anything of an earlier run removed.
         dir.clear_previous(resuming_here)?;
     }
+    // The steps' peak memory beside the plan's prediction (a check of the plan on every run).
+    let device = prepared.model.device().clone();
+    let in_use = crate::memory::in_use(&device)?;
+    crate::memory::reset_peak(&device, false)?;
     let trained = train(plan, opts, &dir, &mut prepared)?;
+    if let (Some(base), Some(peak)) = (in_use, crate::memory::peak(&device)?) {
+        let peak = peak.saturating_sub(base);
+        prepared.steps_peak = Some(peak);
+        eprintln!(
+            "memory: the steps peaked at {} above the model and feature cache (planned {})",
+            crate::memory::bytes(peak),
+            prepared
+                .memory
+                .planned(prepared.memory.micro_batch)
+                .map_or("—".into(), |p| crate::memory::bytes(p - prepared.memory.cache))
+        );
+    }
     release(plan, opts, &dir, prepared, trained)
 }
 
@@ -150,6 +166,12 @@ struct Prepared {
     examples_seen: usize,
     /// The stop rule's step limit (`None`: the planned steps).
     max_steps: Option<u64>,
+    /// Micro-batch limits: the memory plan's size and the config's token cap.
+    micro: crate::data::MicroBatchLimits,
+    /// The run's memory plan.
+    memory: crate::memory::MemoryPlan,
+    /// The training steps' measured peak beyond the model and the feature cache.
+    steps_peak: Option<u64>,
 }
 
 fn input_file(path: &std::path::Path, sha256: &str, key: &CommitmentKey) -> Result<report::InputFile, RunError> {
@@ -233,6 +255,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         targets: target_modules.clone(),
         layers: plan.lora_layers.clone(),
     };
+    let in_use_before_model = crate::memory::in_use(&device)?;
     let mut model: Box<dyn DpModel> = match arch {
         Architecture::Bert => Box::new(
             BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init, &device)?
@@ -241,12 +264,6 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         Architecture::Llama => {
             Box::new(LlamaLm::load(&plan.model_dir, Some(&spec), &mut streams.init, &device, plan.base_dtype())?)
         }
-    };
-    let eval_batch = plan.max_physical_batch.max(1);
-    // The base model's held-out perplexity (B = 0: the adapters add exactly nothing yet).
-    let base_test_metric = match model.task() {
-        Task::CausalLm => Some(model.evaluate(&test.examples, eval_batch)?),
-        Task::Classification => None,
     };
     let model_hash = checkpoint::model_hash(&plan.model_dir)?;
     // Checked before training: a reference that does not match fails now, not after hours.
@@ -265,6 +282,21 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     let resumed = match &opts.resume {
         None => None,
         Some(path) => Some(read_resume_checkpoint(path, &fingerprint, n, q, sigma, probe_steps, opts.non_private)?),
+    };
+    // The memory plan and the micro-batch size (before anything else is computed in
+    // micro-batches: the base model's metric, the feature cache).
+    let weights = match (in_use_before_model, crate::memory::in_use(&device)?) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let resumed_micro_batch = resumed.as_ref().and_then(|(_, c)| c.state.micro_batch);
+    let memory = memory_plan(plan, model.as_ref(), &mech, n, weights, resumed_micro_batch)?;
+    eprint!("{}", memory.render());
+    let micro = crate::data::MicroBatchLimits { examples: memory.micro_batch, tokens: plan.max_tokens };
+    // The base model's held-out perplexity (B = 0: the adapters add exactly nothing yet).
+    let base_test_metric = match model.task() {
+        Task::CausalLm => Some(model.evaluate(&test.examples, memory.micro_batch)?),
+        Task::Classification => None,
     };
     let seeded = streams.seeded;
     let key = match &resumed {
@@ -295,7 +327,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         }
     };
     // Frozen lower layers: computed once per record (a function of that record alone).
-    let cache = feature_cache(model.as_ref(), &train.examples, plan.micro_batch_limits())?;
+    let cache = feature_cache(model.as_ref(), &train.examples, micro)?;
     let mut opt = new_optimizer(plan);
     let (sampler, noise, ledger, metrics, start, prior_seconds, examples_seen) = match resumed {
         None => (
@@ -393,7 +425,107 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         prior_seconds,
         examples_seen,
         max_steps,
+        micro,
+        memory,
+        steps_peak: None,
     })
+}
+
+/// The run's memory plan: the micro-batch size is the config's `training.max-physical-batch`
+/// when set, a resumed checkpoint's when resuming, else the largest up to the default that the
+/// measured step memory fits in the available memory. Refuses a run whose plan does not fit
+/// even one example, naming the numbers. The step is measured on synthetic sequences of
+/// max-seq-len tokens (public quantities), so the choice depends on no record.
+fn memory_plan(
+    plan: &Plan,
+    model: &dyn DpModel,
+    mech: &Mechanism,
+    n: usize,
+    weights: Option<u64>,
+    resumed: Option<usize>,
+) -> Result<crate::memory::MemoryPlan, RunError> {
+    use crate::memory::{fitting_micro_batch, MemoryPlan, MicroBatchChoice};
+    let device = model.device().clone();
+    let trainable: usize = model.trainable().iter().map(|(_, t)| t.elem_count()).sum();
+    let tokens = plan.max_seq_len;
+    let cache = if model.first_adapted_layer() > 0 { (n * tokens * model.hidden_size() * 4) as u64 } else { 0 };
+    let step = crate::memory::measure_step(model, mech.clip, mech.clip_kind, tokens)?;
+    let mut m = MemoryPlan {
+        device: plan.device.name(),
+        // training.max-memory-gib bounds the whole run: the loaded model counts against it.
+        available: match (
+            crate::memory::available(&device)?,
+            plan.max_memory.map(|m| m.saturating_sub(weights.unwrap_or(0))),
+        ) {
+            (Some(a), Some(m)) => Some(a.min(m)),
+            (a, m) => a.or(m),
+        },
+        weights,
+        trainable_params: trainable,
+        // values and gradient f32, AdamW's two moments f64.
+        optimizer: (trainable * (4 + 4 + 16)) as u64,
+        cache,
+        step,
+        at_choice: None,
+        tokens,
+        micro_batch: plan.max_physical_batch,
+        choice: MicroBatchChoice::Configured,
+    };
+    if let Some(b) = resumed {
+        m.micro_batch = b;
+        m.choice = MicroBatchChoice::Resumed;
+        return Ok(m);
+    }
+    if plan.max_physical_batch_configured {
+        if let (Some(p), Some(a)) = (m.planned(m.micro_batch), m.available) {
+            if p as f64 > a as f64 * crate::memory::HEADROOM {
+                eprintln!(
+                    "warning: micro-batches of {} (training.max-physical-batch) are planned to need {} of {} available",
+                    m.micro_batch,
+                    crate::memory::bytes(p),
+                    crate::memory::bytes(a)
+                );
+            }
+        }
+        return Ok(m);
+    }
+    m.choice = MicroBatchChoice::Automatic;
+    if let (Some((fixed, per)), Some(a)) = (m.step, m.available) {
+        let b = fitting_micro_batch(m.optimizer + m.cache + fixed, per, a, plan.max_physical_batch);
+        if b == 0 {
+            return Err(RunError::Plan(format!(
+                "not enough memory on {}: one example of {tokens} tokens is planned to need {} beyond the model, {} is available \
+                 (planning to use {:.0}% of it); shorten model.max-seq-len, adapt fewer layers or use a device with more memory\n{}",
+                m.device,
+                crate::memory::bytes(m.planned(1).unwrap_or(0)),
+                crate::memory::bytes(a),
+                crate::memory::HEADROOM * 100.0,
+                m.render()
+            )));
+        }
+        m.micro_batch = b;
+        // The fit is from 1 and 4 examples: above that, measure the chosen size itself and step
+        // down (proportionally) while it does not fit.
+        let budget = a as f64 * crate::memory::HEADROOM;
+        for _ in 0..4 {
+            if m.micro_batch <= 4 {
+                break;
+            }
+            let Some(at) = crate::memory::measure_micro_batch(model, mech.clip, mech.clip_kind, tokens, m.micro_batch)?
+            else {
+                break;
+            };
+            let fixed = (m.optimizer + m.cache) as f64;
+            m.at_choice = Some(at);
+            if fixed + at as f64 <= budget {
+                break;
+            }
+            let scaled = (m.micro_batch as f64 * (budget - fixed).max(0.0) / at as f64).floor() as usize;
+            m.micro_batch = scaled.clamp(1, m.micro_batch - 1);
+            m.at_choice = None;
+        }
+    }
+    Ok(m)
 }
 
 /// Reads the checkpoint `--resume PATH` names and refuses it unless it belongs to this run and
@@ -471,8 +603,7 @@ impl Probe {
                 )));
             }
         }
-        let (examples, cache) =
-            probe_data(p.model.as_ref(), &p.train.examples, p.cache.as_ref(), plan.micro_batch_limits())?;
+        let (examples, cache) = probe_data(p.model.as_ref(), &p.train.examples, p.cache.as_ref(), p.micro)?;
         let [.., (_, w), (_, b)] = trainable.as_slice() else {
             return Err(RunError::Plan("linear probe: the model has no head".into()));
         };
@@ -564,6 +695,7 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
                 examples_seen: p.examples_seen,
                 train_seconds: p.prior_seconds + started.elapsed().as_secs_f64(),
                 fingerprint: p.fingerprint.clone(),
+                micro_batch: Some(p.micro.examples),
                 tensors_sha256: String::new(),
             },
             params: p.params.to_vec1::<f32>()?,
@@ -589,7 +721,7 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
                 &pr.examples,
                 Some(&pr.cache),
                 &indices,
-                plan.micro_batch_limits(),
+                p.micro,
                 pr.layout.len(),
                 &p.mech,
                 &p.noise,
@@ -609,7 +741,7 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
                 &p.train.examples,
                 p.cache.as_ref(),
                 &indices,
-                plan.micro_batch_limits(),
+                p.micro,
                 p.layout.len(),
                 &p.mech,
                 &p.noise,
@@ -694,7 +826,7 @@ fn release(
     p: Prepared,
     trained: Trained,
 ) -> Result<RunOutcome, RunError> {
-    let eval_batch = plan.max_physical_batch.max(1);
+    let eval_batch = p.micro.examples.max(1);
     let eval_started = Instant::now();
     let scores = p.model.score_examples(&p.test.examples, eval_batch)?;
     let test_metric = crate::model::EvalResult::aggregate(scores.iter().copied());
@@ -772,6 +904,7 @@ fn release(
         examples_per_second: p.examples_seen as f64 / trained.train_seconds,
         stopped_early: trained.stopped_early,
         ledger: p.ledger.clone(),
+        memory: p.memory.to_json(p.steps_peak),
     };
     report::write_outputs(plan, dir, p.model.as_ref(), &summary, &p.metrics, &p.key)?;
     if !plan.keep_final_checkpoint {

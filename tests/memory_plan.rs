@@ -1,0 +1,119 @@
+//! Claims about the memory plan (issue 22): without `training.max-physical-batch` a run chooses
+//! its micro-batch size from the measured step memory, so that under a tight
+//! `training.max-memory-gib` it picks a smaller size whose training steps then stay within the
+//! budget; a budget too small for one example is refused before any output is written, naming
+//! the numbers; a resumed run keeps its checkpoint's micro-batch size; a configured size is used
+//! as given.
+
+mod common;
+
+use common::dptrain;
+use std::path::{Path, PathBuf};
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("dptrain-memplan-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        common::write_tiny_model_dir(&dir.join("model"), 4);
+        common::write_tiny_classification_data(&dir);
+        Fixture { dir }
+    }
+
+    /// A config; `training` adds lines to its [training] table.
+    fn config(&self, name: &str, training: &str) -> (String, PathBuf) {
+        let d = self.dir.display();
+        let out = self.dir.join(format!("run-{name}"));
+        let text = format!(
+            "[model]\npath = \"{d}/model\"\nmax-seq-len = 16\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+             [lora]\nrank = 4\nalpha = 8\n\n[privacy]\nnoise-multiplier = 1.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
+             [training]\nexpected-batch-size = 16\nsteps = 4\nlearning-rate = 0.05\n{training}\n\n\
+             [output]\ndir = \"{}\"\n",
+            out.display()
+        );
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        (path.display().to_string(), out)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn memory_of(run: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(run.join("private/run.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["memory"].clone()
+}
+
+fn bytes(m: &serde_json::Value, key: &str) -> f64 {
+    m[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {m}"))
+}
+
+#[test]
+fn a_tight_memory_budget_gets_a_smaller_micro_batch_whose_steps_stay_within_it() {
+    let f = Fixture::new("tight");
+    // Plentiful memory: the default cap.
+    let (cfg, run) = f.config("free", "");
+    let (ok, out) = dptrain(&["--config", &cfg]);
+    assert!(ok, "{out}");
+    assert!(out.contains("memory plan (cpu)") && out.contains("micro-batch"), "{out}");
+    let free = memory_of(&run);
+    assert_eq!((free["micro_batch"].as_u64(), free["micro_batch_choice"].as_str()), (Some(32), Some("automatic")));
+    let (weights, fixed, per, optimizer) = (
+        bytes(&free, "base_model_bytes"),
+        bytes(&free, "step_fixed_bytes"),
+        bytes(&free, "step_per_example_bytes"),
+        bytes(&free, "optimizer_bytes"),
+    );
+    assert!(per > 0.0 && weights > 0.0, "{free}");
+    // A budget that the linear fit says holds about 8 examples.
+    let budget = weights + (optimizer + fixed + 8.0 * per) / 0.8;
+    let (cfg, run) = f.config("tight", &format!("max-memory-gib = {}", budget / (1u64 << 30) as f64));
+    let (ok, out) = dptrain(&["--config", &cfg]);
+    assert!(ok, "{out}");
+    let tight = memory_of(&run);
+    let b = tight["micro_batch"].as_u64().unwrap();
+    assert!((1..32).contains(&b), "micro-batch {b} under a budget for about 8: {tight}");
+    let beyond_model = budget - bytes(&tight, "base_model_bytes");
+    assert!(bytes(&tight, "planned_steps_bytes") <= 0.8 * beyond_model + 1.0, "{tight}");
+    // What the steps really held stays within the budget.
+    assert!(bytes(&tight, "steps_peak_bytes") <= beyond_model, "{tight} (budget beyond the model {beyond_model})");
+    assert!(run.join("release/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn a_budget_below_one_example_is_refused_before_any_output_naming_the_numbers() {
+    let f = Fixture::new("refused");
+    let (cfg, run) = f.config("tiny", "max-memory-gib = 1e-9");
+    let (ok, out) = dptrain(&["--config", &cfg]);
+    assert!(!ok);
+    assert!(out.contains("not enough memory") && out.contains("one example of 16 tokens"), "{out}");
+    let files = |d: &str| std::fs::read_dir(run.join(d)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((files("release"), run.join("private/run.json").exists()), (0, false), "{out}");
+    // A configured micro-batch is used as given (with a warning), not refused.
+    let (cfg, run) = f.config("configured", "max-memory-gib = 1e-9\nmax-physical-batch = 3");
+    let (ok, out) = dptrain(&["--config", &cfg]);
+    assert!(ok, "{out}");
+    assert!(out.contains("warning: micro-batches of 3"), "{out}");
+    let m = memory_of(&run);
+    assert_eq!((m["micro_batch"].as_u64(), m["micro_batch_choice"].as_str()), (Some(3), Some("configured")));
+}
+
+#[test]
+fn a_resumed_run_keeps_its_checkpoints_micro_batch() {
+    let f = Fixture::new("resume");
+    let (cfg, run) = f.config("resume", "checkpoint-every = 2");
+    let (ok, out) = dptrain(&["--config", &cfg, "--stop-after-step", "2"]);
+    assert!(!ok, "{out}");
+    let (ok, out) = dptrain(&["--config", &cfg, "--resume", run.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("kept from the checkpoint being resumed"), "{out}");
+    let m = memory_of(&run);
+    assert_eq!((m["micro_batch"].as_u64(), m["micro_batch_choice"].as_str()), (Some(32), Some("resumed")));
+}
