@@ -7,6 +7,7 @@
 
 pub mod accounting;
 pub mod allocator;
+pub mod audit;
 pub mod bench;
 pub mod config;
 pub mod convert;
