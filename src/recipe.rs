@@ -94,17 +94,19 @@ pub fn derive(inputs: &RecipeInputs, arch: Architecture, records: usize, layers:
             lora_layers: (on_cpu && layers > 2).then(|| vec![layers - 2, layers - 1]),
             targets: vec!["query".into(), "value".into()],
         },
+        // configs/smollm2-lm.toml (GPU) and configs/smollm2-lm-cpu.toml (CPU: the last four layers
+        // adapted, the rest computed once per record, 3 epochs; docs/recipe.md).
         Architecture::Llama => Recipe {
             arch,
             records,
             delta,
             expected_batch_size: expected_batch_size(records),
-            epochs: 5.0,
+            epochs: if on_cpu { 3.0 } else { 5.0 },
             linear_probe_epochs: 0.0,
             learning_rate: 0.005,
             linear_probe_learning_rate: 0.0,
             clip_norm: 1.0,
-            lora_layers: None,
+            lora_layers: (on_cpu && layers > 4).then(|| (layers - 4..layers).collect()),
             targets: vec!["q_proj".into(), "v_proj".into()],
         },
     }
@@ -169,7 +171,8 @@ pub fn render(inputs: &RecipeInputs, r: &Recipe) -> String {
         let list: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
         let _ = writeln!(
             w,
-            "# CPU: adapters in the last two layers; the layers below are computed once per record.\nlayers = [{}]",
+            "# CPU: adapters in the last {} layers; the layers below are computed once per record.\nlayers = [{}]",
+            layers.len(),
             list.join(", ")
         );
     }
@@ -283,5 +286,31 @@ mod tests {
         for n in [16usize, 100, 4834, 26_823, 1_000_000] {
             assert!(default_delta(n) <= 0.1 / n as f64 && expected_batch_size(n) <= n);
         }
+    }
+
+    fn inputs(device: DeviceSpec) -> RecipeInputs {
+        RecipeInputs {
+            model: "m".into(),
+            train: "t".into(),
+            test: "e".into(),
+            target_epsilon: 8.0,
+            delta: None,
+            labels: None,
+            max_seq_len: 64,
+            device,
+            run_dir: "r".into(),
+        }
+    }
+
+    #[test]
+    fn a_language_model_on_the_cpu_adapts_its_last_four_layers_for_three_epochs() {
+        let cpu = derive(&inputs(DeviceSpec::Cpu), Architecture::Llama, 2_300, 30);
+        assert_eq!((cpu.epochs, cpu.lora_layers.clone()), (3.0, Some(vec![26, 27, 28, 29])));
+        assert_eq!(cpu.expected_batch_size, 128);
+        assert!(render(&inputs(DeviceSpec::Cpu), &cpu).contains("adapters in the last 4 layers"));
+        let gpu = derive(&inputs(DeviceSpec::Cuda(0)), Architecture::Llama, 2_300, 30);
+        assert_eq!((gpu.epochs, gpu.lora_layers), (5.0, None));
+        // A model of four layers or fewer: every layer adapted.
+        assert_eq!(derive(&inputs(DeviceSpec::Cpu), Architecture::Llama, 2_300, 4).lora_layers, None);
     }
 }
