@@ -10,40 +10,14 @@ mod common;
 use common::dptrain;
 use std::path::{Path, PathBuf};
 
-struct Fixture {
-    dir: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("dptrain-memplan-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        common::write_tiny_model_dir(&dir.join("model"), 4);
-        common::write_tiny_classification_data(&dir);
-        Fixture { dir }
-    }
-
-    /// A config; `training` adds lines to its [training] table.
-    fn config(&self, name: &str, training: &str) -> (String, PathBuf) {
-        let d = self.dir.display();
-        let out = self.dir.join(format!("run-{name}"));
-        let text = format!(
-            "[model]\npath = \"{d}/model\"\nmax-seq-len = 16\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 4\nalpha = 8\n\n[privacy]\nnoise-multiplier = 1.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
-             [training]\nexpected-batch-size = 16\nsteps = 4\nlearning-rate = 0.05\n{training}\n\n\
-             [output]\ndir = \"{}\"\n",
-            out.display()
-        );
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&path, text).unwrap();
-        (path.display().to_string(), out)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A tiny run folder; `training` adds lines to the config's [training] table.
+fn config(f: &common::TinyRunDir, name: &str, training: &str) -> (String, PathBuf) {
+    let cfg = f.config(
+        &format!("run-{name}"),
+        8.0,
+        &format!("expected-batch-size = 16\nsteps = 4\nlearning-rate = 0.05\n{training}"),
+    );
+    (cfg, f.out(&format!("run-{name}")))
 }
 
 fn memory_of(run: &Path) -> serde_json::Value {
@@ -57,9 +31,9 @@ fn bytes(m: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn a_tight_memory_budget_gets_a_smaller_micro_batch_whose_steps_stay_within_it() {
-    let f = Fixture::new("tight");
+    let f = common::TinyRunDir::new("memplan", "tight");
     // Plentiful memory: the default cap.
-    let (cfg, run) = f.config("free", "");
+    let (cfg, run) = config(&f, "free", "");
     let (ok, out) = dptrain(&["--config", &cfg]);
     assert!(ok, "{out}");
     assert!(out.contains("memory plan (cpu)") && out.contains("micro-batch"), "{out}");
@@ -74,7 +48,7 @@ fn a_tight_memory_budget_gets_a_smaller_micro_batch_whose_steps_stay_within_it()
     assert!(per > 0.0 && weights > 0.0, "{free}");
     // A budget that the linear fit says holds about 8 examples.
     let budget = weights + (optimizer + fixed + 8.0 * per) / 0.8;
-    let (cfg, run) = f.config("tight", &format!("max-memory-gib = {}", budget / (1u64 << 30) as f64));
+    let (cfg, run) = config(&f, "tight", &format!("max-memory-gib = {}", budget / (1u64 << 30) as f64));
     let (ok, out) = dptrain(&["--config", &cfg]);
     assert!(ok, "{out}");
     let tight = memory_of(&run);
@@ -89,15 +63,15 @@ fn a_tight_memory_budget_gets_a_smaller_micro_batch_whose_steps_stay_within_it()
 
 #[test]
 fn a_budget_below_one_example_is_refused_before_any_output_naming_the_numbers() {
-    let f = Fixture::new("refused");
-    let (cfg, run) = f.config("tiny", "max-memory-gib = 1e-9");
+    let f = common::TinyRunDir::new("memplan", "refused");
+    let (cfg, run) = config(&f, "tiny", "max-memory-gib = 1e-9");
     let (ok, out) = dptrain(&["--config", &cfg]);
     assert!(!ok);
-    assert!(out.contains("not enough memory") && out.contains("one example of 16 tokens"), "{out}");
+    assert!(out.contains("not enough memory") && out.contains("one example of 12 tokens"), "{out}");
     let files = |d: &str| std::fs::read_dir(run.join(d)).map(|r| r.count()).unwrap_or(0);
     assert_eq!((files("release"), run.join("private/run.json").exists()), (0, false), "{out}");
     // A configured micro-batch is used as given (with a warning), not refused.
-    let (cfg, run) = f.config("configured", "max-memory-gib = 1e-9\nmax-physical-batch = 3");
+    let (cfg, run) = config(&f, "configured", "max-memory-gib = 1e-9\nmax-physical-batch = 3");
     let (ok, out) = dptrain(&["--config", &cfg]);
     assert!(ok, "{out}");
     assert!(out.contains("warning: micro-batches of 3"), "{out}");
@@ -107,8 +81,8 @@ fn a_budget_below_one_example_is_refused_before_any_output_naming_the_numbers() 
 
 #[test]
 fn a_resumed_run_keeps_its_checkpoints_micro_batch() {
-    let f = Fixture::new("resume");
-    let (cfg, run) = f.config("resume", "checkpoint-every = 2");
+    let f = common::TinyRunDir::new("memplan", "resume");
+    let (cfg, run) = config(&f, "resume", "checkpoint-every = 2");
     let (ok, out) = dptrain(&["--config", &cfg, "--stop-after-step", "2"]);
     assert!(!ok, "{out}");
     let (ok, out) = dptrain(&["--config", &cfg, "--resume", run.to_str().unwrap()]);
