@@ -223,6 +223,42 @@ impl MechanismAudit {
     }
 }
 
+/// The mechanism a run config describes, for `MechanismAudit`: q = L / N (N counted from the
+/// training file's lines, not read), every planned step (linear probe and LoRA), σ as the run
+/// calibrates it (σ = 0 with `non_private`), clip norm C, `canaries` gradient canaries of norm
+/// 4C.
+pub fn mechanism_of(plan: &crate::config::Plan, canaries: usize, non_private: bool) -> Result<MechanismAudit, String> {
+    let n = crate::recipe::count_records(&plan.train_path)
+        .map_err(|e| format!("cannot read {}: {e}", plan.train_path.display()))?;
+    let l = plan.expected_batch_size;
+    if l > n || n == 0 {
+        return Err(format!(
+            "training.expected-batch-size {l} exceeds the {n} records of {}",
+            plan.train_path.display()
+        ));
+    }
+    if canaries < 2 {
+        return Err(format!("--canaries {canaries}: at least 2 are needed"));
+    }
+    let (q, steps) = (l as f64 / n as f64, plan.planned_steps(n));
+    let sigma = match (non_private, &plan.noise) {
+        (true, _) => 0.0,
+        (false, crate::config::NoiseSpec::NoiseMultiplier(s)) => *s,
+        (false, crate::config::NoiseSpec::TargetEpsilon(t)) => {
+            crate::accounting::calibrate(plan.accountant, *t, plan.delta, q, steps, 1e-4).map_err(|e| e.to_string())?.0
+        }
+    };
+    Ok(MechanismAudit {
+        canaries,
+        sample_rate: q,
+        noise_multiplier: sigma,
+        steps,
+        clip_norm: plan.clip_norm,
+        canary_norm: 4.0,
+        expected_batch_size: l,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
