@@ -194,7 +194,10 @@ pub fn render(inputs: &RecipeInputs, r: &Recipe) -> String {
         w,
         "# L = the power of two nearest to N / 20 (within 16..4096): q = {l} / {n} = {q:.4}, so the steps below\n# are about 20 per epoch whatever N is.\nexpected-batch-size = {l}"
     );
-    let _ = writeln!(w, "max-physical-batch = 32");
+    let _ = writeln!(
+        w,
+        "# Examples per forward/backward pass: not set, so the run's memory plan chooses it (at most 32)\n# from the measured step memory; set max-physical-batch to fix it (bit-identical seeded reruns\n# on other machines)."
+    );
     if probe_steps > 0 {
         let _ = writeln!(
             w,
