@@ -1,7 +1,8 @@
 //! Claims about `dptrain audit` (issue 20, mechanism mode): on a run config it reports the
 //! certified ε of the config's mechanism and an audited lower bound that does not exceed it; the
 //! same mechanism without noise (`--non-private`) gets a bound far above what the DP one reaches;
-//! the modes not implemented yet are refused by name.
+//! `--out` writes audit_report.json / .md and never replaces them without --overwrite; the modes
+//! not implemented yet are refused by name.
 
 mod common;
 
@@ -29,6 +30,22 @@ fn the_audited_lower_bound_stays_below_the_certificate_and_a_noiseless_mechanism
     assert_eq!(np["certified_epsilon"], "inf");
     let np_bound = np["epsilon_lower_bound"].as_f64().unwrap();
     assert!(np_bound > 4.0 && np_bound > certified + 1.0, "{np}");
+    // --out writes the report (JSON and markdown) and never replaces one silently.
+    let dir = f.out("audit");
+    let dir_s = dir.display().to_string();
+    let written = audit(&cfg, &["--out", &dir_s]);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("audit_report.json")).unwrap()).unwrap();
+    assert_eq!(saved, written);
+    let md = std::fs::read_to_string(dir.join("audit_report.md")).unwrap();
+    assert!(
+        md.contains("certified ε ≤")
+            && md.contains(&format!("audited ε ≥ {:.4}", written["epsilon_lower_bound"].as_f64().unwrap())),
+        "{md}"
+    );
+    let (ok, out) = common::dptrain(&["audit", "--config", &cfg, "--out", &dir_s]);
+    assert!(!ok && out.contains("--overwrite"), "{out}");
+    assert_eq!(std::fs::read_to_string(dir.join("audit_report.md")).unwrap(), md);
     // Not implemented yet: refused, naming the mode.
     for mode in ["black-box", "white-box"] {
         let (ok, out) = common::dptrain(&["audit", "--config", &cfg, "--mode", mode]);
