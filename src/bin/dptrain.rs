@@ -245,20 +245,19 @@ enum Command {
         allow_seeded: bool,
     },
     /// Empirical privacy audit: an ε lower bound (one-run method of Steinke, Nasr and Jagielski)
-    /// beside the certified ε. Implemented: `--mode mechanism`, the config's DP-SGD mechanism
-    /// (its q, σ, steps and C, through dptrain's own sampler, clipping and noise) with gradient
-    /// canaries and no model. The modes that audit the config's own training (black-box input
-    /// canaries, white-box gradient canaries in the model's steps) are not implemented yet.
+    /// beside the certified ε. `--mode white-box` (default) trains the config with gradient
+    /// canaries in its steps, `black-box` with canary records in its data; `mechanism` audits
+    /// its DP-SGD mechanism alone (sampler, clipping, noise; no model, seconds).
     Audit {
         #[arg(long)]
         config: PathBuf,
         /// Number of canaries, each inserted with probability ½.
         #[arg(long, default_value_t = 4000)]
         canaries: usize,
-        /// mechanism (implemented), black-box or white-box (not yet).
-        #[arg(long, default_value = "mechanism")]
+        /// white-box, black-box or mechanism.
+        #[arg(long, default_value = "white-box")]
         mode: String,
-        /// Audit the mechanism without noise (σ = 0), as a non-private run would be.
+        /// Audit the same config without clipping or noise, as a non-private run would be.
         #[arg(long)]
         non_private: bool,
         /// Confidence of the lower bound.
@@ -266,7 +265,8 @@ enum Command {
         confidence: f64,
         #[arg(long)]
         json: bool,
-        /// Also write audit_report.json and audit_report.md into this folder.
+        /// Write audit_report.json and audit_report.md into this folder (and, for the training
+        /// modes, the audited run and the canaries); without it the audited run is removed.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace an audit report already in --out.
@@ -350,6 +350,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         resume: args.resume.clone(),
         stop_after: args.stop_after_step,
         reference: args.reference.clone(),
+        gradient_canaries: None,
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, exit non-zero with how to resume.
     dptrain::train::interrupt::install();
@@ -742,86 +743,25 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Command::Audit { config, canaries, mode, non_private, confidence, json, out: out_dir, overwrite }) => {
-            if mode != "mechanism" {
-                anyhow::bail!(
-                    "--mode {mode}: not implemented yet (auditing the config's own training with input or gradient canaries is open work, issue 20); --mode mechanism audits its DP-SGD mechanism"
-                );
-            }
-            if !(*confidence > 0.0 && *confidence < 1.0) {
-                anyhow::bail!("--confidence {confidence}: must be between 0 and 1");
-            }
-            if let Some(d) = out_dir.as_ref().filter(|d| !*overwrite && d.join("audit_report.json").exists()) {
-                anyhow::bail!("{} already holds an audit report: pass --overwrite to replace it", d.display());
-            }
+        Some(Command::Audit { config, canaries, mode, non_private, confidence, json, out, overwrite }) => {
+            let mode = dptrain::audit::command::Mode::parse(mode).map_err(anyhow::Error::msg)?;
             let plan = dptrain::config::load(config)?;
-            let a = dptrain::audit::mechanism_of(&plan, *canaries, *non_private).map_err(anyhow::Error::msg)?;
-            let certified = if *non_private { f64::INFINITY } else { a.certified_epsilon(plan.delta)? };
-            let (scores, inserted) = a.run(None)?;
-            let grid = dptrain::audit::default_grid(*canaries);
-            let b = dptrain::audit::best_bound(&scores, &inserted, &grid, plan.delta, 1.0 - confidence);
-            let delta_term = 2.0 * *canaries as f64 * plan.delta;
-            if delta_term > 0.01 {
-                eprintln!(
-                    "note: 2·canaries·δ = {delta_term:.3}: the bound's δ term is large at this δ, so it can refute little"
-                );
-            }
-            let out = serde_json::json!({
-                "mode": "mechanism",
-                "what": "the config's DP-SGD mechanism (Poisson sampling, per-example clipping, Gaussian noise) with gradient canaries of norm 4C on coordinates nothing else uses; no model",
-                "sample_rate": a.sample_rate, "noise_multiplier": a.noise_multiplier, "steps": a.steps,
-                "clip_norm": a.clip_norm, "delta": plan.delta, "canaries": a.canaries,
-                "certified_epsilon": json_f64(certified),
-                "epsilon_lower_bound": b.epsilon, "confidence": confidence,
-                "guesses": b.guesses, "correct": b.correct, "k_plus": b.k_plus, "k_minus": b.k_minus,
-                "guess_counts_searched": b.searched,
-            });
-            let text = format!(
-                    "mechanism of {}: q = {:.5}, σ = {:.4}, {} steps, C = {}\ncertified ε ≤ {} (δ = {:e})\naudited ε ≥ {:.4} at {:.0}% confidence ({} of {} guesses correct, {} canaries; one-run method, {} guess counts searched)",
-                    config.display(),
-                    a.sample_rate,
-                    a.noise_multiplier,
-                    a.steps,
-                    a.clip_norm,
-                    if certified.is_finite() { format!("{:.4}", certified) } else { "∞ (no noise)".into() },
-                    plan.delta,
-                    b.epsilon,
-                    confidence * 100.0,
-                    b.correct,
-                    b.guesses,
-                    a.canaries,
-                    b.searched
-                );
-            if let Some(d) = out_dir {
-                let md = format!(
-                    "# Privacy audit (`dptrain audit --mode mechanism`)\n\n```\n{text}\n```\n\n\
-                     What was audited: {}. Each of the {} canaries was inserted with probability ½; the \
-                     auditor guessed \"inserted\" for the {} highest scores and \"absent\" for the {} lowest \
-                     and was right {} times of {}. The lower bound is the largest ε that this count refutes \
-                     at {:.0}% confidence by Theorem 5.2 of Steinke, Nasr and Jagielski (NeurIPS 2023), the \
-                     confidence split over the {} guess counts searched.\n\n\
-                     A lower bound far below the certified ε is expected (one run, scores summed over \
-                     steps, a finite number of canaries); a lower bound *above* it would show that the \
-                     mechanism does not do what the certificate assumes. This mode audits the sampler, \
-                     clipping, noise and accounting without the model; auditing the training itself \
-                     (input or gradient canaries through the model) is not implemented yet.\n",
-                    out["what"].as_str().unwrap_or(""),
-                    a.canaries,
-                    b.k_plus,
-                    b.k_minus,
-                    b.correct,
-                    b.guesses,
-                    confidence * 100.0,
-                    b.searched
-                );
-                let json_text = serde_json::to_string_pretty(&out)? + "\n";
-                dptrain::report::write_atomic(&d.join("audit_report.json"), json_text.as_bytes())?;
-                dptrain::report::write_atomic(&d.join("audit_report.md"), md.as_bytes())?;
-            }
+            let opts = dptrain::audit::command::AuditOptions {
+                mode,
+                canaries: *canaries,
+                non_private: *non_private,
+                confidence: *confidence,
+                out: out.clone(),
+                overwrite: *overwrite,
+                log_lines: true,
+            };
+            dptrain::train::interrupt::install();
+            let a = dptrain::audit::command::audit(&plan, config, &opts)
+                .with_context(|| format!("audit of {}", config.display()))?;
             if *json {
-                println!("{out}");
+                println!("{}", a.json);
             } else {
-                println!("{text}");
+                println!("{}", a.text);
             }
             Ok(())
         }

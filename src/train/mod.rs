@@ -8,4 +8,4 @@ pub mod params;
 pub mod run;
 pub mod step;
 
-pub use run::{run, RunOptions, RunOutcome};
+pub use run::{run, RunError, RunOptions, RunOutcome};

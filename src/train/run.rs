@@ -5,7 +5,7 @@ use super::checkpoint::{self, Checkpoint, CheckpointError, Fingerprint, Optimize
 use super::eval::feature_cache;
 use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
 use super::params::FlatParams;
-use super::step::{private_gradient, Mechanism};
+use super::step::{private_gradient_audited, ClipImpl, Mechanism};
 use crate::accounting::event::Ledger;
 use crate::accounting::{AccountantKind, PldAccountant, RdpAccountant};
 use crate::config::{NoiseSpec, OptimizerKind, Plan};
@@ -39,10 +39,17 @@ pub struct RunOptions {
     /// A non-private run's output folder (same config, base model and data) whose held-out
     /// metrics are reported beside this run's.
     pub reference: Option<std::path::PathBuf>,
+    /// A white-box audit's gradient canaries (`dptrain audit --mode white-box`): inserted into
+    /// the training set (N and q include them), scored from every step's privatised gradient.
+    pub gradient_canaries: Option<crate::audit::CanarySpec>,
 }
 
 pub struct RunOutcome {
     pub summary: RunSummary,
+    /// The gradient canaries with their scores, when the run was audited.
+    pub canaries: Option<crate::audit::GradientCanaries>,
+    /// The trained model (base + the adapter as released).
+    pub model: Box<dyn DpModel>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +179,9 @@ struct Prepared {
     memory: crate::memory::MemoryPlan,
     /// The training steps' measured peak beyond the model and the feature cache.
     steps_peak: Option<u64>,
+    /// The records sampled from: N, plus an audit's inserted canaries.
+    n: usize,
+    canaries: Option<crate::audit::GradientCanaries>,
 }
 
 fn input_file(path: &std::path::Path, sha256: &str, key: &CommitmentKey) -> Result<report::InputFile, RunError> {
@@ -185,7 +195,25 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     let device = plan.device.open()?;
     let arch = Architecture::detect(&plan.model_dir)?;
     let (train, test) = load_data(plan, arch)?;
-    let n = train.len();
+    let mut canaries = match &opts.gradient_canaries {
+        None => None,
+        Some(_) if opts.resume.is_some() => {
+            return Err(RunError::Plan("an audited run cannot be resumed (its canaries are not checkpointed)".into()))
+        }
+        Some(spec) => {
+            let mut coins = match plan.seed {
+                Some(s) => {
+                    let mut r = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(s);
+                    r.set_stream(5);
+                    r
+                }
+                None => <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng(),
+            };
+            Some(crate::audit::GradientCanaries::new(spec, &mut coins).map_err(RunError::Plan)?)
+        }
+    };
+    // The records the sampler draws from: the training set and an audit's inserted canaries.
+    let n = train.len() + canaries.as_ref().map_or(0, |c| c.inserted_count());
     let l = plan.expected_batch_size;
     if l > n {
         return Err(RunError::Plan(format!(
@@ -244,6 +272,9 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         }
     };
 
+    if let Some(c) = canaries.as_mut() {
+        c.configure(q, sigma, plan.clip_norm, l);
+    }
     let mut streams = RandomStreams::new(plan.seed);
     let target_modules = match &plan.target_modules {
         Some(t) => t.clone(),
@@ -428,6 +459,8 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         micro,
         memory,
         steps_peak: None,
+        n,
+        canaries,
     })
 }
 
@@ -635,7 +668,7 @@ struct Trained {
 }
 
 fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Result<Trained, RunError> {
-    let n = p.train.len();
+    let n = p.n;
     let (q, sigma, steps) = (p.q, p.sigma, p.steps);
     let rdp_accountant = RdpAccountant::default();
     let bar = if opts.progress { ProgressBar::new(steps) } else { ProgressBar::hidden() };
@@ -715,8 +748,13 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
             }
         }
         let indices = p.sampler.sample(n);
-        let (rep, lr) = if let Some(pr) = probe.as_mut().filter(|_| t < p.probe_steps) {
-            let (grad, rep) = private_gradient(
+        let (indices, sampled_canaries) = match &p.canaries {
+            Some(c) => c.split(&indices, p.train.len()),
+            None => (indices, Vec::new()),
+        };
+        let block = p.canaries.as_ref().map(|c| c.block(&sampled_canaries));
+        let (rep, lr, canary_grad) = if let Some(pr) = probe.as_mut().filter(|_| t < p.probe_steps) {
+            let (grad, canary_grad, rep) = private_gradient_audited(
                 &pr.model,
                 &pr.examples,
                 Some(&pr.cache),
@@ -726,6 +764,8 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
                 &p.mech,
                 &p.noise,
                 t,
+                ClipImpl::Fused,
+                block,
             )?;
             let lr =
                 learning_rate(plan.linear_probe_learning_rate, t, 0, p.probe_steps, crate::config::LrSchedule::Linear);
@@ -734,9 +774,9 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
             if t + 1 == p.probe_steps {
                 probe.take().expect("in the probe").install(p)?;
             }
-            (rep, lr)
+            (rep, lr, canary_grad)
         } else {
-            let (grad, rep) = private_gradient(
+            let (grad, canary_grad, rep) = private_gradient_audited(
                 p.model.as_ref(),
                 &p.train.examples,
                 p.cache.as_ref(),
@@ -746,14 +786,19 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
                 &p.mech,
                 &p.noise,
                 t,
+                ClipImpl::Fused,
+                block,
             )?;
             let lora_t = t - p.probe_steps;
             let lr =
                 learning_rate(plan.learning_rate, lora_t, plan.warmup_steps, steps - p.probe_steps, plan.lr_schedule);
             p.opt.step(&p.params, &grad, lr)?;
             p.model.set_trainable(&p.layout.split(&p.params)?)?;
-            (rep, lr)
+            (rep, lr, canary_grad)
         };
+        if let (Some(c), Some(g)) = (p.canaries.as_mut(), canary_grad) {
+            c.observe(&g)?;
+        }
         if !opts.non_private {
             p.ledger.record_step(q, sigma);
         }
@@ -823,9 +868,10 @@ fn release(
     plan: &Plan,
     opts: &RunOptions,
     dir: &RunDir,
-    p: Prepared,
+    mut p: Prepared,
     trained: Trained,
 ) -> Result<RunOutcome, RunError> {
+    let canaries = p.canaries.take();
     let eval_batch = p.micro.examples.max(1);
     let eval_started = Instant::now();
     let scores = p.model.score_examples(&p.test.examples, eval_batch)?;
@@ -887,7 +933,8 @@ fn release(
         linear_probe_steps: p.probe_steps.min(p.metrics.len() as u64),
         clip_norm: p.mech.clip,
         seeded: p.seeded,
-        dataset_size: p.train.len(),
+        // N as sampled: an audited run's inserted canaries are records of its training set.
+        dataset_size: p.n,
         test_size: p.test.len(),
         inputs: p.inputs.clone(),
         labels: p.train.labels.clone(),
@@ -910,7 +957,7 @@ fn release(
     if !plan.keep_final_checkpoint {
         dir.remove_checkpoints()?;
     }
-    Ok(RunOutcome { summary })
+    Ok(RunOutcome { summary, canaries, model: p.model })
 }
 
 /// ε after each of up to `EPSILON_CURVE_POINTS` evenly spaced steps (always including the last),

@@ -30,6 +30,8 @@ pub struct StepReport {
     pub nonfinite: usize,
     pub noised_coordinates: usize,
     pub micro_batches: usize,
+    /// Gradient canaries of a white-box audit in this step's sample (0 outside an audit).
+    pub canaries: usize,
 }
 
 /// How per-example gradients are clipped and summed. Both compute the same thing; `Fused` is what
@@ -111,10 +113,10 @@ pub fn clipped_sum_micro_batch_kind(
             (Tensor::cat(&sums, 0)?, smallest)
         }
         ClipImpl::Fused => {
-            let parts = per_example_grad_parts(model, &tape)?;
+            let parts = faults::mix(per_example_grad_parts(model, &tape)?)?;
             let sq = per_example_sq_norms(&parts)?;
             profile::mark(dev, "per-example")?;
-            let factors = clip_factors_kind(&sq, clip, kind)?;
+            let factors = clip_factors_kind(&sq, faults::clip(clip), kind)?;
             let sum = clipped_sum(&parts, &factors)?;
             profile::mark(dev, "clip")?;
             (sum, factors)
@@ -183,6 +185,53 @@ pub fn private_gradient_with(
     step: u64,
     how: ClipImpl,
 ) -> Result<(Tensor, StepReport)> {
+    let (grad, _, report) = private_gradient_audited(
+        model,
+        examples,
+        cache,
+        indices,
+        max_physical_batch,
+        num_params,
+        mech,
+        noise,
+        step,
+        how,
+        None,
+    )?;
+    Ok((grad, report))
+}
+
+/// The gradient canaries of a white-box audit (`crate::audit::GradientCanaries`) sampled into one
+/// step: canary k is an example whose gradient is `value` on coordinate k of a block of `count`
+/// coordinates appended after the model's, and zero on the model's (a Dirac canary no record
+/// touches). Its row goes through the same norm, clip-factor and clipped-sum kernels as the
+/// records', and the block is noised by the same call as the model's coordinates.
+#[derive(Debug, Clone, Copy)]
+pub struct CanaryBlock<'a> {
+    /// Canary ids (< count) in this step's sample.
+    pub sampled: &'a [usize],
+    pub count: usize,
+    pub value: f32,
+}
+
+/// `private_gradient_with` with gradient canaries in the sample: returns the privatised model
+/// gradient [P] and, with `canaries`, the privatised canary block [count] (÷ L like the rest).
+/// Records and canaries touch disjoint coordinates, so clipping them in separate groups gives
+/// every example exactly the factor it would get in one [b, P + count] matrix.
+#[allow(clippy::too_many_arguments)]
+pub fn private_gradient_audited(
+    model: &dyn DpModel,
+    examples: &[Example],
+    cache: Option<&FeatureCache>,
+    indices: &[usize],
+    max_physical_batch: impl Into<MicroBatchLimits>,
+    num_params: usize,
+    mech: &Mechanism,
+    noise: &GaussianNoise,
+    step: u64,
+    how: ClipImpl,
+    canaries: Option<CanaryBlock>,
+) -> Result<(Tensor, Option<Tensor>, StepReport)> {
     let mut report = StepReport::default();
     // The sum over micro-batches accumulates in f64 (each micro-batch's sum is itself accumulated
     // in f64 and rounded to f32 once) and is rounded to f32 once, before the noise.
@@ -200,18 +249,31 @@ pub fn private_gradient_with(
         report.micro_batches += 1;
         profile::mark(model.device(), "other")?;
     }
-    let sum = sum64.to_dtype(DType::F32)?;
+    let canary_sum = match canaries {
+        Some(c) => Some(canary_block_sum(&c, mech, model.device())?),
+        None => None,
+    };
+    let mut sum = sum64.to_dtype(DType::F32)?;
     drop(sum64);
+    if let Some(c) = &canary_sum {
+        report.canaries = canaries.map_or(0, |c| c.sampled.len());
+        sum = Tensor::cat(&[&sum, c], 0)?;
+    }
     // Noise once per logical step, also when the batch was empty (PITFALLS 4, 5).
     if mech.noise_multiplier > 0.0 {
         let Some(clip) = mech.clip else {
             candle_core::bail!("noise without clipping has no sensitivity bound: refusing");
         };
-        report.noised_coordinates = noise.add_noise_tensor(&sum, step, mech.noise_multiplier * clip)?;
+        report.noised_coordinates =
+            noise.add_noise_tensor(&sum, step, faults::noise_std(mech.noise_multiplier * clip))?;
     }
     profile::mark(model.device(), "noise")?;
     // Divide by the expected batch size, never the realised one (PITFALLS 2).
     let grad = (sum / mech.expected_batch_size as f64)?;
+    let (grad, canary_grad) = match canary_sum {
+        Some(c) => (grad.narrow(0, 0, num_params)?, Some(grad.narrow(0, num_params, c.elem_count())?)),
+        None => (grad, None),
+    };
     // Statistics (host side; never used by the mechanism).
     for l in &losses {
         report.loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -226,5 +288,89 @@ pub fn private_gradient_with(
         }
     }
     profile::mark(model.device(), "other")?;
-    Ok((grad, report))
+    Ok((grad, canary_grad, report))
+}
+
+/// Σ of the clipped canary rows of one step ([count] f32; zeros when none was sampled).
+fn canary_block_sum(c: &CanaryBlock, mech: &Mechanism, dev: &candle_core::Device) -> Result<Tensor> {
+    if c.sampled.is_empty() {
+        return Tensor::zeros(c.count, DType::F32, dev);
+    }
+    if mech.clip_kind == crate::privacy::ClipKind::PerLayer {
+        candle_core::bail!("gradient canaries with per-layer clipping are not implemented (a canary has no layer)");
+    }
+    let mut rows = vec![0f32; c.sampled.len() * c.count];
+    for (r, &k) in c.sampled.iter().enumerate() {
+        if k >= c.count {
+            candle_core::bail!("gradient canary {k} of {}", c.count);
+        }
+        rows[r * c.count + k] = c.value;
+    }
+    let parts = faults::mix(vec![Tensor::from_vec(rows, (c.sampled.len(), c.count), dev)?])?;
+    let sq = per_example_sq_norms(&parts)?;
+    let factors = clip_factors_kind(&sq, faults::clip(mech.clip), mech.clip_kind)?;
+    clipped_sum(&parts, &factors)
+}
+
+/// Deliberate defects of the DP step, for showing that the white-box audit catches them
+/// (`crate::audit`). They exist in test builds only: in any other build every function here is
+/// the identity, and nothing can switch a defect on.
+pub(crate) mod faults {
+    use candle_core::{Result, Tensor};
+
+    #[cfg(test)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Fault {
+        None,
+        /// The noise's standard deviation divided by 4.
+        NoiseQuarter,
+        /// No clipping (the noise still scaled to C).
+        SkipClipping,
+        /// Every example's per-example gradient also carries those of the rest of its
+        /// micro-batch (a reduction over the wrong axis): examples leak into each other.
+        MixedExamples,
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        static FAULT: std::cell::Cell<Fault> = const { std::cell::Cell::new(Fault::None) };
+    }
+
+    /// Run `f` with `fault` switched on in this thread's DP steps.
+    #[cfg(test)]
+    pub(crate) fn with<T>(fault: Fault, f: impl FnOnce() -> T) -> T {
+        FAULT.with(|c| c.set(fault));
+        let out = f();
+        FAULT.with(|c| c.set(Fault::None));
+        out
+    }
+
+    #[cfg(test)]
+    fn current() -> Fault {
+        FAULT.with(|c| c.get())
+    }
+
+    pub(super) fn noise_std(std: f64) -> f64 {
+        #[cfg(test)]
+        if current() == Fault::NoiseQuarter {
+            return std / 4.0;
+        }
+        std
+    }
+
+    pub(super) fn clip(clip: Option<f64>) -> Option<f64> {
+        #[cfg(test)]
+        if current() == Fault::SkipClipping {
+            return None;
+        }
+        clip
+    }
+
+    pub(super) fn mix(parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        #[cfg(test)]
+        if current() == Fault::MixedExamples {
+            return parts.iter().map(|p| p.sum_keepdim(0)?.broadcast_as(p.shape())?.contiguous()).collect();
+        }
+        Ok(parts)
+    }
 }
