@@ -1,7 +1,8 @@
 //! Claims about `dptrain` on a tiny Llama folder written by the test: DP-LoRA language modelling
 //! on `{"text"}` and `{"prompt", "completion"}` records writes a CAUSAL_LM adapter in the PEFT
 //! layout with held-out perplexity before and after; `dptrain eval` of base + adapter gives the
-//! perplexity the run reported; and bad language-modelling input is a clear error.
+//! perplexity the run reported; bad language-modelling input is a clear error; and the black-box
+//! audit's secret-completion canaries catch a non-private run and not a DP one.
 
 mod common;
 
@@ -180,4 +181,42 @@ fn bad_language_modelling_input_is_a_clear_error() {
     let cfg = f.config("train.jsonl", "test.jsonl", "bert-target", "target-modules = [\"query\"]");
     let (ok, log) = dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(!ok && log.contains("`query` matches no linear layer of a Llama-family model"), "{log}");
+}
+
+#[test]
+fn the_black_box_audit_of_a_language_model_scores_secret_completions_and_stays_below_the_certificate() {
+    let f = Fixture::new("audit");
+    let cfg = f.config(
+        "pc-train.jsonl",
+        "pc-test.jsonl",
+        "run",
+        "target-modules = [\"q_proj\", \"v_proj\", \"gate_proj\", \"down_proj\"]",
+    );
+    common::replace_in(&cfg, "delta = 1e-3", "delta = 1e-6");
+    common::replace_in(&cfg, "rank = 2\nalpha = 4", "rank = 8\nalpha = 16");
+    common::replace_in(
+        &cfg,
+        "steps = 4\nlearning-rate = 0.01",
+        "epochs = 60\nlearning-rate = 0.01\noptimizer = \"adamw\"",
+    );
+    let cfg_s = cfg.display().to_string();
+    let out = f.dir.join("bb");
+    let out_s = out.display().to_string();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["audit", "--config", &cfg_s, "--mode", "black-box", "--canaries", "200", "--json"];
+        args.extend(extra);
+        let (ok, text) = dptrain(&args);
+        assert!(ok, "{text}");
+        serde_json::from_str(text.lines().find(|l| l.starts_with("{\"")).unwrap()).unwrap()
+    };
+    let dp = run(&["--out", &out_s]);
+    let (certified, bound) = (dp["certified_epsilon"].as_f64().unwrap(), dp["epsilon_lower_bound"].as_f64().unwrap());
+    assert!((certified - 8.0).abs() < 0.01 && bound <= certified, "{dp}");
+    // The canaries follow the training file's prompt/completion format.
+    let list = std::fs::read_to_string(out.join("private/canaries.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(list.lines().next().unwrap()).unwrap();
+    assert!(first["record"]["prompt"].is_string() && first["record"]["completion"].is_string(), "{first}");
+    let np = run(&["--non-private"]);
+    // Without noise the LoRA memorises the secret completions it trained on (3.0 measured).
+    assert!(np["epsilon_lower_bound"].as_f64().unwrap() > 2.0, "{np}");
 }
