@@ -204,7 +204,7 @@ pub struct MemoryPlan {
     pub cache: u64,
     /// A DP micro-batch's measured peak above what was in use before it: `step_fixed` +
     /// `step_per_example` × examples, each of `tokens` tokens (None where unmeasurable).
-    pub step: Option<(u64, u64)>,
+    pub step: Option<StepFit>,
     /// The step measured at the chosen micro-batch size itself (automatic choice above 4).
     pub at_choice: Option<u64>,
     pub tokens: usize,
@@ -229,7 +229,7 @@ impl MemoryPlan {
     pub fn planned(&self, b: usize) -> Option<u64> {
         let step = match self.at_choice {
             Some(m) if b == self.micro_batch => Some(m),
-            _ => self.step.map(|(fixed, per)| fixed + per * b as u64),
+            _ => self.step.map(|s| s.fixed + s.per_example * b as u64),
         };
         step.map(|m| self.optimizer + self.cache + m)
     }
@@ -244,8 +244,9 @@ impl MemoryPlan {
             "trainable_parameters": self.trainable_params,
             "optimizer_bytes": self.optimizer,
             "feature_cache_bytes_bound": self.cache,
-            "step_fixed_bytes": self.step.map(|s| s.0),
-            "step_per_example_bytes": self.step.map(|s| s.1),
+            "step_fixed_bytes": self.step.map(|s| s.fixed),
+            "step_per_example_bytes": self.step.map(|s| s.per_example),
+            "step_measured_at_one_example_only": self.step.map(|s| s.one_example_only),
             "step_bytes_at_micro_batch": self.at_choice,
             "tokens": self.tokens,
             "micro_batch": self.micro_batch,
@@ -278,14 +279,15 @@ impl MemoryPlan {
             line(&mut s, "feature cache", format!("≤ {} (N × T × H f32, frozen lower layers)", bytes(self.cache)));
         }
         match self.step {
-            Some((fixed, per)) => line(
+            Some(f) => line(
                 &mut s,
                 "per micro-batch",
                 format!(
-                    "{} + {} per example of {} tokens (measured: forward, backward, per-example gradients, clipping)",
-                    bytes(fixed),
-                    bytes(per),
-                    self.tokens
+                    "{} + {} per example of {} tokens (measured: forward, backward, per-example gradients, clipping{})",
+                    bytes(f.fixed),
+                    bytes(f.per_example),
+                    self.tokens,
+                    if f.one_example_only { "; at one example only, as four might not fit" } else { "" }
                 ),
             ),
             None => line(&mut s, "per micro-batch", "not measured on this device".into()),
@@ -362,19 +364,36 @@ pub fn measure_micro_batch(
 }
 
 /// The step's memory as `fixed` + `per_example` × b, from micro-batches of 1 and 4 examples.
+/// When 4 times the one-example step exceeds `room` (the memory the steps may use), four examples
+/// are not tried — on a GPU that could fail with out-of-memory before the plan can refuse — and
+/// the step is planned as the one-example step per example (`one_example_only`: no fixed part,
+/// an over-estimate for more than one example).
 pub fn measure_step(
     model: &dyn DpModel,
     clip: Option<f64>,
     kind: crate::privacy::ClipKind,
     tokens: usize,
-) -> Result<Option<(u64, u64)>> {
+    room: Option<u64>,
+) -> Result<Option<StepFit>> {
     // A first pass allocates what stays allocated (thread-local GEMM buffers, caches): not
     // per-step memory, so it is made before the measurements.
     measure_micro_batch(model, clip, kind, tokens, 1)?;
     let Some(one) = measure_micro_batch(model, clip, kind, tokens, 1)? else { return Ok(None) };
+    if room.is_some_and(|r| one.saturating_mul(4) > r) {
+        return Ok(Some(StepFit { fixed: 0, per_example: one.max(1), one_example_only: true }));
+    }
     let Some(four) = measure_micro_batch(model, clip, kind, tokens, 4)? else { return Ok(None) };
     let per = four.saturating_sub(one).div_ceil(3).max(1);
-    Ok(Some((one.saturating_sub(per), per)))
+    Ok(Some(StepFit { fixed: one.saturating_sub(per), per_example: per, one_example_only: false }))
+}
+
+/// A DP micro-batch's measured memory: `fixed` + `per_example` × examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepFit {
+    pub fixed: u64,
+    pub per_example: u64,
+    /// Measured at one example only (four might not have fitted).
+    pub one_example_only: bool,
 }
 
 #[cfg(test)]

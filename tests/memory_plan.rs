@@ -59,6 +59,22 @@ fn a_tight_memory_budget_gets_a_smaller_micro_batch_whose_steps_stay_within_it()
     // What the steps really held stays within the budget.
     assert!(bytes(&tight, "steps_peak_bytes") <= beyond_model, "{tight} (budget beyond the model {beyond_model})");
     assert!(run.join("release/adapter_model.safetensors").exists());
+    assert_eq!(tight["step_measured_at_one_example_only"].as_bool(), Some(false), "{tight}");
+    // A budget for about 3 one-example steps: four examples' step might not fit, so it is never
+    // tried (on a GPU it could run out of memory before the plan refuses); the plan counts one
+    // example's whole step per example, and the steps stay within the budget.
+    let one = fixed + per;
+    let budget = weights + (optimizer + 3.0 * one) / 0.8;
+    let (cfg, run) = config(&f, "four", &format!("max-memory-gib = {}", budget / (1u64 << 30) as f64));
+    let (ok, out) = dptrain(&["--config", &cfg]);
+    assert!(ok, "{out}");
+    let four = memory_of(&run);
+    assert_eq!(four["step_measured_at_one_example_only"].as_bool(), Some(true), "{four}");
+    assert_eq!(bytes(&four, "step_fixed_bytes"), 0.0, "{four}");
+    let b = four["micro_batch"].as_u64().unwrap();
+    assert!((1..=3).contains(&b), "micro-batch {b} under a budget for about 3: {four}");
+    let beyond_model = budget - bytes(&four, "base_model_bytes");
+    assert!(bytes(&four, "steps_peak_bytes") <= beyond_model, "{four} (budget beyond the model {beyond_model})");
 }
 
 #[test]

@@ -482,21 +482,22 @@ fn memory_plan(
     let trainable: usize = model.trainable().iter().map(|(_, t)| t.elem_count()).sum();
     let tokens = plan.max_seq_len;
     let cache = if model.first_adapted_layer() > 0 { (n * tokens * model.hidden_size() * 4) as u64 } else { 0 };
-    let step = crate::memory::measure_step(model, mech.clip, mech.clip_kind, tokens)?;
-    let mut m = MemoryPlan {
-        device: plan.device.name(),
-        // training.max-memory-gib bounds the whole run: the loaded model counts against it.
-        available: match (
-            crate::memory::available(&device)?,
-            plan.max_memory.map(|m| m.saturating_sub(weights.unwrap_or(0))),
-        ) {
+    // training.max-memory-gib bounds the whole run: the loaded model counts against it.
+    let available =
+        match (crate::memory::available(&device)?, plan.max_memory.map(|m| m.saturating_sub(weights.unwrap_or(0)))) {
             (Some(a), Some(m)) => Some(a.min(m)),
             (a, m) => a.or(m),
-        },
+        };
+    // values and gradient f32, AdamW's two moments f64.
+    let optimizer = (trainable * (4 + 4 + 16)) as u64;
+    let room = available.map(|a| ((a as f64 * crate::memory::HEADROOM) as u64).saturating_sub(optimizer + cache));
+    let step = crate::memory::measure_step(model, mech.clip, mech.clip_kind, tokens, room)?;
+    let mut m = MemoryPlan {
+        device: plan.device.name(),
+        available,
         weights,
         trainable_params: trainable,
-        // values and gradient f32, AdamW's two moments f64.
-        optimizer: (trainable * (4 + 4 + 16)) as u64,
+        optimizer,
         cache,
         step,
         at_choice: None,
@@ -523,8 +524,8 @@ fn memory_plan(
         return Ok(m);
     }
     m.choice = MicroBatchChoice::Automatic;
-    if let (Some((fixed, per)), Some(a)) = (m.step, m.available) {
-        let b = fitting_micro_batch(m.optimizer + m.cache + fixed, per, a, plan.max_physical_batch);
+    if let (Some(fit), Some(a)) = (m.step, m.available) {
+        let b = fitting_micro_batch(m.optimizer + m.cache + fit.fixed, fit.per_example, a, plan.max_physical_batch);
         if b == 0 {
             return Err(RunError::Plan(format!(
                 "not enough memory on {}: one example of {tokens} tokens is planned to need {} beyond the model, {} is available \
