@@ -90,9 +90,14 @@ fn the_white_box_audit_of_a_dp_training_run_stays_below_its_certificate_and_a_no
 fn the_black_box_audit_of_a_dp_run_stays_below_its_certificate_and_catches_a_memorising_non_private_run() {
     let f = common::TinyRunDir::new("audit", "black-box");
     // 48 records + about 100 canary records (random strings of the vocabulary, random labels);
-    // LoRA r 8 on four modules, 100 epochs: enough for the non-private run to memorise them.
-    let cfg =
-        f.config("run", 2.0, "expected-batch-size = 8\nepochs = 100\nlearning-rate = 0.005\noptimizer = \"adamw\"");
+    // LoRA r 8 on four modules, 100 epochs: enough for the non-private run to memorise them in
+    // most runs (about one unseeded run in ten does not: 0.22 seen once against 0.96–1.54), so
+    // the config is seeded (training and canaries) to make the test a fixed regression check.
+    let cfg = f.config(
+        "run",
+        2.0,
+        "expected-batch-size = 8\nepochs = 100\nlearning-rate = 0.005\noptimizer = \"adamw\"\nseed = 5",
+    );
     common::replace_in(&cfg, "delta = 1e-3", "delta = 1e-6");
     common::replace_in(
         &cfg,

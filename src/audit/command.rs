@@ -264,9 +264,15 @@ fn audited_training(plan: &Plan, opts: &AuditOptions) -> Result<Measured, RunErr
             let private = root.join("private");
             std::fs::create_dir_all(&private)
                 .map_err(|e| RunError::Plan(format!("cannot create {}: {e}", private.display())))?;
-            let canaries =
-                super::input::InputCanaries::new(opts.canaries, arch, &plan.model_dir, &train.labels, &plan.train_path)
-                    .map_err(RunError::Plan)?;
+            let canaries = super::input::InputCanaries::new(
+                opts.canaries,
+                arch,
+                &plan.model_dir,
+                &train.labels,
+                &plan.train_path,
+                plan.seed,
+            )
+            .map_err(RunError::Plan)?;
             let augmented = private.join("audit_train.jsonl");
             canaries.write_training_file(&plan.train_path, &augmented).map_err(RunError::Plan)?;
             p.train_path = augmented.clone();

@@ -73,15 +73,24 @@ fn prompt_completion(train: &Path) -> Result<bool, String> {
 
 impl InputCanaries {
     /// `m` canaries for a model of `arch` (`labels`: the run's label set, classification), each
-    /// drawn and inserted with probability ½ from the operating system's CSPRNG.
+    /// drawn and inserted with probability ½ from the operating system's CSPRNG (from `seed`
+    /// when the config is seeded: an experiment, as the audited run's report says).
     pub fn new(
         m: usize,
         arch: Architecture,
         model_dir: &Path,
         labels: &[String],
         train: &Path,
+        seed: Option<u64>,
     ) -> Result<InputCanaries, String> {
-        let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+        let mut rng = match seed {
+            Some(s) => {
+                let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(s);
+                r.set_stream(6);
+                r
+            }
+            None => rand_chacha::ChaCha20Rng::from_os_rng(),
+        };
         let v = vocabulary_words(model_dir)?;
         let pc = arch == Architecture::Llama && prompt_completion(train)?;
         if arch == Architecture::Bert && labels.len() < 2 {
