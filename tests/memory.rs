@@ -1,10 +1,13 @@
 //! Memory claims of the DP step, in live heap bytes counted by the allocator (deterministic
 //! byte counts, not timings). Target (issue 18): per-example machinery adds at most 5% to the
-//! peak of a non-private LoRA step on the same model and batch. Measured here (2026-11-30, fused
-//! attention and Llama ops): +0.7% to +3.3%. 5% catches the regressions fixed on 2026-11-27,
-//! which these small shapes show at +7–8% (on MiniLM +15–20%): candle's matmul backward computing
-//! Uᵀ G for the constant LoRA B (keeping every layer's G alive until the backward ended), and
-//! `FlatParams::split` giving every trainable tensor a copy of the whole parameter vector.
+//! peak of a non-private LoRA step on the same model and batch. Measured here on the CPU: +0.7%
+//! to +3.3% on 2026-11-30 (composed LoRA forward, the form the GPU still runs); −8.6% to −37.3%
+//! since 2026-12-02 (the fused LoRA linear op, which the non-private step does not use), so on
+//! the CPU the DP peak is held to at most the non-private peak. That catches the regressions
+//! fixed on 2026-11-27, which these small shapes showed at +7–8% over non-private with the
+//! composed form (on MiniLM +15–20%): candle's matmul backward computing Uᵀ G for the constant
+//! LoRA B (keeping every layer's G alive until the backward ended), and `FlatParams::split` giving
+//! every trainable tensor a copy of the whole parameter vector.
 
 use candle_core::{DType, Device};
 use dptrain::bench::{run, BenchOptions};
@@ -41,16 +44,12 @@ fn check(shape: &str, targets: &[&str], batch: usize, seq_len: usize) {
     let extra = dp as f64 / np as f64 - 1.0;
     eprintln!("{shape} {targets:?}: non-private {np} B, dp {dp} B, extra {:+.2}%", 100.0 * extra);
     assert!(np > 1 << 20, "implausible non-private peak {np}");
-    assert!(
-        extra <= 0.05,
-        "{shape} {targets:?}: DP step peak {dp} B is {:+.1}% over non-private {np} B",
-        100.0 * extra
-    );
+    assert!(extra <= 0.0, "{shape} {targets:?}: DP step peak {dp} B is {:+.1}% over non-private {np} B", 100.0 * extra);
 }
 
 // One test function: the counters are process-wide, so the cases must not run concurrently.
 #[test]
-fn dp_step_adds_at_most_five_percent_peak_heap_over_non_private_lora() {
+fn dp_step_peak_heap_is_at_most_the_non_private_lora_peak_on_the_cpu() {
     check("tiny", &["query", "value"], 16, 64);
     check("tiny", &["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"], 16, 64);
     check("llama-tiny", &["q_proj", "v_proj"], 16, 32);

@@ -8,6 +8,12 @@
 //! ([b, r·in] and [b, out·r], much smaller than G's [b, T, out]), so G is freed as the backward
 //! moves on instead of living until the end of the step. Because the tap *is* the scaling op, the
 //! DP forward keeps exactly as many [b, T, out] activations as the non-private one.
+//!
+//! On the CPU in f32 the same DP forward and backward run as one op, `FusedLora`: y computed in
+//! one buffer (base GEMM, then the branch accumulated into it), and in the backward G B computed
+//! once for the per-example parts and for dL/dx = G W + s (G B) A, itself one buffer. The
+//! composed form above is its slow twin (tested against it on random inputs) and the form
+//! everywhere else (GPU, bf16/f16 frozen weights).
 
 /// LoRA settings applied when building the model.
 #[derive(Debug, Clone)]
@@ -85,14 +91,41 @@ impl LoraTapData {
     /// Both products read G as it is: only the small [b, r, T] factors Uᵀ and (G B)ᵀ are
     /// transposed (copied, so every GEMM gets plain row-major operands), never G [b, T, out].
     fn parts(&self, g: &Tensor) -> Result<(Tensor, Tensor)> {
-        let n = g.dim(0)?;
         let g = g.contiguous()?;
-        let ut_g = self.u.transpose(1, 2)?.contiguous()?.matmul(&g)?; // U_iᵀ G_i: [b, r, out]
-        let d_b = (ut_g.transpose(1, 2)?.contiguous()? * self.scale)?; // [b, out, r]
         let gb = linear_nd(&g, &self.b.t()?)?; // G B: [b, T, r]
-        let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(&self.x)? * self.scale)?; // [b, r, in]
-        Ok((d_a.reshape((n, ()))?, d_b.reshape((n, ()))?))
+        per_example_parts(&self.x, &self.u, &g, &gb, self.scale)
     }
+}
+
+/// dA_i = s (G_i B)ᵀ X_i and dB_i = s G_iᵀ U_i for every example i, flattened: [b, r·in] and
+/// [b, out·r], from X [b, T, in], U [b, T, r], a contiguous G [b, T, out] and G B [b, T, r].
+fn per_example_parts(x: &Tensor, u: &Tensor, g: &Tensor, gb: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let n = g.dim(0)?;
+    let ut_g = u.transpose(1, 2)?.contiguous()?.matmul(g)?; // U_iᵀ G_i: [b, r, out]
+    let d_b = (ut_g.transpose(1, 2)?.contiguous()? * scale)?; // [b, out, r]
+    let d_a = (gb.transpose(1, 2)?.contiguous()?.matmul(x)? * scale)?; // [b, r, in]
+    Ok((d_a.reshape((n, ()))?, d_b.reshape((n, ()))?))
+}
+
+/// Adds a backward's (dA, dB) to what the slot holds (a second backward through the same graph
+/// adds up, as gradients do).
+fn add_parts(slot: &PartsSlot, d_a: Tensor, d_b: Tensor) -> Result<()> {
+    let mut slot = slot.0.lock().expect("parts slot lock");
+    *slot = Some(match slot.take() {
+        Some((a, b)) => ((a + d_a)?, (b + d_b)?),
+        None => (d_a, d_b),
+    });
+    Ok(())
+}
+
+/// Adds dL/dy to what the slot holds.
+fn add_grad(slot: &GradSlot, g: &Tensor) -> Result<()> {
+    let mut slot = slot.0.lock().expect("grad slot lock");
+    *slot = Some(match slot.take() {
+        Some(prev) => (prev + g)?,
+        None => g.clone(),
+    });
+    Ok(())
 }
 
 /// What the classification head recorded.
@@ -162,22 +195,14 @@ impl CustomOp2 for GradTap {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // A second backward through the same graph adds up, as gradients do (both are linear in G).
         if let Some(slot) = &self.slot {
-            let mut slot = slot.0.lock().expect("grad slot lock");
-            *slot = Some(match slot.take() {
-                Some(prev) => (prev + grad_res)?,
-                None => grad_res.clone(),
-            });
+            add_grad(slot, grad_res)?;
         }
         if let Some(lora) = &self.lora {
             // Inside the backward: this tap's per-example work is timed apart from the rest.
             crate::profile::mark(grad_res.device(), "backward")?;
             let (d_a, d_b) = lora.parts(grad_res)?;
             crate::profile::mark(grad_res.device(), "per-example")?;
-            let mut slot = lora.parts.0.lock().expect("parts slot lock");
-            *slot = Some(match slot.take() {
-                Some((a, b)) => ((a + d_a)?, (b + d_b)?),
-                None => (d_a, d_b),
-            });
+            add_parts(&lora.parts, d_a, d_b)?;
         }
         // Nothing for an input outside the tracked graph (the lowest adapted layer's branch):
         // candle would keep such a gradient in its store, never read, until the backward ends.
@@ -282,36 +307,79 @@ fn cpu_f32_affine(
         },
         Some(_) => return Ok(None),
     };
+    sgemm((m, n, k), &mut y, bias.is_some(), 1.0, xs, ws, true);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = n;
+    Ok(Some((CpuStorage::F32(y), Shape::from(out_dims))))
+}
+
+/// x Wᵀ (+ b) on the CPU: one bias-initialised GEMM where `cpu_f32_affine` applies, else
+/// `frozen_affine`.
+fn cpu_frozen_affine(
+    x: &CpuStorage,
+    l: &Layout,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(CpuStorage, Shape)> {
+    let (ws, wl) = weight.storage_and_layout();
+    let bias = bias.map(|b| b.storage_and_layout());
+    let bias = match &bias {
+        None => None,
+        Some((bs, bl)) => match &**bs {
+            Storage::Cpu(b) => Some((b, *bl)),
+            _ => candle_core::bail!("frozen linear: bias and input on different devices"),
+        },
+    };
+    match &*ws {
+        Storage::Cpu(w) => match cpu_f32_affine(x, l, w, wl, bias)? {
+            Some(out) => Ok(out),
+            None => frozen_affine(x, l, w, wl, bias),
+        },
+        _ => candle_core::bail!("frozen linear: weight and input on different devices"),
+    }
+}
+
+/// dst [m, n] = (dst if `accumulate`, else 0) + beta · lhs · rhs with the gemm crate on all of
+/// rayon's threads. Every operand is row-major and exactly as long as its shape: lhs [m, k]; rhs
+/// [k, n], or with `rhs_transposed` a [n, k] read as its transpose (a weight W read as Wᵀ).
+fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+    lhs: &[f32],
+    rhs: &[f32],
+    rhs_transposed: bool,
+) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n, "sgemm: operand lengths");
+    let (rhs_cs, rhs_rs) = if rhs_transposed { (k as isize, 1) } else { (1, n as isize) };
     let threads = rayon::current_num_threads();
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: xs is [m, k], ws is [n, k] (read as Wᵀ: column j is row j of W), y is [m, n], all
-    // row-major and exactly that long (checked above).
+    // SAFETY: every slice is exactly as long as the extents and strides address (asserted above);
+    // dst is borrowed mutably, so nothing else reads or writes it meanwhile.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            y.as_mut_ptr(),
+            dst.as_mut_ptr(),
             1,
             n as isize,
-            bias.is_some(),
-            xs.as_ptr(),
+            accumulate,
+            lhs.as_ptr(),
             1,
             k as isize,
-            ws.as_ptr(),
-            k as isize,
-            1,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
             par,
         )
-    };
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("rank ≥ 1") = n;
-    Ok(Some((CpuStorage::F32(y), Shape::from(out_dims))))
+    }
 }
 
 /// y [m, n] = x [m, k] · Wᵀ on any backend's storage, in W's dtype, returned in f32.
@@ -342,22 +410,7 @@ impl CustomOp1 for FrozenLinear {
         "dptrain-frozen-linear"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (ws, wl) = self.weight.storage_and_layout();
-        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &bias {
-            None => None,
-            Some((bs, bl)) => match &**bs {
-                Storage::Cpu(b) => Some((b, *bl)),
-                _ => candle_core::bail!("frozen linear: bias and input on different devices"),
-            },
-        };
-        match &*ws {
-            Storage::Cpu(w) => match cpu_f32_affine(s, l, w, wl, bias)? {
-                Some(out) => Ok(out),
-                None => frozen_affine(s, l, w, wl, bias),
-            },
-            _ => candle_core::bail!("frozen linear: weight and input on different devices"),
-        }
+        cpu_frozen_affine(s, l, &self.weight, self.bias.as_ref())
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
@@ -385,6 +438,111 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// The DP forward of an adapted layer as one op (CPU, f32): y = x Wᵀ + b + s · U Bᵀ with
+/// U = x Aᵀ, in one buffer (one bias-initialised GEMM, then the branch accumulated into it), and a
+/// backward that from G = dL/dy computes G B once for both uses: the per-example parts
+/// dA_i = s (G_i B)ᵀ X_i, dB_i = s G_iᵀ U_i, and dL/dx = G W + s (G B) A, again in one buffer.
+/// The composed form (`LoraLinear::forward_composed`: frozen products, the scaling tap, an add)
+/// writes y's size three more times in the forward and G's and dL/dx's sizes twice more in the
+/// backward; it is this op's slow twin (tests `fused_lora_*`) and what runs wherever this op does
+/// not apply (other devices or dtypes: `FusedLora::applies`).
+struct FusedLora {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// [r, in]
+    a: Tensor,
+    /// [out, r]
+    b: Tensor,
+    scale: f64,
+    /// U = x Aᵀ [b, T, r], a constant.
+    u: Tensor,
+    parts: PartsSlot,
+    grad: Option<GradSlot>,
+}
+
+/// A contiguous f32 CPU tensor's data, for `f` (inside the fused op's backward).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(s) => f(crate::model::fused::f32_contiguous(s, l, "fused LoRA linear")?),
+        _ => candle_core::bail!("fused LoRA linear: runs on the CPU only"),
+    }
+}
+
+impl FusedLora {
+    /// Does the fused op apply to this layer and input (CPU, everything f32, x [b, T, in])?
+    fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &LoraAdapter) -> bool {
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        x.rank() == 3
+            && [x, weight, &ad.a, &ad.b].into_iter().all(f32_cpu)
+            && bias.is_none_or(f32_cpu)
+            && weight.is_contiguous()
+            && ad.a.is_contiguous()
+            && ad.b.is_contiguous()
+            && bias.is_none_or(|b| b.is_contiguous())
+    }
+}
+
+impl CustomOp2 for FusedLora {
+    fn name(&self) -> &'static str {
+        "dptrain-fused-lora-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, shape) = cpu_frozen_affine(s, l, &self.weight, self.bias.as_ref())?;
+        let CpuStorage::F32(mut y) = y else { candle_core::bail!("fused LoRA linear: f32 only") };
+        let (n, r) = self.b.dims2()?;
+        let m = y.len() / n.max(1);
+        with_f32(&self.u, |u| {
+            with_f32(&self.b, |b| {
+                sgemm((m, n, r), &mut y, true, self.scale as f32, u, b, true);
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _tracker: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(slot) = &self.grad {
+            add_grad(slot, grad_res)?;
+        }
+        let g = grad_res.contiguous()?;
+        let gb = linear_nd(&g, &self.b.t()?)?; // G B: [b, T, r]
+        crate::profile::mark(g.device(), "backward")?;
+        // x is the tracked input: read through a detached handle, so the parts (kept until the
+        // step ends) hold no graph that would keep activations alive.
+        let (d_a, d_b) = per_example_parts(&x.detach(), &self.u, &g, &gb, self.scale)?;
+        crate::profile::mark(g.device(), "per-example")?;
+        add_parts(&self.parts, d_a, d_b)?;
+        if !x.track_op() {
+            // Nothing below is trainable: dL/dx would be computed and never read.
+            return Ok((None, None));
+        }
+        let (n, k) = self.weight.dims2()?;
+        let r = self.a.dim(0)?;
+        let m = g.elem_count() / n.max(1);
+        let mut dx = vec![0f32; m * k];
+        with_f32(&g, |g| {
+            with_f32(&self.weight, |w| {
+                sgemm((m, k, n), &mut dx, false, 1.0, g, w, false);
+                Ok(())
+            })
+        })?;
+        with_f32(&gb, |gb| {
+            with_f32(&self.a, |a| {
+                sgemm((m, k, r), &mut dx, true, self.scale as f32, gb, a, false);
+                Ok(())
+            })
+        })?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
+    }
+}
+
 impl LoraLinear {
     /// x Wᵀ + b, back-propagating only to x (computed in W's dtype, returned in f32).
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
@@ -392,39 +550,71 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
-        let y = self.frozen(x)?;
-        let Some(ad) = &self.adapter else { return Ok(y) };
+        let Some(ad) = &self.adapter else { return self.frozen(x) };
         match tape {
             None => {
+                let y = self.frozen(x)?;
                 let u = linear_nd(x, &ad.a)?;
                 // branch + y: where y is a constant (nothing below is trainable), no gradient
                 // of y's size is computed for it (`add_const`).
                 crate::model::ops::add_const(&(linear_nd(&u, &ad.b)? * ad.scale)?, &y)
             }
-            Some(tape) => {
-                // A and B are constants here, entered as frozen weights (candle's matmul backward
-                // would compute gradients for them, and the one for Bᵀ, Uᵀ G, would keep each
-                // layer's G alive in the gradient store until the backward ends); the tap turns
-                // dL/dy into per-example gradients. The branch still uses the tracked x, so
-                // upstream layers get the gradient through both paths.
-                let u = frozen_linear(x, &ad.a, None)?;
-                let ub = frozen_linear(&u, &ad.b, None)?;
-                let parts = PartsSlot::default();
-                let grad = tape.keep_output_grads.then(GradSlot::default);
-                let data = LoraTapData {
-                    x: x.detach().contiguous()?,
-                    u: u.detach(),
-                    b: ad.b.clone(),
-                    scale: ad.scale,
-                    parts: parts.clone(),
-                };
-                let tracker = Var::zeros(1, DType::F32, y.device())?;
-                let tap = GradTap { scale: ad.scale, slot: grad.clone(), lora: Some(data) };
-                let branch = ub.apply_op2(tracker.as_tensor(), tap)?;
-                tape.lora.push(LoraRecord { name: self.name.clone(), parts, grad });
-                crate::model::ops::add_const(&branch, &y)
+            Some(tape) if FusedLora::applies(x, &self.weight, self.bias.as_ref(), ad) => {
+                self.forward_fused(x, ad, tape)
             }
+            Some(tape) => self.forward_composed(x, ad, tape),
         }
+    }
+
+    /// The DP forward as one `FusedLora` op (CPU, f32).
+    fn forward_fused(&self, x: &Tensor, ad: &LoraAdapter, tape: &mut Tape) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let u = frozen_linear(&x.detach(), &ad.a, None)?;
+        let parts = PartsSlot::default();
+        let grad = tape.keep_output_grads.then(GradSlot::default);
+        let op = FusedLora {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            a: ad.a.clone(),
+            b: ad.b.clone(),
+            scale: ad.scale,
+            u,
+            parts: parts.clone(),
+            grad: grad.clone(),
+        };
+        // The tracker (as in `grad_tap`) makes y part of the tracked graph even when x is not,
+        // so the backward reaches the op for the per-example parts.
+        let tracker = Var::zeros(1, DType::F32, x.device())?;
+        let y = x.apply_op2(tracker.as_tensor(), op)?;
+        tape.lora.push(LoraRecord { name: self.name.clone(), parts, grad });
+        Ok(y)
+    }
+
+    /// The DP forward as composed ops: the fused op's slow twin, and the form on devices and
+    /// dtypes it does not cover.
+    fn forward_composed(&self, x: &Tensor, ad: &LoraAdapter, tape: &mut Tape) -> Result<Tensor> {
+        let y = self.frozen(x)?;
+        // A and B are constants here, entered as frozen weights (candle's matmul backward would
+        // compute gradients for them, and the one for Bᵀ, Uᵀ G, would keep each layer's G alive
+        // in the gradient store until the backward ends); the tap turns dL/dy into per-example
+        // gradients. The branch still uses the tracked x, so upstream layers get the gradient
+        // through both paths.
+        let u = frozen_linear(x, &ad.a, None)?;
+        let ub = frozen_linear(&u, &ad.b, None)?;
+        let parts = PartsSlot::default();
+        let grad = tape.keep_output_grads.then(GradSlot::default);
+        let data = LoraTapData {
+            x: x.detach().contiguous()?,
+            u: u.detach(),
+            b: ad.b.clone(),
+            scale: ad.scale,
+            parts: parts.clone(),
+        };
+        let tracker = Var::zeros(1, DType::F32, y.device())?;
+        let tap = GradTap { scale: ad.scale, slot: grad.clone(), lora: Some(data) };
+        let branch = ub.apply_op2(tracker.as_tensor(), tap)?;
+        tape.lora.push(LoraRecord { name: self.name.clone(), parts, grad });
+        crate::model::ops::add_const(&branch, &y)
     }
 }
 
@@ -524,17 +714,123 @@ mod tests {
         }
     }
 
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let top = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / top
+    }
+
+    /// Everything one DP backward through an adapted layer yields: dL/dx (if x is tracked), the
+    /// per-example (dA, dB) and the recorded dL/dy, for L = Σ y ⊙ c.
+    fn dp_backward(
+        l: &LoraLinear,
+        x: &Tensor,
+        c: &Tensor,
+        fused: bool,
+    ) -> (Tensor, Option<Tensor>, Tensor, Tensor, Tensor) {
+        let xv = Var::from_tensor(x).unwrap();
+        let ad = l.adapter.as_ref().unwrap();
+        let mut tape = Tape { keep_output_grads: true, ..Tape::default() };
+        let y = if fused {
+            assert!(FusedLora::applies(x, &l.weight, l.bias.as_ref(), ad));
+            l.forward_fused(xv.as_tensor(), ad, &mut tape).unwrap()
+        } else {
+            l.forward_composed(xv.as_tensor(), ad, &mut tape).unwrap()
+        };
+        let g = (&y * c).unwrap().sum_all().unwrap().backward().unwrap();
+        let (d_a, d_b) = tape.lora[0].parts.get().unwrap();
+        let gy = tape.lora[0].grad.as_ref().unwrap().get().unwrap();
+        (y, g.get(xv.as_tensor()).cloned(), d_a, d_b, gy)
+    }
+
+    #[test]
+    fn fused_lora_forward_and_backward_match_the_composed_twin_on_random_inputs() {
+        for (i, &(b, t, k, n, r, bias)) in [
+            (2usize, 5usize, 4usize, 3usize, 2usize, true),
+            (3, 17, 64, 48, 8, false),
+            (4, 33, 96, 160, 8, true),
+            (1, 1, 7, 5, 1, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 100 * i as u64;
+            let l = LoraLinear {
+                name: "m".into(),
+                weight: rand(&[n, k], seed + 1),
+                bias: bias.then(|| rand(&[n], seed + 2)),
+                adapter: Some(LoraAdapter { a: rand(&[r, k], seed + 3), b: rand(&[n, r], seed + 4), scale: 2.0 }),
+            };
+            let x = rand(&[b, t, k], seed + 5);
+            let c = rand(&[b, t, n], seed + 6);
+            let (yf, dxf, daf, dbf, gf) = dp_backward(&l, &x, &c, true);
+            let (yc, dxc, dac, dbc, gc) = dp_backward(&l, &x, &c, false);
+            let tol = 1e-5;
+            for (what, f, c) in [
+                ("y", &yf, &yc),
+                ("dx", &dxf.unwrap(), &dxc.unwrap()),
+                ("dA", &daf, &dac),
+                ("dB", &dbf, &dbc),
+                ("dL/dy", &gf, &gc),
+            ] {
+                assert_eq!(f.dims(), c.dims(), "{what}");
+                let d = max_rel_diff(f, c);
+                assert!(d < tol, "case {i}: {what} differs from the composed twin by {d} (relative)");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_lora_with_an_untracked_input_records_the_parts_and_stores_no_large_gradient() {
+        let l = layer(false);
+        let x = rand(&[2, 5, 4], 31);
+        let mut tape = Tape::default();
+        let y = l.forward(&x, Some(&mut tape)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        for id in g.get_ids() {
+            let t = g.get_id(*id).unwrap();
+            assert!(t.elem_count() < 10, "a gradient of shape {:?} was stored", t.dims());
+        }
+        let mut tape_c = Tape::default();
+        let yc = l.forward_composed(&x, l.adapter.as_ref().unwrap(), &mut tape_c).unwrap();
+        yc.sum_all().unwrap().backward().unwrap();
+        let ((a, b), (ac, bc)) = (tape.lora[0].parts.get().unwrap(), tape_c.lora[0].parts.get().unwrap());
+        assert!(max_rel_diff(&a, &ac) < 1e-5 && max_rel_diff(&b, &bc) < 1e-5);
+    }
+
+    #[test]
+    fn fused_lora_applies_to_f32_cpu_only_and_other_dtypes_take_the_composed_form() {
+        let l = layer(false);
+        let ad = l.adapter.as_ref().unwrap();
+        let x = rand(&[2, 5, 4], 31);
+        assert!(FusedLora::applies(&x, &l.weight, l.bias.as_ref(), ad));
+        assert!(!FusedLora::applies(&x.reshape((10, 4)).unwrap(), &l.weight, l.bias.as_ref(), ad));
+        let w16 = l.weight.to_dtype(DType::BF16).unwrap();
+        assert!(!FusedLora::applies(&x, &w16, l.bias.as_ref(), ad));
+        // A bf16 frozen weight (the GPU default) runs the composed form: same as the composed
+        // form of the f32 model up to the bf16 rounding of W and x.
+        let l16 = LoraLinear { weight: w16, ..l.clone() };
+        let mut tape = Tape::default();
+        let y16 = l16.forward(&x, Some(&mut tape)).unwrap();
+        let mut tape = Tape::default();
+        let y = l.forward_composed(&x, ad, &mut tape).unwrap();
+        let d = max_rel_diff(&y16, &y);
+        assert!(d > 0.0 && d < 2e-2, "{d}");
+    }
+
     #[test]
     fn taped_forward_equals_plain_forward_and_frozen_input_gets_no_gradient() {
-        // The DP forward (A, B as frozen weights, the scaling as the tap) computes the same y as
-        // the plain one, bit for bit.
+        // The composed DP forward (A, B as frozen weights, the scaling as the tap) computes the
+        // same y as the plain one, bit for bit; the fused one to f32 rounding.
         let l = layer(false);
         let x = rand(&[2, 5, 4], 31);
         let plain = l.forward(&x, None).unwrap();
         let mut tape = Tape::default();
-        let taped = l.forward(&x, Some(&mut tape)).unwrap();
-        let (p, t) = (plain.flatten_all().unwrap(), taped.flatten_all().unwrap());
+        let composed = l.forward_composed(&x, l.adapter.as_ref().unwrap(), &mut tape).unwrap();
+        let (p, t) = (plain.flatten_all().unwrap(), composed.flatten_all().unwrap());
         assert_eq!(p.to_vec1::<f32>().unwrap(), t.to_vec1::<f32>().unwrap());
+        let mut tape = Tape::default();
+        let taped = l.forward(&x, Some(&mut tape)).unwrap();
+        assert!(max_rel_diff(&taped, &plain) < 1e-6);
         // x is not tracked (nothing below is trainable): the backward reaches the tap, which
         // records the per-example parts, and stores no gradient for x or anything of its size.
         let g = taped.sum_all().unwrap().backward().unwrap();
