@@ -44,13 +44,28 @@ impl Heads {
 /// Returns the context [b, T, query·dim]. Fused on the CPU in f32 (`FusedAttention`), composed of
 /// candle ops elsewhere (`attention_composed`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, heads: Heads, scale: f64) -> Result<Tensor> {
+    attention_capped(q, k, v, bias, heads, scale, None)
+}
+
+/// `attention` with optional soft-capping of the scores (Gemma 2):
+/// softmax(c · tanh(scale · Q Kᵀ / c) + bias) V, the cap applied before the mask as transformers
+/// does. Fused on the CPU in f32, composed elsewhere (`attention_composed_capped`).
+pub fn attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: Heads,
+    scale: f64,
+    cap: Option<f64>,
+) -> Result<Tensor> {
     heads.check()?;
     let fusable = q.device().is_cpu()
         && [q, k, v, bias].iter().all(|t| t.dtype() == DType::F32)
         && !bias.track_op()
         && bias.rank() == 4;
     if !fusable {
-        return attention_composed(q, k, v, bias, heads, scale);
+        return attention_composed_capped(q, k, v, bias, heads, scale, cap);
     }
     let (b, t, _) = q.dims3()?;
     let (bb, bh, bt, bk) = bias.dims4()?;
@@ -60,6 +75,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, heads: Heads
     let op = FusedAttention {
         heads,
         scale: scale as f32,
+        cap: cap.map(|c| c as f32),
         bias: bias.flatten_all()?.to_vec1::<f32>()?,
         bias_dims: (bb, bt),
         probs: Mutex::new(None),
@@ -79,13 +95,12 @@ pub fn attention_composed(
     heads: Heads,
     scale: f64,
 ) -> Result<Tensor> {
-    attention_capped(q, k, v, bias, heads, scale, None)
+    attention_composed_capped(q, k, v, bias, heads, scale, None)
 }
 
-/// `attention_composed` with optional soft-capping of the scores (Gemma):
-/// softmax(c · tanh(scale · Q Kᵀ / c) + bias) V, the cap applied before the mask as transformers
-/// does. Composed of candle's differentiable ops on every device (the fused CPU op has no cap).
-pub fn attention_capped(
+/// `attention_composed` with optional soft-capping of the scores (Gemma 2), composed of candle's
+/// differentiable ops: the slow twin of the fused op with a cap, and the form off the CPU.
+pub fn attention_composed_capped(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -122,6 +137,8 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 struct FusedAttention {
     heads: Heads,
     scale: f32,
+    /// Soft cap c of the scores: c · tanh(s / c) (Gemma 2), before the bias.
+    cap: Option<f32>,
     /// The bias on the host, [bb, 1, bt, T] row-major.
     bias: Vec<f32>,
     /// (bb, bt): 1 where the bias is broadcast over examples / query positions.
@@ -247,6 +264,11 @@ impl FusedAttention {
     }
 }
 
+/// s ↦ c · tanh(s / c) in place, as the composed form computes it (f32 `tanh`, candle's).
+fn soft_cap(s: &mut [f32], c: f32) {
+    s.iter_mut().for_each(|x| *x = (*x / c).tanh() * c);
+}
+
 /// Row-wise softmax of `s` [T, T] in place after adding the bias rows (f32 exponentials of
 /// x − max from `vexp`, summed in f64; NaN never wins the max, so it spreads to its row).
 fn biased_softmax_rows(s: &mut [f32], t: usize, bias: impl Fn(usize) -> *const f32) {
@@ -295,6 +317,9 @@ impl CustomOp3 for FusedAttention {
                 let vh = v.as_ptr().add(i * t * kw + g * d);
                 // S = scale · Q Kᵀ (Kᵀ read in place: column j of Kᵀ is row j of K).
                 small_gemm((t, t, d), p.as_mut_ptr(), ROWS(t), false, qh, ROWS(qw), kh, COLS(kw), self.scale);
+                if let Some(c) = self.cap {
+                    soft_cap(p, c);
+                }
                 biased_softmax_rows(p, t, |r| self.bias_row(i, r, t).as_ptr());
                 // context block = P V.
                 let dst = out.at(i * t * qw + h * d);
@@ -333,8 +358,9 @@ impl CustomOp3 for FusedAttention {
         let (dq_p, dk_p, dv_p) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         let run = |qs: &[f32], ks: &[f32], vs: &[f32], gs: &[f32]| {
             (0..b * nkv).into_par_iter().for_each_init(
-                || vec![0f32; t * t],
-                |ds, task| {
+                // dS, and with a cap the raw scores (recomputed: cheaper than keeping them).
+                || (vec![0f32; t * t], vec![0f32; if self.cap.is_some() { t * t } else { 0 }]),
+                |(ds, raw), task| {
                     let (i, g) = (task / nkv, task % nkv);
                     // SAFETY: as in the forward; this task writes only example i's rows of the
                     // query heads of group g (dq) and of key/value head g (dk, dv), which no other
@@ -354,12 +380,27 @@ impl CustomOp3 for FusedAttention {
                             if !(want_q || want_k) {
                                 continue;
                             }
-                            // dP = G_h Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place.
+                            // dP = G_h Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place;
+                            // with a cap also ⊙ (1 − tanh²(S / c)), S the forward's raw scores.
                             small_gemm((t, t, d), ds.as_mut_ptr(), ROWS(t), false, gh, ROWS(qw), vh, COLS(kw), 1.0);
+                            if self.cap.is_some() {
+                                let raw = raw.as_mut_ptr();
+                                small_gemm((t, t, d), raw, ROWS(t), false, qh, ROWS(qw), kh, COLS(kw), self.scale);
+                            }
                             let p = std::slice::from_raw_parts(p, t * t);
-                            for (row, prow) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                            for (r, (row, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
                                 let dot = row.iter().zip(prow).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
-                                row.iter_mut().zip(prow).for_each(|(x, &y)| *x = y * (*x - dot) * self.scale);
+                                match self.cap {
+                                    None => {
+                                        row.iter_mut().zip(prow).for_each(|(x, &y)| *x = y * (*x - dot) * self.scale)
+                                    }
+                                    Some(c) => row.iter_mut().zip(prow).zip(&raw[r * t..(r + 1) * t]).for_each(
+                                        |((x, &y), &s)| {
+                                            let th = (s / c).tanh();
+                                            *x = y * (*x - dot) * (1.0 - th * th) * self.scale
+                                        },
+                                    ),
+                                }
                             }
                             if want_q {
                                 // dQ_h = dS K.
@@ -411,6 +452,11 @@ mod tests {
     /// Values of the fused op and the composed twin (in f64) and the gradients of
     /// L = Σ c · attention(q, k, v) for each input, compared relative to the largest element.
     fn check(b: usize, t: usize, heads: Heads, bias: &Tensor, track: [bool; 3], seed: u64) {
+        check_capped(b, t, heads, bias, track, seed, None)
+    }
+
+    /// `check` with a soft cap on the scores.
+    fn check_capped(b: usize, t: usize, heads: Heads, bias: &Tensor, track: [bool; 3], seed: u64, cap: Option<f64>) {
         let (qw, kw) = (heads.query * heads.dim, heads.kv * heads.dim);
         let inputs = [rand(&[b, t, qw], seed), rand(&[b, t, kw], seed + 1), rand(&[b, t, kw], seed + 2)];
         // Scale the queries up so that the softmax is far from uniform.
@@ -429,9 +475,9 @@ mod tests {
                 .collect();
             let bias = bias.to_dtype(dtype).unwrap();
             let y = if fused {
-                attention(&ts[0], &ts[1], &ts[2], &bias, heads, scale).unwrap()
+                attention_capped(&ts[0], &ts[1], &ts[2], &bias, heads, scale, cap).unwrap()
             } else {
-                attention_composed(&ts[0], &ts[1], &ts[2], &bias, heads, scale).unwrap()
+                attention_composed_capped(&ts[0], &ts[1], &ts[2], &bias, heads, scale, cap).unwrap()
             };
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
             let grads = (&y * c.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
@@ -488,6 +534,29 @@ mod tests {
         check(b, t, Heads { query: 3, kv: 1, dim: 16 }, &bias, [true, true, false], 50);
         // A bias shared by all examples ([1, 1, T, T]).
         check(b, t, Heads { query: 2, kv: 2, dim: 4 }, &bias.narrow(0, 0, 1).unwrap(), [true; 3], 60);
+    }
+
+    #[test]
+    fn fused_attention_with_a_soft_cap_matches_the_composed_twin() {
+        // Caps that bend the scores (the queries are scaled ×3: scores reach several units), with
+        // a key mask, a causal mask with shared key/value heads, and an untracked input.
+        let heads = Heads { query: 4, kv: 4, dim: 8 };
+        for cap in [0.7, 1.5, 50.0] {
+            check_capped(3, 9, heads, &key_mask(3, 9, &[0, 4, 8]), [true; 3], 70, Some(cap));
+            check_capped(2, 5, heads, &key_mask(2, 5, &[1, 0]), [true, false, true], 80, Some(cap));
+        }
+        let (b, t) = (2, 6);
+        let v: Vec<f32> = (0..b * t * t).map(|x| if x % t > (x / t) % t { -1e30 } else { 0.0 }).collect();
+        let causal = Tensor::from_vec(v, (b, 1, t, t), &Device::Cpu).unwrap();
+        check_capped(b, t, Heads { query: 6, kv: 2, dim: 4 }, &causal, [true; 3], 90, Some(1.0));
+        // The cap is applied: a bending cap changes the output.
+        let (q, kv) = ((rand(&[1, 5, 8], 1) * 3.0).unwrap(), rand(&[1, 5, 8], 2));
+        let bias = key_mask(1, 5, &[0]);
+        let h = Heads { query: 2, kv: 2, dim: 4 };
+        let plain = attention(&q, &kv, &kv, &bias, h, 1.0).unwrap();
+        let capped = attention_capped(&q, &kv, &kv, &bias, h, 1.0, Some(0.5)).unwrap();
+        let d = (plain - capped).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 1e-2, "{d}");
     }
 
     #[test]
