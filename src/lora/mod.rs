@@ -28,6 +28,7 @@ pub struct LoraSpec {
 
 pub mod peft;
 
+use crate::model::fused::tensor_f32;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, Var};
 use std::sync::{Arc, Mutex};
@@ -460,16 +461,6 @@ struct FusedLora {
     grad: Option<GradSlot>,
 }
 
-/// A contiguous f32 CPU tensor's data, for `f` (inside the fused op's backward).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(s) => f(crate::model::fused::f32_contiguous(s, l, "fused LoRA linear")?),
-        _ => candle_core::bail!("fused LoRA linear: runs on the CPU only"),
-    }
-}
-
 impl FusedLora {
     /// Does the fused op apply to this layer and input (CPU, everything f32, x [b, T, in])?
     fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &LoraAdapter) -> bool {
@@ -493,8 +484,8 @@ impl CustomOp2 for FusedLora {
         let CpuStorage::F32(mut y) = y else { candle_core::bail!("fused LoRA linear: f32 only") };
         let (n, r) = self.b.dims2()?;
         let m = y.len() / n.max(1);
-        with_f32(&self.u, |u| {
-            with_f32(&self.b, |b| {
+        tensor_f32(&self.u, "fused LoRA linear", |u| {
+            tensor_f32(&self.b, "fused LoRA linear", |b| {
                 sgemm((m, n, r), &mut y, true, self.scale as f32, u, b, true);
                 Ok(())
             })
@@ -527,14 +518,14 @@ impl CustomOp2 for FusedLora {
         let r = self.a.dim(0)?;
         let m = g.elem_count() / n.max(1);
         let mut dx = vec![0f32; m * k];
-        with_f32(&g, |g| {
-            with_f32(&self.weight, |w| {
+        tensor_f32(&g, "fused LoRA linear", |g| {
+            tensor_f32(&self.weight, "fused LoRA linear", |w| {
                 sgemm((m, k, n), &mut dx, false, 1.0, g, w, false);
                 Ok(())
             })
         })?;
-        with_f32(&gb, |gb| {
-            with_f32(&self.a, |a| {
+        tensor_f32(&gb, "fused LoRA linear", |gb| {
+            tensor_f32(&self.a, "fused LoRA linear", |a| {
                 sgemm((m, k, r), &mut dx, true, self.scale as f32, gb, a, false);
                 Ok(())
             })

@@ -13,8 +13,9 @@
 //! results do not depend on the thread count; no task reads another example's rows, so the op
 //! mixes no examples (per-example gradients stay per example).
 
+use super::fused::tensor_f32;
 use super::ops::{add_const, softmax_last};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -224,16 +225,6 @@ unsafe fn small_gemm(
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     super::fused::f32_contiguous(s, l, what)
-}
-
-/// The f32 data of a contiguous CPU tensor (inside a backward).
-fn tensor_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(s) => f(cpu_f32(s, l, what)?),
-        _ => candle_core::bail!("{what}: fused attention runs on the CPU only"),
-    }
 }
 
 impl FusedAttention {

@@ -10,7 +10,7 @@
 //! (rayon); each row is computed by one thread in a fixed order, so results do not depend on the
 //! thread count.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel task: enough work per task to be worth a thread hand-off.
@@ -50,6 +50,17 @@ pub(crate) fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
             None => candle_core::bail!("{op}: input must be contiguous"),
         },
         _ => candle_core::bail!("{op}: only f32 is supported"),
+    }
+}
+
+/// The f32 data of a CPU tensor (made contiguous), for `f` inside a fused op's backward; an error
+/// naming `what` for a tensor on another device or in another dtype.
+pub(crate) fn tensor_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(s) => f(f32_contiguous(s, l, what)?),
+        _ => candle_core::bail!("{what}: this fused op runs on the CPU only"),
     }
 }
 
