@@ -45,11 +45,29 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Built-in model shapes (random weights: throughput does not depend on the values).
-pub const SHAPES: [&str; 7] =
-    ["tiny", "minilm-l6", "bert-base", "llama-tiny", "smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"];
+pub const SHAPES: [&str; 9] = [
+    "tiny",
+    "minilm-l6",
+    "bert-base",
+    "llama-tiny",
+    "smollm2-135m",
+    "llama-3.2-1b",
+    "llama-3.1-8b",
+    "gemma-3-1b",
+    "gemma-2-2b",
+];
 
-/// The Llama config of a built-in decoder shape (`None` for the BERT shapes).
+/// The Llama-family config of a built-in decoder shape (`None` for the BERT shapes).
 pub fn llama_shape_config(name: &str) -> Result<Option<LlamaConfig>> {
+    // Gemma: the published config.json files, soft caps, sliding windows and norms included.
+    let hub = match name {
+        "gemma-3-1b" => Some(crate::model::llama::GEMMA3_1B_HUB_CONFIG),
+        "gemma-2-2b" => Some(crate::model::llama::GEMMA2_2B_HUB_CONFIG),
+        _ => None,
+    };
+    if let Some(text) = hub {
+        return LlamaConfig::from_json(text).map(Some).map_err(candle_core::Error::Msg);
+    }
     let (vocab, h, layers, heads, kv, ffn, tied) = match name {
         "llama-tiny" => (256, 64, 2, 4, 2, 128, true),
         // SmolLM2-135M: the published config.
@@ -466,16 +484,25 @@ mod tests {
 
     #[test]
     fn every_decoder_shape_is_a_valid_config_with_its_published_sizes() {
-        for (name, params_millions) in [("smollm2-135m", 134.5), ("llama-3.2-1b", 1235.8), ("llama-3.1-8b", 8030.3)] {
+        let published = [
+            ("smollm2-135m", 134.5),
+            ("llama-3.2-1b", 1235.8),
+            ("llama-3.1-8b", 8030.3),
+            ("gemma-3-1b", 999.9),
+            ("gemma-2-2b", 2614.3),
+        ];
+        for (name, params_millions) in published {
             let c = llama_shape_config(name).unwrap().unwrap();
             c.validate().unwrap();
             let (h, f, l, v) = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size);
-            let kv = c.kv_heads() * c.head_dim();
-            let per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h;
+            let (q, kv) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+            let norms = if c.is_gemma() { 4 * h } else { 2 * h } + if c.qk_norm() { 2 * c.head_dim() } else { 0 };
+            let per_layer = 2 * h * q + 2 * h * kv + 3 * h * f + norms;
             let total = v * h * if c.tied() { 1 } else { 2 } + l * per_layer + h;
             let m = total as f64 / 1e6;
             assert!((m - params_millions).abs() < 0.1, "{name}: {m} M parameters");
             assert_eq!(c.rope().unwrap().llama3.is_some(), name.starts_with("llama-3"), "{name}");
+            assert_eq!(c.is_gemma(), name.starts_with("gemma"), "{name}");
         }
     }
 }

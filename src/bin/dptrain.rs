@@ -146,7 +146,7 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Built-in model shape: tiny, minilm-l6, bert-base, llama-tiny, smollm2-135m, llama-3.2-1b,
-        /// llama-3.1-8b.
+        /// llama-3.1-8b, gemma-3-1b, gemma-2-2b.
         #[arg(long, default_value = "minilm-l6")]
         shape: String,
         /// dtype of the frozen base weights: f32, bf16, f16 (default: the config's, else f32 on

@@ -1126,6 +1126,31 @@ pub fn random_weights(
     Ok(w)
 }
 
+/// gemma-2-2b's config.json as the Hub has it (older layout, no `layer_types`): the
+/// `gemma-2-2b` shape of `dptrain bench` and the reference of the config tests.
+pub const GEMMA2_2B_HUB_CONFIG: &str = r#"{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false,
+  "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
+  "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
+  "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+  "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192,
+  "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+  "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+  "sliding_window": 4096, "torch_dtype": "float32", "transformers_version": "4.42.4", "use_cache": true,
+  "vocab_size": 256000}"#;
+
+/// gemma-3-1b's config.json as the Hub has it (older layout): the `gemma-3-1b` shape of
+/// `dptrain bench` and the reference of the config tests.
+pub const GEMMA3_1B_HUB_CONFIG: &str = r#"{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
+  "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2,
+  "cache_implementation": "hybrid", "eos_token_id": [1, 106], "final_logit_softcapping": null,
+  "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+  "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+  "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+  "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+  "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
+  "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+  "use_cache": true, "vocab_size": 262144}"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1358,45 +1383,23 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("`foo_scaling`"));
     }
 
-    /// gemma-2-2b's config.json as the Hub has it (older layout, no `layer_types`).
-    const GEMMA2_HUB: &str = r#"{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false,
-      "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
-      "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
-      "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
-      "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192,
-      "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
-      "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
-      "sliding_window": 4096, "torch_dtype": "float32", "transformers_version": "4.42.4", "use_cache": true,
-      "vocab_size": 256000}"#;
-
-    /// gemma-3-1b's config.json as the Hub has it (older layout).
-    const GEMMA3_HUB: &str = r#"{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
-      "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2,
-      "cache_implementation": "hybrid", "eos_token_id": [1, 106], "final_logit_softcapping": null,
-      "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
-      "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
-      "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
-      "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
-      "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
-      "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
-      "use_cache": true, "vocab_size": 262144}"#;
-
     #[test]
     fn gemma_hub_configs_read_their_layer_kinds_ropes_scale_and_tied_head() {
-        let g2 = LlamaConfig::from_json(GEMMA2_HUB).unwrap();
+        let g2 = LlamaConfig::from_json(GEMMA2_2B_HUB_CONFIG).unwrap();
         assert!(g2.is_gemma() && !g2.is_gemma3() && g2.tied() && !g2.qk_norm());
         // Gemma 2 alternates, starting with a sliding layer.
         let kinds = g2.sliding_layers();
         assert!(kinds.iter().enumerate().all(|(i, &s)| s == (i % 2 == 0)) && kinds.len() == 26);
         assert_eq!((g2.attention_scale(), g2.window()), (1.0 / 16.0, Some(4096)));
         assert_eq!(g2.rope(), Ok(Rope::plain(10_000.0)));
-        let g3 = LlamaConfig::from_json(GEMMA3_HUB).unwrap();
+        let g3 = LlamaConfig::from_json(GEMMA3_1B_HUB_CONFIG).unwrap();
         assert!(g3.is_gemma3() && g3.tied() && g3.qk_norm());
         let globals: Vec<usize> = (0..26).filter(|&i| !g3.sliding_layers()[i]).collect();
         assert_eq!(globals, [5, 11, 17, 23]);
         assert_eq!((g3.rope_for(false), g3.rope_for(true)), (Ok(Rope::plain(1e6)), Ok(Rope::plain(1e4))));
         // Gemma 3 4B's text model: linear scaling on the global layers only.
-        let g3_4b = with(GEMMA3_HUB, "rope_scaling", Some(serde_json::json!({"rope_type": "linear", "factor": 8.0})));
+        let g3_4b =
+            with(GEMMA3_1B_HUB_CONFIG, "rope_scaling", Some(serde_json::json!({"rope_type": "linear", "factor": 8.0})));
         let c = LlamaConfig::from_json(&g3_4b).unwrap();
         assert_eq!(c.rope_for(false), Ok(Rope { theta: 1e6, llama3: None, linear: Some(8.0) }));
         assert_eq!(c.rope_for(true), Ok(Rope::plain(1e4)));
@@ -1421,19 +1424,22 @@ mod tests {
             let e = LlamaConfig::from_json(&text).unwrap_err();
             assert!(e.contains(want), "{e} (wanted {want})");
         };
-        refused(with(GEMMA2_HUB, "hidden_activation", Some("gelu".into())), "hidden_activation `gelu`");
-        refused(with(GEMMA2_HUB, "hidden_act", Some("silu".into())), "hidden_act `silu`");
-        refused(with(GEMMA2_HUB, "sliding_window", None), "sliding_window");
-        refused(with(GEMMA2_HUB, "use_bidirectional_attention", Some(true.into())), "use_bidirectional_attention");
-        refused(with(GEMMA2_HUB, "rope_local_base_freq", Some(10.0.into())), "rope_local_base_freq");
-        refused(with(GEMMA2_HUB, "attn_logit_softcapping", Some(0.0.into())), "attn_logit_softcapping");
+        refused(with(GEMMA2_2B_HUB_CONFIG, "hidden_activation", Some("gelu".into())), "hidden_activation `gelu`");
+        refused(with(GEMMA2_2B_HUB_CONFIG, "hidden_act", Some("silu".into())), "hidden_act `silu`");
+        refused(with(GEMMA2_2B_HUB_CONFIG, "sliding_window", None), "sliding_window");
+        refused(
+            with(GEMMA2_2B_HUB_CONFIG, "use_bidirectional_attention", Some(true.into())),
+            "use_bidirectional_attention",
+        );
+        refused(with(GEMMA2_2B_HUB_CONFIG, "rope_local_base_freq", Some(10.0.into())), "rope_local_base_freq");
+        refused(with(GEMMA2_2B_HUB_CONFIG, "attn_logit_softcapping", Some(0.0.into())), "attn_logit_softcapping");
         refused(with(SMOLLM2_HUB, "final_logit_softcapping", Some(30.0.into())), "final_logit_softcapping");
         refused(with(SMOLLM2_HUB, "query_pre_attn_scalar", Some(256.into())), "query_pre_attn_scalar");
         // Gemma 3 in transformers 5's layout needs both layer types' RoPE.
         let one = serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6}});
-        refused(with(GEMMA3_HUB, "rope_parameters", Some(one)), "no `sliding_attention`");
+        refused(with(GEMMA3_1B_HUB_CONFIG, "rope_parameters", Some(one)), "no `sliding_attention`");
         let flat = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
-        refused(with(GEMMA3_HUB, "rope_parameters", Some(flat)), "full_attention and sliding_attention");
+        refused(with(GEMMA3_1B_HUB_CONFIG, "rope_parameters", Some(flat)), "full_attention and sliding_attention");
         // Other architectures still refuse per-layer-type RoPE.
         let per_type = serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}});
