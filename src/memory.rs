@@ -379,9 +379,9 @@ pub fn measure_step(
     // per-step memory, so it is made before the measurements. Which worker thread first runs a
     // product of a given size is up to the scheduler, so one warm-up pass does not always
     // allocate every thread's buffers (seen on a 2-core machine: a one-example step measured at
-    // 606 KiB where the same step measured about 95 KiB in another run, and a tight budget refused): the one-example step is the
-    // smaller of two measurements, the buffers a first one allocated being in use (the base)
-    // in the second.
+    // 606 KiB where the same step measured about 95 KiB in another run, and a tight budget was
+    // refused). So the one-example step is the smaller of two measurements: buffers the first
+    // one allocated are in use (the base) in the second.
     measure_micro_batch(model, clip, kind, tokens, 1)?;
     let Some(first) = measure_micro_batch(model, clip, kind, tokens, 1)? else { return Ok(None) };
     let Some(second) = measure_micro_batch(model, clip, kind, tokens, 1)? else { return Ok(None) };
