@@ -375,23 +375,37 @@ pub fn measure_step(
     tokens: usize,
     room: Option<u64>,
 ) -> Result<Option<StepFit>> {
-    // A first pass allocates what stays allocated (thread-local GEMM buffers, caches): not
-    // per-step memory, so it is made before the measurements. Which worker thread first runs a
-    // product of a given size is up to the scheduler, so one warm-up pass does not always
-    // allocate every thread's buffers (seen on a 2-core machine: a one-example step measured at
-    // 606 KiB where the same step measured about 95 KiB in another run, and a tight budget was
-    // refused). So the one-example step is the smaller of two measurements: buffers the first
-    // one allocated are in use (the base) in the second.
+    // What stays allocated once made is not per-step memory, so it is made before the
+    // measurements: the GEMM's per-thread packing buffer on every thread that may run a product
+    // (a worker thread allocates it the first time the scheduler hands it one, which a warm-up
+    // pass does not guarantee: seen on a 2-core machine, a one-example step measured at 606 KiB
+    // instead of about 95 KiB, and a tight budget refused), then one pass for the rest (caches).
+    if device_is_cpu(model) {
+        warm_gemm_thread_buffers();
+    }
     measure_micro_batch(model, clip, kind, tokens, 1)?;
-    let Some(first) = measure_micro_batch(model, clip, kind, tokens, 1)? else { return Ok(None) };
-    let Some(second) = measure_micro_batch(model, clip, kind, tokens, 1)? else { return Ok(None) };
-    let one = first.min(second);
+    let Some(one) = measure_micro_batch(model, clip, kind, tokens, 1)? else { return Ok(None) };
     if room.is_some_and(|r| one.saturating_mul(4) > r) {
         return Ok(Some(StepFit { fixed: 0, per_example: one.max(1), one_example_only: true }));
     }
     let Some(four) = measure_micro_batch(model, clip, kind, tokens, 4)? else { return Ok(None) };
     let per = four.saturating_sub(one).div_ceil(3).max(1);
     Ok(Some(StepFit { fixed: one.saturating_sub(per), per_example: per, one_example_only: false }))
+}
+
+fn device_is_cpu(model: &dyn DpModel) -> bool {
+    matches!(model.device(), Device::Cpu)
+}
+
+/// Allocates the GEMM's thread-local packing buffer (`gemm_common::gemm::L2_SLAB`, one L2 cache
+/// in size, kept for the thread's life) on this thread and on every thread of rayon's global
+/// pool, the threads candle's and our CPU products run on. Afterwards no product allocates it.
+pub fn warm_gemm_thread_buffers() {
+    fn touch() {
+        gemm_common::gemm::L2_SLAB.with(|slab| drop(slab.borrow()));
+    }
+    touch();
+    rayon::broadcast(|_| touch());
 }
 
 /// A DP micro-batch's measured memory: `fixed` + `per_example` × examples.
