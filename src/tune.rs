@@ -16,14 +16,16 @@ use crate::accounting::selection::TruncatedNegativeBinomial;
 use crate::accounting::{self, AccountantKind, AccountingError, DpEvent, RdpAccountant};
 use crate::config::{hex_sha256, NoiseSpec, Plan, TuneSpec};
 use crate::privacy::CommitmentKey;
+use crate::privacy::StreamsKey;
 use crate::report::rundir::{self, RunDir};
 use crate::report::{self, ReportError};
+use crate::train::checkpoint;
 use crate::train::eval::{eval_command, EvalOptions};
 use crate::train::run::{load_data, RunError};
 use crate::train::{run, RunOptions};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The settings a trial may change; every other setting is the config's.
@@ -205,10 +207,66 @@ pub struct TuneOptions {
     pub overwrite: bool,
     /// Print the calibrated search (candidates, σ of each, ε) and stop before any trial.
     pub dry_run: bool,
+    /// Continue the interrupted search in the output folder (its private search state).
+    pub resume: bool,
+    /// Stop as if interrupted once this many trials have finished (how tests and users can try
+    /// out `resume`); with `stop_after_step`, inside the next trial after that step instead.
+    pub stop_after_trials: Option<u64>,
+    pub stop_after_step: Option<u64>,
+}
+
+/// The private record of a search in progress (`private/search-state.json`): what a resumed
+/// search needs to continue the same search, never a new one. The number of trials K and the key
+/// of every random draw are fixed when the search starts, so resuming cannot draw K, a candidate,
+/// a trial's sampling and noise, or a score's noise again; finished trials are kept as scored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SearchState {
+    warning: String,
+    /// Hex of the 32-byte key of the search's draws (unseeded searches; a seeded search's draws
+    /// come from its config's seed).
+    key: Option<String>,
+    config_sha256: String,
+    model_sha256: String,
+    train_sha256: String,
+    validation_sha256: String,
+    number_of_trials: u64,
+    finished: Vec<Trial>,
+}
+
+/// The file of the search state in the private part.
+pub const SEARCH_STATE: &str = "search-state.json";
+
+fn write_state(path: &Path, state: &SearchState) -> Result<(), RunError> {
+    Ok(report::write_private(path, serde_json::to_string_pretty(state).expect("json").as_bytes())?)
+}
+
+fn hex_key(k: &StreamsKey) -> String {
+    k.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn key_from_hex(s: &str) -> Option<StreamsKey> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(StreamsKey(k))
+}
+
+/// The search's own draws (K, each trial's candidate, each score's noise): from the config's seed
+/// when seeded, else from the search key's stream 0 (each trial's streams are the key's stream t).
+fn search_rng(seed: Option<u64>, key: Option<&StreamsKey>) -> ChaCha20Rng {
+    match (seed, key) {
+        (Some(s), _) => ChaCha20Rng::seed_from_u64(s ^ 0x7475_6e65),
+        (None, Some(k)) => ChaCha20Rng::from_seed(k.0),
+        (None, None) => unreachable!("an unseeded search has a key"),
+    }
 }
 
 /// One trial, as the private record keeps it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trial {
     pub trial: u64,
     pub candidate: usize,
@@ -246,6 +304,9 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
         ));
     };
     let root = opts.out.clone().unwrap_or_else(|| plan.output_dir.clone());
+    if opts.resume && rundir::holds_outputs(&root) {
+        return Err(plan_err(format!("the search in {} has finished: there is nothing to resume", root.display())));
+    }
     if rundir::holds_outputs(&root) && !opts.overwrite && !opts.dry_run {
         return Err(ReportError::OutputExists(root.clone()).into());
     }
@@ -303,29 +364,140 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
     if dir.holds_outputs() && !opts.overwrite {
         return Err(ReportError::OutputExists(dir.root.clone()).into());
     }
-    if opts.overwrite {
-        dir.clear_previous(false)?;
-    }
     let seeded = plan.seed.is_some();
-    let mut rng = match plan.seed {
-        Some(s) => ChaCha20Rng::seed_from_u64(s ^ 0x7475_6e65),
-        None => ChaCha20Rng::from_os_rng(),
+    let state_path = dir.private.join(SEARCH_STATE);
+    let model_sha256 = checkpoint::model_hash(&plan.model_dir)?;
+    let (key, k, finished, mut rng) = if opts.resume {
+        let text = std::fs::read_to_string(&state_path).map_err(|_| {
+            plan_err(format!(
+                "{} holds no interrupted search to resume (no {}): start one without --resume",
+                dir.root.display(),
+                state_path.display()
+            ))
+        })?;
+        let corrupt = |m: &str| plan_err(format!("{}: {m}; the search cannot be resumed", state_path.display()));
+        let st: SearchState = serde_json::from_str(&text).map_err(|e| corrupt(&e.to_string()))?;
+        for (what, was, now) in [
+            ("the config", &st.config_sha256, &plan.config_hash),
+            ("the base model", &st.model_sha256, &model_sha256),
+            ("the training file", &st.train_sha256, &train.content_hash),
+            ("the validation file", &st.validation_sha256, &validation.content_hash),
+        ] {
+            if was != now {
+                return Err(plan_err(format!(
+                    "{what} differs from the one the interrupted search in {} started with: resume it with the same config, model and data, or pass --overwrite to start a new search",
+                    dir.root.display()
+                )));
+            }
+        }
+        let key = match (&st.key, seeded) {
+            (Some(h), false) => Some(key_from_hex(h).ok_or_else(|| corrupt("its key is not 64 hexadecimal digits"))?),
+            (None, true) => None,
+            _ => return Err(corrupt("its key does not match the config's seed setting")),
+        };
+        let mut rng = search_rng(plan.seed, key.as_ref());
+        let k = dist.sample(rng.random::<f64>());
+        if k != st.number_of_trials || st.finished.len() as u64 > k {
+            return Err(corrupt("its number of trials does not follow from its key"));
+        }
+        eprintln!("resuming the search in {}: {} of its {k} trials finished", dir.root.display(), st.finished.len());
+        (key, k, st.finished, rng)
+    } else {
+        if state_path.exists() && !opts.overwrite {
+            return Err(plan_err(format!(
+                "output folder {0} holds an interrupted search: continue it with dptrain tune --config {1} --resume{2}, or pass --overwrite to discard it",
+                dir.root.display(),
+                plan.config_path.display(),
+                opts.out.as_ref().map(|o| format!(" --out {}", o.display())).unwrap_or_default()
+            )));
+        }
+        if opts.overwrite {
+            dir.clear_previous(false)?;
+        }
+        let key = (!seeded).then(StreamsKey::fresh);
+        let mut rng = search_rng(plan.seed, key.as_ref());
+        let k = dist.sample(rng.random::<f64>());
+        eprintln!("{k} trials (drawn before any data was read; kept in the private part, never released)");
+        (key, k, Vec::new(), rng)
     };
-    let k = dist.sample(rng.random::<f64>());
-    eprintln!("{k} trials (drawn before any data was read; kept in the private part, never released)");
+    let mut state = SearchState {
+        warning: "PRIVATE: never publish (the number of trials, the key of the search's noise, every finished trial)"
+            .into(),
+        key: key.as_ref().map(hex_key),
+        config_sha256: plan.config_hash.clone(),
+        model_sha256,
+        train_sha256: train.content_hash.clone(),
+        validation_sha256: validation.content_hash.clone(),
+        number_of_trials: k,
+        finished: finished.clone(),
+    };
+    write_state(&state_path, &state)?;
     let device = plan.device.open()?;
     let trials_dir = dir.private.join("trials");
     let mut trials = Vec::new();
+    let resume_hint = || {
+        format!(
+            "resume the search with: dptrain tune --config {} --resume{}",
+            plan.config_path.display(),
+            opts.out.as_ref().map(|o| format!(" --out {}", o.display())).unwrap_or_default()
+        )
+    };
     for t in 1..=k {
         let ci = rng.random_range(0..cands.len());
+        if let Some(done) = finished.get(t as usize - 1) {
+            // A finished trial: its draws are replayed (to reach the next trial's), not redone.
+            let adapter = Path::new(&done.dir).join(rundir::RELEASE).join("adapter_model.safetensors");
+            if done.trial != t || done.candidate != ci || !adapter.is_file() {
+                return Err(plan_err(format!(
+                    "{}: finished trial {t} does not match the search's draws or its adapter {} is missing; the search cannot be resumed",
+                    state_path.display(),
+                    adapter.display()
+                )));
+            }
+            standard_normal(&mut rng);
+            trials.push(done.clone());
+            continue;
+        }
+        let stop_here = opts.stop_after_trials == Some(t - 1);
+        if stop_here && opts.stop_after_step.is_none() {
+            return Err(plan_err(format!(
+                "stopped as asked (--stop-after-trial) after {} finished trials; {}",
+                t - 1,
+                resume_hint()
+            )));
+        }
         let mut p = plan.clone();
         p.tune = None;
         cands[ci].apply(&mut p);
         p.noise = NoiseSpec::NoiseMultiplier(cal.sigmas[ci]);
         p.output_dir = trials_dir.join(format!("trial-{t:03}"));
         p.seed = plan.seed.map(|s| s.wrapping_add(t));
-        eprintln!("trial {t}/{k}: candidate {ci} {:?}, σ = {:.4}", cands[ci], cal.sigmas[ci]);
-        run(&p, &RunOptions { log_lines: true, overwrite: opts.overwrite, ..Default::default() })?;
+        // A trial interrupted after a checkpoint continues from it; one interrupted before any
+        // checkpoint starts again with the same key, so it repeats the same sampling and noise.
+        let resume_trial = checkpoint::has_checkpoints(&p.output_dir.join(rundir::PRIVATE).join(rundir::CHECKPOINTS));
+        eprintln!(
+            "trial {t}/{k}: candidate {ci} {:?}, σ = {:.4}{}",
+            cands[ci],
+            cal.sigmas[ci],
+            if resume_trial { " (resumed from its checkpoint)" } else { "" }
+        );
+        let ropts = RunOptions {
+            log_lines: true,
+            overwrite: true,
+            resume: resume_trial.then(|| p.output_dir.clone()),
+            stop_after: if stop_here { opts.stop_after_step } else { None },
+            streams_key: key.map(|k| k.derive(t)),
+            ..Default::default()
+        };
+        match run(&p, &ropts) {
+            Err(RunError::Interrupted { why, step, planned, .. }) => {
+                return Err(plan_err(format!(
+                    "search interrupted {why} in trial {t} after step {step} of {planned} (checkpoint written); {}",
+                    resume_hint()
+                )))
+            }
+            r => r?,
+        };
         let eval = eval_command(
             &EvalOptions {
                 model_dir: plan.model_dir.clone(),
@@ -356,11 +528,15 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
             validation_correct: correct,
             noisy_score: noisy,
         });
+        state.finished = trials.clone();
+        write_state(&state_path, &state)?;
     }
     // The first trial with the highest noisy score.
     let best = (0..trials.len()).fold(0, |b, i| if trials[i].noisy_score > trials[b].noisy_score { i } else { b });
     let out =
         write_outputs(plan, spec, &dir, &cands, &runs, &cal, &trials, best, seeded, n, &train, &test, &validation)?;
+    // Finished: the search's record (private/run.json) now holds what the state held.
+    std::fs::remove_file(&state_path).map_err(|e| plan_err(format!("{}: {e}", state_path.display())))?;
     Ok(TuneOutcome { epsilon: cal.epsilon, trials, best, candidates: cands, release: out })
 }
 

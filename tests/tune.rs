@@ -2,7 +2,10 @@
 //! trials, releases exactly the best-scoring trial's tensors under one certificate whose ε covers
 //! the whole search (recomputable from its ledger, within the target), keeps the number of trials
 //! and the other trials out of the release, passes `dptrain verify`, and a certificate that
-//! understates the search fails verification.
+//! understates the search fails verification. An interrupted search resumes the same search (the
+//! same number of trials and draws, finished trials kept, the interrupted trial continued) and
+//! releases what the uninterrupted search releases; a trial keyed by the same secret key repeats
+//! its sampling and noise.
 
 mod common;
 
@@ -158,4 +161,110 @@ fn a_search_is_refused_before_any_trial_when_it_cannot_be_certified() {
         with.replace("learning-rate = [0.001, 0.05]\n", "").replace("expected-batch-size = [8, 16]\n", ""),
         "lists no setting to search",
     );
+}
+
+/// The search's private state while it runs.
+fn state(root: &Path) -> serde_json::Value {
+    json(root.join("private/search-state.json"))
+}
+
+#[test]
+fn an_interrupted_search_resumes_the_same_search_and_releases_what_the_uninterrupted_one_does() {
+    let f = common::TinyRunDir::new("tune", "resume");
+    std::fs::copy(f.out("test.jsonl"), f.out("validation.jsonl")).unwrap();
+    let whole = f.config("whole", 6.0, TRAINING);
+    std::fs::write(&whole, std::fs::read_to_string(&whole).unwrap() + &tune_table(&f.dir)).unwrap();
+    let (ok, out) = common::dptrain(&["tune", "--config", &whole]);
+    assert!(ok, "{out}");
+    let whole_record = json(f.out("whole/private/run.json"));
+    let k = whole_record["number_of_trials"].as_u64().unwrap();
+    assert!(!f.out("whole/private/search-state.json").exists(), "a finished search keeps no state");
+
+    // The same seeded search, interrupted after step 1 of its last trial (checkpoint written).
+    let cut = f.out("cut");
+    let cut_cfg = whole.replace("whole", "cut");
+    std::fs::write(&cut_cfg, std::fs::read_to_string(&whole).unwrap().replace("/whole\"", "/cut\"")).unwrap();
+    let stop = format!("{}", k - 1);
+    let (ok, out) =
+        common::dptrain(&["tune", "--config", &cut_cfg, "--stop-after-trial", &stop, "--stop-after-step", "1"]);
+    assert!(!ok && out.contains(&format!("in trial {k} after step 1")) && out.contains("--resume"), "{out}");
+    let st = state(&cut);
+    assert_eq!(st["number_of_trials"].as_u64(), Some(k));
+    assert_eq!(st["finished"].as_array().unwrap().len() as u64, k - 1);
+    // Started again without --resume, the folder is refused (not silently a new search).
+    let (ok, out) = common::dptrain(&["tune", "--config", &cut_cfg]);
+    assert!(!ok && out.contains("holds an interrupted search") && out.contains("--resume"), "{out}");
+    // A changed config cannot resume it.
+    let text = std::fs::read_to_string(&cut_cfg).unwrap();
+    std::fs::write(&cut_cfg, text.clone() + "# changed\n").unwrap();
+    let (ok, out) = common::dptrain(&["tune", "--config", &cut_cfg, "--resume"]);
+    assert!(!ok && out.contains("the config differs"), "{out}");
+    std::fs::write(&cut_cfg, &text).unwrap();
+
+    let (ok, out) = common::dptrain(&["tune", "--config", &cut_cfg, "--resume"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} of its {k} trials finished", k - 1)) && out.contains("resumed from its checkpoint"),
+        "{out}"
+    );
+    let cut_record = json(cut.join("private/run.json"));
+    assert_eq!(cut_record["number_of_trials"].as_u64(), Some(k));
+    for (a, b) in whole_record["trials"].as_array().unwrap().iter().zip(cut_record["trials"].as_array().unwrap()) {
+        assert_eq!((&a["candidate"], &a["noisy_score"]), (&b["candidate"], &b["noisy_score"]));
+    }
+    assert_eq!(
+        tensors(cut.join("release/adapter_model.safetensors")),
+        tensors(f.out("whole/release/adapter_model.safetensors"))
+    );
+    let (ok, out) = common::dptrain(&["tune", "--config", &cut_cfg, "--resume"]);
+    assert!(!ok && out.contains("has finished"), "{out}");
+
+    // Unseeded: the number of trials and the key are fixed when the search starts and kept.
+    let free_cfg = whole.replace("whole", "free");
+    std::fs::write(
+        &free_cfg,
+        std::fs::read_to_string(&whole).unwrap().replace("/whole\"", "/free\"").replace("seed = 3\n", ""),
+    )
+    .unwrap();
+    let (ok, out) =
+        common::dptrain(&["tune", "--config", &free_cfg, "--stop-after-trial", "0", "--stop-after-step", "1"]);
+    assert!(!ok && out.contains("in trial 1 after step 1"), "{out}");
+    let st = state(&f.out("free"));
+    let k = st["number_of_trials"].as_u64().unwrap();
+    assert_eq!(st["key"].as_str().map(str::len), Some(64), "{st}");
+    // The interrupted trial loses its checkpoint (as if killed before writing one): it starts
+    // again under the same key.
+    std::fs::remove_dir_all(f.out("free/private/trials/trial-001/private/checkpoints")).unwrap();
+    let (ok, out) = common::dptrain(&["tune", "--config", &free_cfg, "--resume"]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("resumed from its checkpoint"), "{out}");
+    let record = json(f.out("free/private/run.json"));
+    assert_eq!(record["number_of_trials"].as_u64(), Some(k));
+    let (ok, out) = common::dptrain(&["verify", f.out("free").to_str().unwrap()]);
+    assert!(ok, "{out}");
+}
+
+/// A trial's run under a secret streams key: the same key, the same adapter; another key, another.
+#[test]
+fn a_run_keyed_by_the_same_secret_key_repeats_its_sampling_and_noise() {
+    use dptrain::privacy::StreamsKey;
+    let f = common::TinyRunDir::new("tune", "keyed");
+    let cfg = f.config("keyed", 6.0, &TRAINING.replace("seed = 3\n", ""));
+    let mut plan = dptrain::config::load(Path::new(&cfg)).unwrap();
+    let key = StreamsKey::fresh();
+    let mut adapter = |k: StreamsKey, name: &str| {
+        plan.output_dir = f.out(name);
+        let opts = dptrain::train::RunOptions { streams_key: Some(k), ..Default::default() };
+        dptrain::train::run(&plan, &opts).unwrap();
+        tensors(f.out(name).join("release/adapter_model.safetensors"))
+    };
+    let a = adapter(key, "a");
+    let b = adapter(key, "b");
+    let c = adapter(key.derive(1), "c");
+    assert_eq!(a, b, "the same key repeats the run");
+    assert_ne!(a, c, "another key draws other noise");
+    // A seeded config cannot also take a key.
+    let seeded = dptrain::config::load(Path::new(&f.config("seeded", 6.0, TRAINING))).unwrap();
+    let opts = dptrain::train::RunOptions { streams_key: Some(key), ..Default::default() };
+    assert!(dptrain::train::run(&seeded, &opts).is_err());
 }

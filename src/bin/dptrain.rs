@@ -106,6 +106,17 @@ enum Command {
         /// Print the calibrated search (candidates, σ of each, ε) and stop before any trial.
         #[arg(long)]
         dry_run: bool,
+        /// Continue the interrupted search in the output folder: the same number of trials and
+        /// draws (fixed when it started), finished trials kept, an interrupted trial continued
+        /// from its checkpoint.
+        #[arg(long, conflicts_with_all = ["overwrite", "dry_run"])]
+        resume: bool,
+        /// Stop as if interrupted once N trials have finished (to try out --resume).
+        #[arg(long, value_name = "N")]
+        stop_after_trial: Option<u64>,
+        /// With --stop-after-trial N: stop inside trial N + 1 after this step instead (checkpoint written).
+        #[arg(long, value_name = "S", requires = "stop_after_trial")]
+        stop_after_step: Option<u64>,
     },
     /// ε of DP-SGD for a sampling rate, noise multiplier, step count and δ.
     Epsilon {
@@ -351,6 +362,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         stop_after: args.stop_after_step,
         reference: args.reference.clone(),
         gradient_canaries: None,
+        streams_key: None,
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, exit non-zero with how to resume.
     dptrain::train::interrupt::install();
@@ -723,9 +735,18 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Command::Tune { config, out, overwrite, dry_run }) => {
+        Some(Command::Tune { config, out, overwrite, dry_run, resume, stop_after_trial, stop_after_step }) => {
             let plan = dptrain::config::load(config)?;
-            let opts = dptrain::tune::TuneOptions { out: out.clone(), overwrite: *overwrite, dry_run: *dry_run };
+            let opts = dptrain::tune::TuneOptions {
+                out: out.clone(),
+                overwrite: *overwrite,
+                dry_run: *dry_run,
+                resume: *resume,
+                stop_after_trials: *stop_after_trial,
+                stop_after_step: *stop_after_step,
+            };
+            // Ctrl-C / SIGTERM: the trial in progress finishes its step and checkpoints.
+            dptrain::train::interrupt::install();
             let t = dptrain::tune::tune(&plan, &opts).with_context(|| format!("search of {}", config.display()))?;
             if *dry_run {
                 println!("dry run: the search would spend ε ≤ {} (δ = {:e}); no trial run", t.epsilon, plan.delta);

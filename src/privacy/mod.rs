@@ -13,4 +13,4 @@ pub use clip::{clip_and_sum, clip_and_sum_reference, clip_and_sum_reference_kind
 pub use commitment::CommitmentKey;
 pub use noise::GaussianNoise;
 pub use per_example::{per_example_grad_parts, per_example_grads};
-pub use streams::RandomStreams;
+pub use streams::{RandomStreams, StreamsKey};

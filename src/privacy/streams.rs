@@ -3,7 +3,11 @@
 //! Unseeded (the default, and the only mode fit for release), every stream is keyed with fresh
 //! OS entropy. Seeded, the streams share a key derived from the seed and differ in their ChaCha
 //! stream id, so a run is bit-reproducible; such a run certifies nothing (its guarantee, certificate
-//! and `dptrain verify` say so).
+//! and `dptrain verify` say so). Keyed by a secret `StreamsKey` (drawn from OS entropy by the
+//! caller and kept in a private part, never in a config), the streams are as unpredictable as
+//! unseeded ones and the run certifies as one: `dptrain tune` fixes each trial's key before the
+//! trial runs, so a trial restarted after an interruption repeats its sampling and noise instead of
+//! drawing new ones (which would let whoever restarts it pick among several noisy outcomes).
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -17,7 +21,45 @@ pub struct RandomStreams {
     pub seeded: bool,
 }
 
+/// A secret 256-bit key for a run's random streams (its `Debug` form does not show it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StreamsKey(pub [u8; 32]);
+
+impl std::fmt::Debug for StreamsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamsKey(secret)")
+    }
+}
+
+impl StreamsKey {
+    /// A fresh key from OS entropy.
+    pub fn fresh() -> Self {
+        let mut k = [0u8; 32];
+        ChaCha20Rng::from_os_rng().fill_bytes(&mut k);
+        StreamsKey(k)
+    }
+
+    /// The key of sub-stream `id` (an independent key: ChaCha20 keyed by this key, stream `id`).
+    pub fn derive(&self, id: u64) -> StreamsKey {
+        let mut r = ChaCha20Rng::from_seed(self.0);
+        r.set_stream(id);
+        let mut k = [0u8; 32];
+        r.fill_bytes(&mut k);
+        StreamsKey(k)
+    }
+}
+
 impl RandomStreams {
+    /// Streams keyed by a secret key: unpredictable without it, reproducible with it.
+    pub fn from_key(key: &StreamsKey) -> Self {
+        let stream = |id: u64| {
+            let mut r = ChaCha20Rng::from_seed(key.0);
+            r.set_stream(id);
+            r
+        };
+        RandomStreams { sampling: stream(1), noise: stream(2), init: stream(3), commitment: stream(4), seeded: false }
+    }
+
     pub fn new(seed: Option<u64>) -> Self {
         match seed {
             Some(s) => {

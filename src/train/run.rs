@@ -42,6 +42,11 @@ pub struct RunOptions {
     /// A white-box audit's gradient canaries (`dptrain audit --mode white-box`): inserted into
     /// the training set (N and q include them), scored from every step's privatised gradient.
     pub gradient_canaries: Option<crate::audit::CanarySpec>,
+    /// Key the run's random streams with this secret (kept by the caller in a private part)
+    /// instead of fresh OS entropy: `dptrain tune` fixes each trial's key before it runs, so a
+    /// trial restarted after an interruption draws the same sampling and noise again. Refused
+    /// together with a seed.
+    pub streams_key: Option<crate::privacy::StreamsKey>,
 }
 
 pub struct RunOutcome {
@@ -275,7 +280,13 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     if let Some(c) = canaries.as_mut() {
         c.configure(q, sigma, plan.clip_norm, l);
     }
-    let mut streams = RandomStreams::new(plan.seed);
+    let mut streams = match (&opts.streams_key, plan.seed) {
+        (None, seed) => RandomStreams::new(seed),
+        (Some(k), None) => RandomStreams::from_key(k),
+        (Some(_), Some(_)) => {
+            return Err(RunError::Plan("a run keyed by a secret streams key cannot also be seeded".into()))
+        }
+    };
     let target_modules = match &plan.target_modules {
         Some(t) => t.clone(),
         None => arch.default_lora_targets_of(&plan.model_dir)?,
