@@ -240,21 +240,6 @@ fn write_state(path: &Path, state: &SearchState) -> Result<(), RunError> {
     Ok(report::write_private(path, serde_json::to_string_pretty(state).expect("json").as_bytes())?)
 }
 
-fn hex_key(k: &StreamsKey) -> String {
-    k.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn key_from_hex(s: &str) -> Option<StreamsKey> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut k = [0u8; 32];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(StreamsKey(k))
-}
-
 /// The search's own draws (K, each trial's candidate, each score's noise): from the config's seed
 /// when seeded, else from the search key's stream 0 (each trial's streams are the key's stream t).
 fn search_rng(seed: Option<u64>, key: Option<&StreamsKey>) -> ChaCha20Rng {
@@ -391,7 +376,9 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
             }
         }
         let key = match (&st.key, seeded) {
-            (Some(h), false) => Some(key_from_hex(h).ok_or_else(|| corrupt("its key is not 64 hexadecimal digits"))?),
+            (Some(h), false) => {
+                Some(StreamsKey::from_hex(h).ok_or_else(|| corrupt("its key is not 64 hexadecimal digits"))?)
+            }
             (None, true) => None,
             _ => return Err(corrupt("its key does not match the config's seed setting")),
         };
@@ -423,7 +410,7 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
     let mut state = SearchState {
         warning: "PRIVATE: never publish (the number of trials, the key of the search's noise, every finished trial)"
             .into(),
-        key: key.as_ref().map(hex_key),
+        key: key.as_ref().map(StreamsKey::to_hex),
         config_sha256: plan.config_hash.clone(),
         model_sha256,
         train_sha256: train.content_hash.clone(),

@@ -39,6 +39,15 @@ impl StreamsKey {
         StreamsKey(k)
     }
 
+    pub fn to_hex(&self) -> String {
+        super::commitment::hex(&self.0)
+    }
+
+    /// A key from its 64 hexadecimal digits.
+    pub fn from_hex(s: &str) -> Option<StreamsKey> {
+        super::commitment::unhex(s)?.try_into().ok().map(StreamsKey)
+    }
+
     /// The key of sub-stream `id` (an independent key: ChaCha20 keyed by this key, stream `id`).
     pub fn derive(&self, id: u64) -> StreamsKey {
         let mut r = ChaCha20Rng::from_seed(self.0);
@@ -90,4 +99,29 @@ impl RandomStreams {
 /// A uniform double in [0, 1) with 53 random bits.
 pub fn uniform01(rng: &mut impl RngCore) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streams_key_reads_back_from_its_hex_and_keys_independent_streams() {
+        let k = StreamsKey::fresh();
+        assert_eq!(StreamsKey::from_hex(&k.to_hex()), Some(k));
+        assert_eq!(StreamsKey::from_hex(&k.to_hex()[..62]), None);
+        assert_eq!(StreamsKey::from_hex(&format!("{}zz", &k.to_hex()[..62])), None);
+        assert!(!format!("{k:?}").contains(&k.to_hex()[..8]));
+        // Derived keys differ from each other and from the key; the same id derives the same key.
+        assert_eq!(k.derive(3), k.derive(3));
+        assert!(k.derive(1) != k.derive(2) && k.derive(1) != k);
+        // The four streams of one key draw different numbers; the same key draws the same ones.
+        let mut a = RandomStreams::from_key(&k);
+        let mut b = RandomStreams::from_key(&k);
+        let firsts: Vec<u64> =
+            [&mut a.sampling, &mut a.noise, &mut a.init, &mut a.commitment].iter_mut().map(|r| r.next_u64()).collect();
+        assert_eq!(b.noise.next_u64(), firsts[1]);
+        assert!((0..4).all(|i| (i + 1..4).all(|j| firsts[i] != firsts[j])), "{firsts:?}");
+        assert!(!a.seeded);
+    }
 }
