@@ -5,7 +5,7 @@
 //! of the data), train it with DP-SGD at that candidate's σ, count its correct predictions on the
 //! private validation file and add N(0, s²) to the count (sensitivity 1). At every Rényi order Q
 //! is at most as private as its least private candidate (`DpEvent::Mixture`). The search runs Q
-//! K times, K drawn from a truncated negative binomial distribution before any data is read, and
+//! K times, K drawn from a truncated negative binomial distribution independently of the data, and
 //! releases only the trial with the highest noisy score: its adapter, its settings and its noisy
 //! score. Theorem 2 bounds the whole search (`DpEvent::RepeatAndSelect`), and every candidate's σ
 //! is calibrated so that this bound meets the target ε. K, the other trials and their scores stay
@@ -390,6 +390,12 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
         eprintln!("resuming the search in {}: {} of its {k} trials finished", dir.root.display(), st.finished.len());
         (key, k, st.finished, rng)
     } else {
+        if !opts.overwrite && !state_path.exists() && dir.private.join("trials").exists() {
+            return Err(plan_err(format!(
+                "output folder {} holds trials of an earlier search without its state (it cannot be resumed): pass --overwrite to discard them",
+                dir.root.display()
+            )));
+        }
         if state_path.exists() && !opts.overwrite {
             return Err(plan_err(format!(
                 "output folder {0} holds an interrupted search: continue it with dptrain tune --config {1} --resume{2}, or pass --overwrite to discard it",
@@ -404,7 +410,7 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
         let key = (!seeded).then(StreamsKey::fresh);
         let mut rng = search_rng(plan.seed, key.as_ref());
         let k = dist.sample(rng.random::<f64>());
-        eprintln!("{k} trials (drawn before any data was read; kept in the private part, never released)");
+        eprintln!("{k} trials (drawn independently of the data; kept in the private part, never released)");
         (key, k, Vec::new(), rng)
     };
     let mut state = SearchState {
@@ -461,7 +467,9 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
         p.seed = plan.seed.map(|s| s.wrapping_add(t));
         // A trial interrupted after a checkpoint continues from it; one interrupted before any
         // checkpoint starts again with the same key, so it repeats the same sampling and noise.
-        let resume_trial = checkpoint::has_checkpoints(&p.output_dir.join(rundir::PRIVATE).join(rundir::CHECKPOINTS));
+        // Only within --resume: a fresh search's trial folders are new (checked above).
+        let resume_trial =
+            opts.resume && checkpoint::has_checkpoints(&p.output_dir.join(rundir::PRIVATE).join(rundir::CHECKPOINTS));
         eprintln!(
             "trial {t}/{k}: candidate {ci} {:?}, σ = {:.4}{}",
             cands[ci],
@@ -540,7 +548,7 @@ fn selection_json(
     n_validation: usize,
 ) -> serde_json::Value {
     serde_json::json!({
-        "method": "private selection with a random number of trials (Papernot & Steinke, ICLR 2022, Theorem 2): K trials, K drawn from a truncated negative binomial distribution before any data is read, each trial a candidate drawn uniformly from the search space and trained with DP-SGD, scored by its noisy count of correct validation predictions; only the best trial is released",
+        "method": "private selection with a random number of trials (Papernot & Steinke, ICLR 2022, Theorem 2): K trials, K drawn from a truncated negative binomial distribution independently of the data, each trial a candidate drawn uniformly from the search space and trained with DP-SGD, scored by its noisy count of correct validation predictions; only the best trial is released",
         "statement": "hyper-parameters selected privately, included in ε",
         "trials_distribution": { "kind": "truncated negative binomial", "shape": spec.trials_shape, "mean": spec.mean_trials, "gamma": dist.gamma },
         "number_of_trials": "kept private (releasing it is not covered by the bound)",

@@ -194,6 +194,12 @@ fn an_interrupted_search_resumes_the_same_search_and_releases_what_the_uninterru
     // Started again without --resume, the folder is refused (not silently a new search).
     let (ok, out) = common::dptrain(&["tune", "--config", &cut_cfg]);
     assert!(!ok && out.contains("holds an interrupted search") && out.contains("--resume"), "{out}");
+    // Trials of a search whose state is gone are not taken over by a new search.
+    let orphan = f.out("orphan");
+    std::fs::create_dir_all(orphan.join("private/trials")).unwrap();
+    std::fs::write(orphan.join("private/trials/left-over"), "").unwrap();
+    let (ok, out) = common::dptrain(&["tune", "--config", &cut_cfg, "--out", orphan.to_str().unwrap()]);
+    assert!(!ok && out.contains("without its state") && out.contains("--overwrite"), "{out}");
     // A changed config cannot resume it.
     let text = std::fs::read_to_string(&cut_cfg).unwrap();
     std::fs::write(&cut_cfg, text.clone() + "# changed\n").unwrap();

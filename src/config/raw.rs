@@ -26,7 +26,7 @@ pub struct RawTune {
     /// count of correct predictions plus Gaussian noise (`score-noise`). Covered by ε.
     pub validation: PathBuf,
     /// Expected number of trials E[K]; K is drawn from a truncated negative binomial distribution
-    /// with this mean before any data is read. Default 4.
+    /// with this mean, independently of the data. Default 4.
     pub mean_trials: Option<f64>,
     /// Shape η ≥ 0 of that distribution: 0 logarithmic (default; the cheapest in ε), 1 geometric.
     pub trials_shape: Option<f64>,
