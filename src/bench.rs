@@ -113,6 +113,8 @@ pub struct BenchOptions {
     pub model_dir: Option<PathBuf>,
     pub shape: String,
     pub base_dtype: DType,
+    /// Llama family: frozen linear weights kept quantized (`model.quantize`); needs f32.
+    pub quant: Option<crate::model::quant::QuantFormat>,
     pub batch: usize,
     pub seq_len: usize,
     pub steps: usize,
@@ -213,8 +215,12 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         Some(dir) => dir.display().to_string(),
         None => format!("{} (random weights)", opts.shape),
     };
+    let base = crate::model::quant::BaseFormat { dtype: opts.base_dtype, quant: opts.quant };
     let (mut model, vocab, positions, shape): (Box<dyn DpModel>, usize, usize, FlopShape) =
         match (arch, &opts.model_dir) {
+            (Architecture::Bert, _) if opts.quant.is_some() => {
+                candle_core::bail!("--quantize: quantized base weights are implemented for the Llama family only")
+            }
             (Architecture::Bert, dir) => {
                 let m = match dir {
                     Some(dir) => BertClassifier::load(dir, Some(&spec), 2, &mut rng, device).map_err(err)?,
@@ -236,7 +242,7 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
                 (Box::new(m), v, p, shape)
             }
             (Architecture::Llama, Some(dir)) => {
-                let m = LlamaLm::load(dir, Some(&spec), &mut rng, device, opts.base_dtype).map_err(err)?;
+                let m = LlamaLm::load(dir, Some(&spec), &mut rng, device, base).map_err(err)?;
                 let v = m.config.vocab_size;
                 let shape = FlopShape::llama(&m.config);
                 (Box::new(m), v, usize::MAX, shape)
@@ -244,7 +250,8 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
             (Architecture::Llama, None) => {
                 let cfg = llama_shape_config(&opts.shape)?.expect("a llama shape");
                 let w = crate::model::llama::random_weights(&cfg, &mut rng, device)?;
-                let m = LlamaLm::new(VarBuilder::from_tensors(w, opts.base_dtype, device), cfg, Some(&spec), &mut rng)?;
+                let vb = VarBuilder::from_tensors(w, opts.base_dtype, device);
+                let m = LlamaLm::new_quantized(vb, cfg, Some(&spec), &mut rng, opts.quant)?;
                 let v = m.config.vocab_size;
                 let shape = FlopShape::llama(&m.config);
                 (Box::new(m), v, usize::MAX, shape)
@@ -461,7 +468,10 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
     Ok(BenchReport {
         device: device_name.into(),
         model: model_name,
-        base_dtype: format!("{:?}", opts.base_dtype).to_lowercase(),
+        base_dtype: match opts.quant {
+            Some(q) => q.name().to_string(),
+            None => format!("{:?}", opts.base_dtype).to_lowercase(),
+        },
         batch: opts.batch,
         seq_len,
         tokens_per_batch: tokens,

@@ -503,7 +503,7 @@ pub fn tune(plan: &Plan, opts: &TuneOptions) -> Result<TuneOutcome, RunError> {
                 prompts: Vec::new(),
                 samples: 0,
                 max_new_tokens: 0,
-                base_dtype: plan.base_dtype(),
+                base: plan.base_format(),
             },
             &device,
         )?;

@@ -21,6 +21,7 @@ fn peaks(shape: &str, targets: &[&str], batch: usize, seq_len: usize) -> (u64, u
         model_dir: None,
         shape: shape.into(),
         base_dtype: DType::F32,
+        quant: None,
         batch,
         seq_len,
         steps: 2,

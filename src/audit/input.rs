@@ -215,7 +215,7 @@ impl InputCanaries {
                 let trained = super::command::example_losses(model, examples, SCORE_BATCH)?;
                 let mut rng = rand_chacha::ChaCha20Rng::from_seed([0; 32]);
                 let base =
-                    crate::model::LlamaLm::load(&plan.model_dir, None, &mut rng, model.device(), plan.base_dtype())?;
+                    crate::model::LlamaLm::load(&plan.model_dir, None, &mut rng, model.device(), plan.base_format())?;
                 let base = super::command::example_losses(&base, examples, SCORE_BATCH)?;
                 Ok(base.iter().zip(&trained).map(|(b, t)| b - t).collect())
             }

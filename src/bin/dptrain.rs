@@ -164,6 +164,10 @@ enum Command {
         /// cpu, bf16 on cuda).
         #[arg(long)]
         dtype: Option<String>,
+        /// Llama family: frozen linear weights kept quantized, q8_0 or q4_k (default: the
+        /// config's model.quantize, else none).
+        #[arg(long)]
+        quantize: Option<String>,
         /// Examples per step (default 32, or the config's training.max-physical-batch).
         #[arg(long)]
         batch: Option<usize>,
@@ -231,6 +235,10 @@ enum Command {
         /// dtype of the frozen base weights: f32, bf16, f16 (default: f32 on cpu, bf16 on cuda).
         #[arg(long)]
         dtype: Option<String>,
+        /// Llama family: the frozen linear weights quantized as in training (`model.quantize`):
+        /// q8_0 or q4_k. An adapter trained on a quantized base is evaluated on the same one.
+        #[arg(long)]
+        quantize: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -423,15 +431,23 @@ fn eval(cmd: &Command) -> Result<()> {
         max_new_tokens,
         device,
         dtype,
+        quantize,
         json,
     } = cmd
     else {
         unreachable!("called with the eval command")
     };
     let (spec, dev) = open_device(device)?;
-    let base_dtype = match dtype {
-        Some(d) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
-        None => spec.default_base_dtype(),
+    let quant = quantize
+        .as_deref()
+        .map(dptrain::model::quant::QuantFormat::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--quantize")?;
+    let base_dtype = match (dtype, quant) {
+        (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
+        (None, Some(_)) => candle_core::DType::F32,
+        (None, None) => spec.default_base_dtype(),
     };
     let opts = dptrain::train::eval::EvalOptions {
         model_dir: model.clone(),
@@ -442,7 +458,7 @@ fn eval(cmd: &Command) -> Result<()> {
         prompts: prompt.clone(),
         samples: *samples,
         max_new_tokens: *max_new_tokens,
-        base_dtype,
+        base: dptrain::model::quant::BaseFormat { dtype: base_dtype, quant },
     };
     let r = dptrain::train::eval::eval_command(&opts, &dev).context("eval")?;
     if *json {
@@ -514,6 +530,7 @@ fn bench(cmd: &Command) -> Result<()> {
         model,
         shape,
         dtype,
+        quantize,
         batch,
         seq_len,
         steps,
@@ -534,15 +551,27 @@ fn bench(cmd: &Command) -> Result<()> {
         .transpose()?;
     let device_name = device.clone().or_else(|| plan.as_ref().map(|p| p.device.name())).unwrap_or_else(|| "cpu".into());
     let (spec, dev) = open_device(&device_name)?;
+    let quant = match (quantize, &plan) {
+        (Some(q), _) => {
+            Some(dptrain::model::quant::QuantFormat::parse(q).map_err(anyhow::Error::msg).context("--quantize")?)
+        }
+        (None, Some(p)) => p.model_quant,
+        (None, None) => None,
+    };
     let base_dtype = match (dtype, &plan) {
         (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
+        (None, _) if quant.is_some() => candle_core::DType::F32,
         (None, Some(p)) => p.model_dtype.unwrap_or_else(|| spec.default_base_dtype()),
         (None, None) => spec.default_base_dtype(),
     };
+    if quant.is_some() && base_dtype != candle_core::DType::F32 {
+        anyhow::bail!("--quantize: a quantized base is dequantized to f32 for each product; --dtype must be f32");
+    }
     let mut opts = dptrain::bench::BenchOptions {
         model_dir: model.clone(),
         shape: shape.clone(),
         base_dtype,
+        quant,
         batch: batch.unwrap_or(32),
         seq_len: *seq_len,
         steps: *steps,

@@ -145,6 +145,8 @@ pub struct Plan {
     pub device: DeviceSpec,
     /// dtype of the frozen linear weights as configured (`model.dtype`); see `base_dtype()`.
     pub model_dtype: Option<candle_core::DType>,
+    /// Quantization of the frozen linear weights (`model.quantize`), if any.
+    pub model_quant: Option<crate::model::quant::QuantFormat>,
     /// Checkpoint interval in steps (0: only after the last step).
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
@@ -333,6 +335,17 @@ impl Plan {
             None => None,
             Some(d) => Some(parse_base_dtype(d).map_err(|e| bad("model.dtype", e))?),
         };
+        let model_quant = match raw.model.quantize.as_deref() {
+            None => None,
+            Some(q) => Some(crate::model::quant::QuantFormat::parse(q).map_err(|e| bad("model.quantize", e))?),
+        };
+        if model_quant.is_some() && model_dtype.is_some_and(|d| d != candle_core::DType::F32) {
+            return Err(bad(
+                "model.dtype",
+                "a quantized base (model.quantize) is dequantized to f32 for each product: leave model.dtype unset or f32"
+                    .into(),
+            ));
+        }
         if t.adam_eps.is_some() && t.optimizer.as_deref() == Some("sgd") {
             return Err(bad("training.adam-eps", "only applies to optimizer = \"adamw\"".into()));
         }
@@ -481,6 +494,7 @@ impl Plan {
             seed: t.seed,
             device,
             model_dtype,
+            model_quant,
             checkpoint_every: t.checkpoint_every.unwrap_or(50),
             keep_checkpoints: match t.keep_checkpoints {
                 Some(0) => return Err(bad("training.keep-checkpoints", "must be at least 1".into())),
@@ -493,8 +507,17 @@ impl Plan {
     }
 
     /// dtype of the frozen base weights: as configured, else the device's default.
+    /// f32 for a quantized base (its products run in f32).
     pub fn base_dtype(&self) -> candle_core::DType {
-        self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype())
+        match self.model_quant {
+            Some(_) => candle_core::DType::F32,
+            None => self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype()),
+        }
+    }
+
+    /// How the frozen base weights are stored: `base_dtype()` and the quantization, if any.
+    pub fn base_format(&self) -> crate::model::quant::BaseFormat {
+        crate::model::quant::BaseFormat { dtype: self.base_dtype(), quant: self.model_quant }
     }
 
     /// The micro-batch bounds of training and evaluation.
@@ -585,6 +608,19 @@ dir = "out"
         let e = err(&format!("{BASE}[lora]\ntarget-modules = [\"qkv\"]\n"));
         assert!(e.contains("lora.target-modules") && e.contains("qkv"), "{e}");
         assert!(err(&format!("{BASE}[lora]\nlayers = []\n")).contains("lora.layers"));
+    }
+
+    #[test]
+    fn a_quantized_base_computes_in_f32_on_any_device_and_refuses_another_dtype() {
+        let q = |extra: &str| BASE.replace("path = \"m\"", &format!("path = \"m\"\n{extra}"));
+        let p = plan(&q("quantize = \"q4_k\"").replace("steps = 3", "steps = 3\ndevice = \"cuda\"")).unwrap();
+        assert_eq!(p.model_quant, Some(crate::model::quant::QuantFormat::Q4K));
+        assert_eq!(p.base_format().dtype, candle_core::DType::F32, "not the GPU's bf16 default");
+        assert_eq!(plan(BASE).unwrap().base_format().quant, None);
+        let e = err(&q("quantize = \"q8_0\"\ndtype = \"bf16\""));
+        assert!(e.contains("model.dtype") && e.contains("f32"), "{e}");
+        let e = err(&q("quantize = \"int4\""));
+        assert!(e.contains("model.quantize") && e.contains("int4"), "{e}");
     }
 
     #[test]

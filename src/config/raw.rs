@@ -53,6 +53,11 @@ pub struct RawModel {
     /// dtype of the frozen base weights: "f32", "bf16" or "f16". Default f32 on the CPU, bf16 on
     /// a GPU. LoRA tensors, per-example gradients, clipping and noise are always f32.
     pub dtype: Option<String>,
+    /// Llama family: keep the frozen linear weights of the decoder layers quantized, "q8_0"
+    /// (8.5 bits a weight) or "q4_k" (4.5 bits), dequantized to f32 for each product; norms,
+    /// embedding and head in f32. The adapter is trained for, and deployed on, the quantized
+    /// base. Default: not quantized.
+    pub quantize: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

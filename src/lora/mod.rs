@@ -30,6 +30,7 @@ pub mod peft;
 
 use crate::model::fused::tensor_f32;
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, Var};
 use std::sync::{Arc, Mutex};
 
@@ -43,13 +44,77 @@ pub struct LoraAdapter {
     pub scale: f64,
 }
 
+/// A frozen base weight [out, in]: a dense tensor (f32, bf16 or f16), or GGML blocks kept
+/// quantized and dequantized to f32 for each product (`model::quant`).
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl From<Tensor> for FrozenWeight {
+    fn from(t: Tensor) -> Self {
+        FrozenWeight::Dense(t)
+    }
+}
+
+impl FrozenWeight {
+    /// (out, in).
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Dense(t) => t.dims2(),
+            FrozenWeight::Quantized(q) => q.shape().dims2(),
+        }
+    }
+
+    /// The dense tensor; an error naming `what` for a quantized weight.
+    pub fn dense(&self, what: &str) -> Result<&Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(t),
+            FrozenWeight::Quantized(q) => candle_core::bail!("{what}: the weight is quantized ({:?})", q.dtype()),
+        }
+    }
+
+    /// The weight as a dense tensor: itself, or a fresh f32 dequantization on its device.
+    pub fn dequantized(&self) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(t.clone()),
+            FrozenWeight::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+
+    /// The dtype the layer's products run in: the dense weight's, f32 for a quantized one.
+    pub fn dtype(&self) -> DType {
+        match self {
+            FrozenWeight::Dense(t) => t.dtype(),
+            FrozenWeight::Quantized(_) => DType::F32,
+        }
+    }
+
+    /// Converted to `dtype` if dense; a quantized weight stays as it is.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(FrozenWeight::Dense(t.to_dtype(dtype)?)),
+            FrozenWeight::Quantized(_) => Ok(self.clone()),
+        }
+    }
+
+    /// Bytes of the stored weight.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenWeight::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
 /// A linear layer with an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// Module path in the base model, e.g. `encoder.layer.0.attention.self.query`.
     pub name: String,
-    /// [out, in], frozen.
-    pub weight: Tensor,
+    /// [out, in], frozen: dense, or kept quantized (`model::quant`).
+    pub weight: FrozenWeight,
     /// [out], frozen.
     pub bias: Option<Tensor>,
     pub adapter: Option<LoraAdapter>,
@@ -439,6 +504,45 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// x deq(W)ᵀ (+ b) for a weight kept quantized: `FrozenLinear` on the weight dequantized to f32
+/// for this product only (forward, and again in the backward for dL/dx = G deq(W)), so no
+/// dequantized copy outlives one op and the result is exactly the dense f32 layer's on the
+/// dequantized values (tests/quantized.rs). Its slow twin is `FrozenLinear` on a dense deq(W).
+struct QuantFrozenLinear {
+    weight: Arc<QTensor>,
+    bias: Option<Tensor>,
+}
+
+impl QuantFrozenLinear {
+    fn dense(&self, device: &candle_core::Device) -> Result<FrozenLinear> {
+        Ok(FrozenLinear { weight: self.weight.dequantize(device)?, bias: self.bias.clone() })
+    }
+}
+
+/// x deq(W)ᵀ (+ b) for a quantized weight; see `QuantFrozenLinear`.
+pub fn quant_frozen_linear(x: &Tensor, weight: &Arc<QTensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(QuantFrozenLinear { weight: weight.clone(), bias: bias.cloned() })
+}
+
+impl CustomOp1 for QuantFrozenLinear {
+    fn name(&self) -> &'static str {
+        "dptrain-quantized-frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.dense(&candle_core::Device::Cpu)?.cpu_fwd(s, l)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.dense(&candle_core::Device::Cuda(s.device().clone()))?.cuda_fwd(s, l)
+    }
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        self.dense(arg.device())?.bwd(arg, res, grad_res)
+    }
+}
+
 /// The DP forward of an adapted layer as one op (CPU, f32): y = x Wᵀ + b + s · U Bᵀ with
 /// U = x Aᵀ, in one buffer (one bias-initialised GEMM, then the branch accumulated into it), and a
 /// backward that from G = dL/dy computes G B once for both uses: the per-example parts
@@ -537,7 +641,10 @@ impl CustomOp2 for FusedLora {
 impl LoraLinear {
     /// x Wᵀ + b, back-propagating only to x (computed in W's dtype, returned in f32).
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
-        frozen_linear(x, &self.weight, self.bias.as_ref())
+        match &self.weight {
+            FrozenWeight::Dense(w) => frozen_linear(x, w, self.bias.as_ref()),
+            FrozenWeight::Quantized(q) => quant_frozen_linear(x, q, self.bias.as_ref()),
+        }
     }
 
     pub fn forward(&self, x: &Tensor, tape: Option<&mut Tape>) -> Result<Tensor> {
@@ -550,21 +657,23 @@ impl LoraLinear {
                 // of y's size is computed for it (`add_const`).
                 crate::model::ops::add_const(&(linear_nd(&u, &ad.b)? * ad.scale)?, &y)
             }
-            Some(tape) if FusedLora::applies(x, &self.weight, self.bias.as_ref(), ad) => {
-                self.forward_fused(x, ad, tape)
-            }
-            Some(tape) => self.forward_composed(x, ad, tape),
+            Some(tape) => match &self.weight {
+                FrozenWeight::Dense(w) if FusedLora::applies(x, w, self.bias.as_ref(), ad) => {
+                    self.forward_fused(x, w, ad, tape)
+                }
+                _ => self.forward_composed(x, ad, tape),
+            },
         }
     }
 
     /// The DP forward as one `FusedLora` op (CPU, f32).
-    fn forward_fused(&self, x: &Tensor, ad: &LoraAdapter, tape: &mut Tape) -> Result<Tensor> {
+    fn forward_fused(&self, x: &Tensor, weight: &Tensor, ad: &LoraAdapter, tape: &mut Tape) -> Result<Tensor> {
         let x = x.contiguous()?;
         let u = frozen_linear(&x.detach(), &ad.a, None)?;
         let parts = PartsSlot::default();
         let grad = tape.keep_output_grads.then(GradSlot::default);
         let op = FusedLora {
-            weight: self.weight.clone(),
+            weight: weight.clone(),
             bias: self.bias.clone(),
             a: ad.a.clone(),
             b: ad.b.clone(),
@@ -648,7 +757,7 @@ mod tests {
     fn layer(b_zero: bool) -> LoraLinear {
         LoraLinear {
             name: "m".into(),
-            weight: rand(&[3, 4], 1),
+            weight: rand(&[3, 4], 1).into(),
             bias: Some(rand(&[3], 2)),
             adapter: Some(LoraAdapter {
                 a: rand(&[2, 4], 3),
@@ -668,7 +777,10 @@ mod tests {
         let x = Var::from_tensor(&rand(&[2, 5, 4], 21)).unwrap();
         let c = rand(&[2, 5, 3], 22);
         let fast = l.frozen(x.as_tensor()).unwrap();
-        let slow = linear_nd(x.as_tensor(), &l.weight).unwrap().broadcast_add(l.bias.as_ref().unwrap()).unwrap();
+        let slow = linear_nd(x.as_tensor(), l.weight.dense("test").unwrap())
+            .unwrap()
+            .broadcast_add(l.bias.as_ref().unwrap())
+            .unwrap();
         let d = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6);
         let gf = fast.mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
@@ -722,8 +834,8 @@ mod tests {
         let ad = l.adapter.as_ref().unwrap();
         let mut tape = Tape { keep_output_grads: true, ..Tape::default() };
         let y = if fused {
-            assert!(FusedLora::applies(x, &l.weight, l.bias.as_ref(), ad));
-            l.forward_fused(xv.as_tensor(), ad, &mut tape).unwrap()
+            assert!(FusedLora::applies(x, l.weight.dense("test").unwrap(), l.bias.as_ref(), ad));
+            l.forward_fused(xv.as_tensor(), l.weight.dense("test").unwrap(), ad, &mut tape).unwrap()
         } else {
             l.forward_composed(xv.as_tensor(), ad, &mut tape).unwrap()
         };
@@ -747,7 +859,7 @@ mod tests {
             let seed = 100 * i as u64;
             let l = LoraLinear {
                 name: "m".into(),
-                weight: rand(&[n, k], seed + 1),
+                weight: rand(&[n, k], seed + 1).into(),
                 bias: bias.then(|| rand(&[n], seed + 2)),
                 adapter: Some(LoraAdapter { a: rand(&[r, k], seed + 3), b: rand(&[n, r], seed + 4), scale: 2.0 }),
             };
@@ -793,13 +905,18 @@ mod tests {
         let l = layer(false);
         let ad = l.adapter.as_ref().unwrap();
         let x = rand(&[2, 5, 4], 31);
-        assert!(FusedLora::applies(&x, &l.weight, l.bias.as_ref(), ad));
-        assert!(!FusedLora::applies(&x.reshape((10, 4)).unwrap(), &l.weight, l.bias.as_ref(), ad));
-        let w16 = l.weight.to_dtype(DType::BF16).unwrap();
+        assert!(FusedLora::applies(&x, l.weight.dense("test").unwrap(), l.bias.as_ref(), ad));
+        assert!(!FusedLora::applies(
+            &x.reshape((10, 4)).unwrap(),
+            l.weight.dense("test").unwrap(),
+            l.bias.as_ref(),
+            ad
+        ));
+        let w16 = l.weight.dense("test").unwrap().to_dtype(DType::BF16).unwrap();
         assert!(!FusedLora::applies(&x, &w16, l.bias.as_ref(), ad));
         // A bf16 frozen weight (the GPU default) runs the composed form: same as the composed
         // form of the f32 model up to the bf16 rounding of W and x.
-        let l16 = LoraLinear { weight: w16, ..l.clone() };
+        let l16 = LoraLinear { weight: w16.clone().into(), ..l.clone() };
         let mut tape = Tape::default();
         let y16 = l16.forward(&x, Some(&mut tape)).unwrap();
         let mut tape = Tape::default();
@@ -855,7 +972,10 @@ mod tests {
     fn lora_forward_and_backward_match_hand_computation() {
         let l = layer(false);
         let x = rand(&[1, 1, 4], 11);
-        let (w, bias) = (l.weight.to_vec2::<f32>().unwrap(), l.bias.clone().unwrap().to_vec1::<f32>().unwrap());
+        let (w, bias) = (
+            l.weight.dense("test").unwrap().to_vec2::<f32>().unwrap(),
+            l.bias.clone().unwrap().to_vec1::<f32>().unwrap(),
+        );
         let ad = l.adapter.clone().unwrap();
         let (a, b) = (ad.a.to_vec2::<f32>().unwrap(), ad.b.to_vec2::<f32>().unwrap());
         let xv = x.i((0, 0)).unwrap().to_vec1::<f32>().unwrap();

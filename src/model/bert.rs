@@ -306,7 +306,12 @@ impl BertClassifier {
                     }
                     _ => None,
                 };
-                Ok(LoraLinear { name, weight: v.get((out, inp), "weight")?, bias: Some(v.get(out, "bias")?), adapter })
+                Ok(LoraLinear {
+                    name,
+                    weight: v.get((out, inp), "weight")?.into(),
+                    bias: Some(v.get(out, "bias")?),
+                    adapter,
+                })
             };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {

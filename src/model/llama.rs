@@ -14,7 +14,7 @@ use super::ops::add_const;
 use super::vocab::vocab_nll;
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
-use crate::lora::{LoraAdapter, LoraLinear, Tape};
+use crate::lora::{FrozenWeight, LoraAdapter, LoraLinear, Tape};
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::Rng;
@@ -610,6 +610,18 @@ impl LlamaLm {
         lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
     ) -> Result<Self> {
+        Self::new_quantized(vb, config, lora, init_rng, None)
+    }
+
+    /// `new`, with every linear weight of the decoder layers quantized to `quant` as it is read
+    /// (`model::quant`; norms, embedding and head stay as `vb` gives them).
+    pub fn new_quantized(
+        vb: VarBuilder,
+        config: LlamaConfig,
+        lora: Option<&crate::lora::LoraSpec>,
+        init_rng: &mut ChaCha20Rng,
+        quant: Option<super::quant::QuantFormat>,
+    ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
         let (h, f) = (config.hidden_size, config.intermediate_size);
         let (nh, nkv, hd) = (config.num_attention_heads, config.kv_heads(), config.head_dim());
@@ -632,32 +644,38 @@ impl LlamaLm {
         let f32_get = |vb: &VarBuilder, shape: &[usize], name: &str| -> Result<Tensor> {
             vb.get(shape, name)?.to_dtype(DType::F32)
         };
-        let mut lin =
-            |vb: &VarBuilder, layer: usize, module: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
-                let v = vb.pp(module);
-                let adapter = match lora {
-                    Some(spec)
-                        if spec.targets.iter().any(|t| t == module)
-                            && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer)) =>
-                    {
-                        let bound = 1.0 / (inp as f64).sqrt();
-                        let a: Vec<f32> =
-                            (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
-                        Some(LoraAdapter {
-                            a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
-                            b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
-                            scale: spec.alpha / spec.rank as f64,
-                        })
-                    }
-                    _ => None,
-                };
-                Ok(LoraLinear {
-                    name: v.prefix().to_string(),
-                    weight: v.get((out, inp), "weight")?,
-                    bias: if bias { Some(f32_get(&v, &[out], "bias")?) } else { None },
-                    adapter,
-                })
+        let mut lin = |vb: &VarBuilder,
+                       layer: usize,
+                       module: &str,
+                       out: usize,
+                       inp: usize,
+                       bias: bool|
+         -> Result<LoraLinear> {
+            let v = vb.pp(module);
+            let adapter = match lora {
+                Some(spec)
+                    if spec.targets.iter().any(|t| t == module)
+                        && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer)) =>
+                {
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    let a: Vec<f32> =
+                        (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
+                    Some(LoraAdapter {
+                        a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
+                        b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
+                        scale: spec.alpha / spec.rank as f64,
+                    })
+                }
+                _ => None,
             };
+            let name = v.prefix().to_string();
+            let weight = v.get((out, inp), "weight")?;
+            let weight = match quant {
+                None => weight.into(),
+                Some(q) => FrozenWeight::Quantized(super::quant::quantize_weight(&weight, q, &name)?),
+            };
+            Ok(LoraLinear { name, weight, bias: if bias { Some(f32_get(&v, &[out], "bias")?) } else { None }, adapter })
+        };
         // RMSNorm weights as the forward multiplies by them: Gemma's norms scale by (1 + w).
         let gemma = config.is_gemma();
         let norm = |vb: &VarBuilder, n: usize, name: &str| -> Result<Tensor> {
@@ -722,33 +740,57 @@ impl LlamaLm {
             embed: embed_raw.to_dtype(DType::F32)?,
             layers,
             norm: norm(&vb, h, "model.norm.weight")?,
-            lm_head: LoraLinear { name: "lm_head".into(), weight: head_weight, bias: None, adapter: None },
+            lm_head: LoraLinear { name: "lm_head".into(), weight: head_weight.into(), bias: None, adapter: None },
             config,
         })
     }
 
     /// Load from a Hugging Face folder: config.json and model.safetensors, or the shards listed
-    /// in model.safetensors.index.json. Frozen linear weights are kept in `base_dtype`.
+    /// in model.safetensors.index.json. Frozen linear weights are kept in `base.dtype`, or with
+    /// `base.quant` quantized as they are read (everything else then in f32).
     pub fn load(
         dir: &Path,
         lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
         device: &Device,
-        base_dtype: DType,
+        base: impl Into<super::quant::BaseFormat>,
     ) -> std::result::Result<Self, ModelError> {
-        if !matches!(base_dtype, DType::F32 | DType::BF16 | DType::F16) {
+        let base = base.into();
+        let bad_dtype = !matches!(base.dtype, DType::F32 | DType::BF16 | DType::F16);
+        if bad_dtype || (base.quant.is_some() && base.dtype != DType::F32) {
             return Err(ModelError::Config {
                 path: dir.into(),
-                message: format!("base weights must be f32, bf16 or f16, not {base_dtype:?}"),
+                message: if bad_dtype {
+                    format!("base weights must be f32, bf16 or f16, not {:?}", base.dtype)
+                } else {
+                    format!(
+                        "quantized base weights are dequantized to f32, so the dtype must be f32, not {:?}",
+                        base.dtype
+                    )
+                },
             });
         }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
         super::check_weight_dtypes(&files)?;
         // SAFETY: the files are memory-mapped read-only; dptrain never writes to a model folder.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base_dtype, device)? };
-        Self::new(vb, config, lora, init_rng)
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base.dtype, device)? };
+        Self::new_quantized(vb, config, lora, init_rng, base.quant)
             .map_err(|e| ModelError::Load { file: files[0].clone(), message: e.to_string() })
+    }
+
+    /// Every quantized frozen weight replaced by its f32 dequantization (dense): the model a
+    /// quantized one must compute exactly (the slow twin of `model::quant`'s products).
+    pub fn dequantize_base(&mut self) -> Result<()> {
+        for l in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {
+            l.weight = FrozenWeight::Dense(l.weight.dequantized()?);
+        }
+        Ok(())
+    }
+
+    /// Bytes of the frozen linear weights of the decoder layers as stored.
+    pub fn layer_weight_bytes(&self) -> usize {
+        self.all_linears().iter().map(|l| l.weight.storage_bytes()).sum()
     }
 
     pub fn num_layers(&self) -> usize {
@@ -904,7 +946,7 @@ impl LlamaLm {
         if self.lm_head.adapter.is_some() || self.lm_head.bias.is_some() {
             candle_core::bail!("the LM head has an adapter or a bias, which the vocabulary NLL does not apply");
         }
-        vocab_nll(&rows, &self.lm_head.weight, &lm.targets, self.config.final_logit_softcapping)
+        vocab_nll(&rows, self.lm_head.weight.dense("lm_head")?, &lm.targets, self.config.final_logit_softcapping)
     }
 
     /// Greedy continuation of `prompt` by `n` tokens (no sampling; each step re-runs the whole

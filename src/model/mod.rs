@@ -12,6 +12,7 @@ pub mod gelu;
 pub mod llama;
 pub mod ops;
 pub mod probe;
+pub mod quant;
 pub mod score;
 pub mod vexp;
 pub mod vocab;

@@ -100,6 +100,9 @@ fn data_and_model(o: &mut String, r: &Value) {
     }
     row(o, "base model", &text(&r["base_model"]["path"]));
     row(o, "base model sha256 (config.json and weights)", &text(&r["base_model"]["sha256"]));
+    if r["base_model"]["quantization"].is_string() {
+        row(o, "base model quantization", &text(&r["base_model"]["quantization"]));
+    }
 }
 
 /// The markdown report of a `privacy_report.json` value.

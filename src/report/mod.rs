@@ -263,6 +263,20 @@ pub fn guarantee_sentence(private: bool, seeded: bool, epsilon: Option<f64>, del
     )
 }
 
+/// How the base was quantized for training, or null: an adapter trained on a quantized base is
+/// meant for that quantized base.
+fn base_quantization_statement(plan: &Plan) -> serde_json::Value {
+    match plan.model_quant {
+        None => serde_json::Value::Null,
+        Some(q) => format!(
+            "{}: the frozen linear weights of the decoder layers were quantized to GGML {} blocks at load (the sha256 is of the unquantized files); the adapter was trained for, and is to be deployed on, this quantized base",
+            q.name(),
+            q.name()
+        )
+        .into(),
+    }
+}
+
 /// The dtype in which per-example gradients are really computed, for this run's base dtype.
 pub fn gradient_dtype_statement(base: candle_core::DType) -> String {
     match base {
@@ -501,7 +515,11 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "sampler": SAMPLER,
         "noise_generator": NOISE_GENERATOR,
         "clipping": clipping_statement(plan.clip_kind),
-        "base_model": { "path": plan.model_dir.display().to_string(), "sha256": s.model_hash },
+        "base_model": {
+            "path": plan.model_dir.display().to_string(),
+            "sha256": s.model_hash,
+            "quantization": base_quantization_statement(plan),
+        },
         "task": s.task,
         "target_modules": s.target_modules,
         "adapted_modules": s.adapted_modules,
@@ -518,6 +536,7 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "compute": {
             "device": plan.device.name(),
             "base_weights_dtype": format!("{:?}", plan.base_dtype()).to_lowercase(),
+            "base_weights_quantization": plan.model_quant.map(|q| q.name()),
             "gradient_dtype": gradient_dtype_statement(plan.base_dtype()),
         },
         "metrics": {

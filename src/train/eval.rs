@@ -4,7 +4,7 @@ use super::run::RunError;
 use crate::data::{make_micro_batches, Batch, Example, FeatureCache};
 use crate::lora::peft::Adapter;
 use crate::model::{BertClassifier, DpModel, EvalResult, LlamaLm};
-use candle_core::{DType, Result};
+use candle_core::Result;
 use rand::SeedableRng;
 
 pub use crate::model::score::{accuracy, correct_per_example, nll_per_example, perplexity};
@@ -48,7 +48,8 @@ pub struct EvalOptions {
     pub prompts: Vec<String>,
     pub samples: usize,
     pub max_new_tokens: usize,
-    pub base_dtype: DType,
+    /// How the frozen base weights are stored (dtype, quantization).
+    pub base: crate::model::quant::BaseFormat,
 }
 
 /// A greedy continuation.
@@ -97,8 +98,14 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
             let labels = adapter_labels(&adapter.dir, num_labels)?;
             let tokenizer = load_tokenizer(&opts.model_dir, Some(opts.max_seq_len))?;
             let data = crate::data::load_classification(&opts.data, &tokenizer, Some(&labels))?;
+            if let Some(q) = opts.base.quant {
+                return Err(RunError::Plan(format!(
+                    "--quantize {}: quantized base weights are implemented for the Llama family only",
+                    q.name()
+                )));
+            }
             let mut model = BertClassifier::load(&opts.model_dir, Some(&adapter.spec), num_labels, &mut rng, device)?
-                .with_base_dtype(opts.base_dtype)?;
+                .with_base_dtype(opts.base.dtype)?;
             adapter.apply(&mut model)?;
             let scores = model.score_examples(&data.examples, opts.batch)?;
             (data, scores, Vec::new())
@@ -108,7 +115,7 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
             let tokenizer = load_tokenizer(&opts.model_dir, None)?;
             let data = crate::data::load_lm(&opts.data, &tokenizer, opts.max_seq_len, cfg.eos_token())?;
             let spec = adapter.as_ref().map(|a| &a.spec);
-            let mut model = LlamaLm::load(&opts.model_dir, spec, &mut rng, device, opts.base_dtype)?;
+            let mut model = LlamaLm::load(&opts.model_dir, spec, &mut rng, device, opts.base)?;
             if let Some(a) = &adapter {
                 a.apply(&mut model)?;
             }

@@ -299,12 +299,18 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     };
     let in_use_before_model = crate::memory::in_use(&device)?;
     let mut model: Box<dyn DpModel> = match arch {
+        Architecture::Bert if plan.model_quant.is_some() => {
+            return Err(RunError::Plan(
+                "model.quantize: quantized base weights are implemented for the Llama family only (this is a BERT-family model)"
+                    .into(),
+            ))
+        }
         Architecture::Bert => Box::new(
             BertClassifier::load(&plan.model_dir, Some(&spec), train.labels.len(), &mut streams.init, &device)?
                 .with_base_dtype(plan.base_dtype())?,
         ),
         Architecture::Llama => {
-            Box::new(LlamaLm::load(&plan.model_dir, Some(&spec), &mut streams.init, &device, plan.base_dtype())?)
+            Box::new(LlamaLm::load(&plan.model_dir, Some(&spec), &mut streams.init, &device, plan.base_format())?)
         }
     };
     let model_hash = checkpoint::model_hash(&plan.model_dir)?;

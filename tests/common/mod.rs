@@ -112,17 +112,22 @@ pub fn tiny_llama(seed: u64, targets: &[&str], cfg: dptrain::model::LlamaConfig)
 /// Write a tiny Llama model folder (config.json, model.safetensors, a WordLevel tokenizer.json
 /// without special tokens: "w4".."w49" are ids 4..49, id 3 is the end of sequence).
 pub fn write_tiny_llama_dir(dir: &std::path::Path, seed: u64) {
+    write_tiny_llama_dir_sized(dir, seed, 32, 48);
+}
+
+/// `write_tiny_llama_dir` with the given hidden and intermediate sizes (4 heads, 2 KV heads).
+pub fn write_tiny_llama_dir_sized(dir: &std::path::Path, seed: u64, hidden: usize, intermediate: usize) {
     std::fs::create_dir_all(dir).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let cfg = tiny_llama_config(true, "llama");
-    let w = dptrain::model::llama::random_weights(&cfg, &mut rng, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     let cfg = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": 32,
-        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
         "tie_word_embeddings": true, "hidden_act": "silu", "eos_token_id": 3, "bos_token_id": 2
     });
+    let parsed = dptrain::model::LlamaConfig::from_json(&cfg.to_string()).unwrap();
+    let w = dptrain::model::llama::random_weights(&parsed, &mut rng, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     let mut vocab = serde_json::Map::new();
     for (i, t) in ["<pad>", "<unk>", "<s>", "</s>"].iter().enumerate() {

@@ -1,0 +1,135 @@
+//! Frozen base weights kept quantized (GGML Q8_0 or Q4_K blocks, candle's `QTensor`).
+//!
+//! `model.quantize = "q8_0" | "q4_k"` stores every frozen linear weight of a Llama-family model's
+//! decoder layers in GGML blocks: Q8_0 is 8.5 bits a weight (34 bytes per 32), Q4_K 4.5 bits (144
+//! bytes per 256), against 32 for f32 and 16 for bf16. Each weight is quantized as it is read from
+//! the memory-mapped safetensors, so the whole model never sits in memory unquantized. Norms, the
+//! embedding and the LM head stay dense (f32).
+//!
+//! The products: a quantized layer's forward dequantizes its weight to f32 (one layer at a time,
+//! a transient [out, in] buffer freed right after the product) and runs the same frozen f32 GEMM
+//! as a dense layer (`lora::QuantFrozenLinear`); the backward dequantizes again for
+//! dL/dx = G · deq(W). So a quantized model computes *exactly* the dequantized model (the same
+//! f32 products on the same values), which is what the tests check: logits, per-example losses and
+//! per-example gradients of a quantized model equal those of a dense model holding deq(W)
+//! (tests/quantized.rs). The quantization itself changes the model (by about 0.5% of each weight
+//! for Q8_0, a few percent for Q4_K): the adapter is trained for the quantized base and is to be
+//! deployed on it (the report names the quantization). candle's own quantized matmul is not used
+//! for the products: on the CPU it also quantizes the activations (to Q8 blocks), which would make
+//! the forward differ from the dequantized model and its backward not the forward's gradient.
+//!
+//! The privacy argument is unchanged: the frozen base is a public constant whatever its storage,
+//! and per-example gradients, clipping and noise are computed as for any base.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+/// A supported quantization of the frozen linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantFormat {
+    /// 32 weights per block: 32 signed bytes and one f16 scale (8.5 bits a weight).
+    Q8_0,
+    /// 256 weights per super-block of 8 sub-blocks with 6-bit scales and minimums (4.5 bits).
+    Q4K,
+}
+
+impl QuantFormat {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "q8_0" => Ok(QuantFormat::Q8_0),
+            "q4_k" => Ok(QuantFormat::Q4K),
+            _ => Err(format!("unsupported quantization `{s}` (expected q8_0 or q4_k)")),
+        }
+    }
+
+    /// The name as configured (`q8_0`, `q4_k`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4K => "q4_k",
+        }
+    }
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QuantFormat::Q8_0 => GgmlDType::Q8_0,
+            QuantFormat::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// Weights per block: every row length (a weight's input size) must be a multiple of it.
+    pub fn block_size(self) -> usize {
+        self.ggml().block_size()
+    }
+}
+
+/// How the frozen base weights are stored: a dense dtype, or (linear weights of the decoder
+/// layers) GGML blocks with everything else in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseFormat {
+    pub dtype: DType,
+    pub quant: Option<QuantFormat>,
+}
+
+impl From<DType> for BaseFormat {
+    fn from(dtype: DType) -> Self {
+        BaseFormat { dtype, quant: None }
+    }
+}
+
+/// Quantize one frozen weight [out, in] (any dtype, any device) to `format` on its device.
+/// `name` names the weight in the error when its rows do not split into whole blocks.
+pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Arc<QTensor>> {
+    let (out, inp) = w.dims2()?;
+    let block = format.block_size();
+    if inp % block != 0 {
+        candle_core::bail!(
+            "model.quantize = \"{}\": {name} has rows of {inp} weights, not a multiple of the format's block of \
+             {block} ({out} × {inp}); use {} or leave model.quantize unset",
+            format.name(),
+            if format == QuantFormat::Q4K && inp % QuantFormat::Q8_0.block_size() == 0 {
+                "q8_0"
+            } else {
+                "a dense dtype"
+            }
+        );
+    }
+    let w32 = w.to_dtype(DType::F32)?;
+    let q = match w.device() {
+        Device::Cpu => QTensor::quantize(&w32, format.ggml())?,
+        dev => QTensor::quantize_onto(&w32.to_device(&Device::Cpu)?, format.ggml(), dev)?,
+    };
+    Ok(Arc::new(q))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::rand;
+
+    #[test]
+    fn quantized_weights_take_their_formats_bytes_and_dequantize_close_to_the_original() {
+        let w = rand(&[8, 512], 3);
+        let dense = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = dense.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (format, bytes_per_block, tol) in [(QuantFormat::Q8_0, 34usize, 0.01f32), (QuantFormat::Q4K, 144, 0.1)] {
+            let q = quantize_weight(&w, format, "w").unwrap();
+            assert_eq!(q.storage_size_in_bytes(), 8 * 512 / format.block_size() * bytes_per_block, "{format:?}");
+            let back = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = back.iter().zip(&dense).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err > 0.0, "{format:?}: dequantized exactly: nothing was quantized");
+            assert!(err < tol * scale, "{format:?}: max error {err} vs max |w| {scale}");
+        }
+    }
+
+    #[test]
+    fn a_weight_whose_rows_are_not_whole_blocks_is_refused_naming_it() {
+        let w = rand(&[4, 96], 4);
+        let e = quantize_weight(&w, QuantFormat::Q4K, "model.layers.0.mlp.down_proj").unwrap_err().to_string();
+        assert!(e.contains("model.layers.0.mlp.down_proj") && e.contains("96") && e.contains("256"), "{e}");
+        assert!(e.contains("use q8_0"), "{e}");
+        assert!(quantize_weight(&w, QuantFormat::Q8_0, "w").is_ok());
+        assert!(QuantFormat::parse("q4_0").unwrap_err().contains("q8_0 or q4_k"));
+    }
+}

@@ -1,0 +1,204 @@
+//! Claims about a quantized frozen base (`model.quantize`): a Llama model with its linear weights
+//! kept in Q8_0 or Q4_K blocks computes exactly the dense model holding the dequantized weights —
+//! the same per-example losses and the same per-example gradients of every LoRA tensor —, stores
+//! those weights in the format's bytes (34 per 32 weights, 144 per 256), differs from the
+//! unquantized model by the quantization only, refuses weights whose rows are not whole blocks
+//! (naming them), and trains end to end: the run's report names the quantization and `dptrain
+//! eval --quantize` of the released adapter gives the perplexity the run reported.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use dptrain::data::{Batch, Example};
+use dptrain::lora::{LoraSpec, Tape};
+use dptrain::model::quant::{BaseFormat, QuantFormat};
+use dptrain::model::{DpModel, LlamaLm};
+use dptrain::privacy::per_example_grads;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+
+fn examples() -> Vec<Example> {
+    let mut s = 7u32;
+    [(6usize, 1usize), (4, 1), (9, 3), (7, 2)]
+        .iter()
+        .map(|&(len, start)| {
+            let ids = (0..len)
+                .map(|_| {
+                    s = s.wrapping_mul(1103515245).wrapping_add(12345);
+                    (s >> 16) % 50
+                })
+                .collect();
+            Example { ids, label: 0, target_start: Some(start) }
+        })
+        .collect()
+}
+
+fn model_dir(name: &str, hidden: usize, intermediate: usize) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dptrain-quant-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    common::write_tiny_llama_dir_sized(&dir, 5, hidden, intermediate);
+    dir
+}
+
+/// The model in `dir` with LoRA on every module, its LoRA tensors set to the same random values
+/// whatever the base format (so that every per-example gradient is non-zero).
+fn load(dir: &Path, base: BaseFormat) -> LlamaLm {
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        targets: dptrain::model::llama::LLAMA_LORA_MODULES.iter().map(|s| s.to_string()).collect(),
+        layers: None,
+    };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+    let mut model = LlamaLm::load(dir, Some(&spec), &mut rng, &Device::Cpu, base).unwrap();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+    let random: Vec<Tensor> =
+        model.trainable().iter().map(|(_, t)| common::rand_tensor(&mut rng, t.dims(), 0.5)).collect();
+    model.set_trainable(&random).unwrap();
+    model
+}
+
+/// Per-example losses and per-example gradients (one row per example) of one DP forward/backward.
+fn losses_and_grads(model: &LlamaLm) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let exs = examples();
+    let refs: Vec<&Example> = exs.iter().collect();
+    let batch = Batch::from_examples(&refs, &Device::Cpu).unwrap();
+    let mut tape = Tape::default();
+    let losses = model.example_losses(&batch, Some(&mut tape)).unwrap();
+    losses.sum_all().unwrap().backward().unwrap();
+    let grads = per_example_grads(model, &tape).unwrap().to_vec2().unwrap();
+    (losses.to_vec1().unwrap(), grads)
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "zero reference: the comparison would be vacuous");
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn check_format(format: QuantFormat, hidden: usize, intermediate: usize, bytes_per_block: usize) {
+    let dir = model_dir(format.name(), hidden, intermediate);
+    let quant = BaseFormat { dtype: DType::F32, quant: Some(format) };
+    let q = load(&dir, quant);
+    let mut twin = load(&dir, quant);
+    twin.dequantize_base().unwrap();
+    let dense = load(&dir, DType::F32.into());
+
+    // Stored in the format's bytes; the dequantized twin and the unquantized model in f32.
+    let f32_bytes = dense.layer_weight_bytes();
+    assert_eq!(twin.layer_weight_bytes(), f32_bytes);
+    assert_eq!(q.layer_weight_bytes(), f32_bytes / 4 / format.block_size() * bytes_per_block, "{format:?}");
+
+    let (lq, gq) = losses_and_grads(&q);
+    let (lt, gt) = losses_and_grads(&twin);
+    let (ld, gd) = losses_and_grads(&dense);
+    assert_eq!(gq.len(), 4);
+    // Exactly the dequantized model, up to f32 rounding.
+    let loss_err = max_rel(&lq, &lt);
+    assert!(loss_err < 1e-6, "{format:?}: losses differ from the dequantized model's by {loss_err}");
+    for (i, (a, b)) in gq.iter().zip(&gt).enumerate() {
+        let e = max_rel(a, b);
+        assert!(e < 1e-5, "{format:?}, example {i}: per-example gradient differs from the dequantized model's by {e}");
+    }
+    // ... and not the unquantized model: the quantization is really applied, and stays small.
+    let quant_effect = max_rel(&lq, &ld);
+    let tol = if format == QuantFormat::Q8_0 { 0.01 } else { 0.1 };
+    assert!(quant_effect > 1e-6, "{format:?}: the quantized model computes the unquantized one ({quant_effect})");
+    assert!(quant_effect < tol, "{format:?}: quantization moved the losses by {quant_effect}");
+    let grad_effect = max_rel(&gq[0], &gd[0]);
+    assert!(grad_effect > 1e-6 && grad_effect < 10.0 * tol, "{format:?}: gradient moved by {grad_effect}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_q8_0_base_computes_exactly_the_dequantized_model_in_a_quarter_of_the_bytes() {
+    check_format(QuantFormat::Q8_0, 64, 96, 34);
+}
+
+#[test]
+fn a_q4_k_base_computes_exactly_the_dequantized_model_in_a_seventh_of_the_bytes() {
+    check_format(QuantFormat::Q4K, 256, 512, 144);
+}
+
+#[test]
+fn quantizing_a_weight_whose_rows_are_not_whole_blocks_is_refused_naming_it() {
+    // hidden 64: rows of 64 are not a Q4_K block (256); the first linear read is q_proj.
+    let dir = model_dir("q4k-64", 64, 96);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+    let base = BaseFormat { dtype: DType::F32, quant: Some(QuantFormat::Q4K) };
+    let e = LlamaLm::load(&dir, None, &mut rng, &Device::Cpu, base).err().unwrap().to_string();
+    assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("64") && e.contains("256"), "{e}");
+    let base = BaseFormat { dtype: DType::BF16, quant: Some(QuantFormat::Q8_0) };
+    let e = LlamaLm::load(&dir, None, &mut rng, &Device::Cpu, base).err().unwrap().to_string();
+    assert!(e.contains("dtype must be f32"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_run_on_a_q8_0_base_names_it_in_the_report_and_eval_on_that_base_reproduces_its_perplexity() {
+    let root = std::env::temp_dir().join(format!("dptrain-quant-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let model = root.join("model");
+    common::write_tiny_llama_dir_sized(&model, 5, 64, 96);
+    let words = common::tiny_words();
+    let text: Vec<String> = (0..40)
+        .map(|i| {
+            let s: Vec<&str> = (0..4 + i % 7).map(|j| words[(i * 5 + j * 3) % words.len()].as_str()).collect();
+            serde_json::json!({ "text": s.join(" ") }).to_string()
+        })
+        .collect();
+    std::fs::write(root.join("train.jsonl"), text[..32].join("\n") + "\n").unwrap();
+    std::fs::write(root.join("test.jsonl"), text[32..].join("\n") + "\n").unwrap();
+    let d = root.display();
+    let config = |quantize: &str, out: &str| {
+        let text = format!(
+            "[model]\npath = \"{d}/model\"\nmax-seq-len = 10\n{quantize}\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+             [lora]\nrank = 2\nalpha = 4\ntarget-modules = [\"q_proj\", \"down_proj\"]\n\n\
+             [privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
+             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.05\nseed = 7\n\n\
+             [output]\ndir = \"{d}/{out}\"\n"
+        );
+        let path = root.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cfg = config("quantize = \"q8_0\"", "run");
+    let (ok, log) = common::dptrain(&["--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("run/release/privacy_report.json")).unwrap()).unwrap();
+    assert!(report["base_model"]["quantization"].as_str().unwrap().starts_with("q8_0"), "{}", report["base_model"]);
+    let md = std::fs::read_to_string(root.join("run/release/privacy_report.md")).unwrap();
+    assert!(md.contains("base model quantization"), "{md}");
+    let after = report["metrics"]["test_perplexity"]["perplexity"].as_f64().unwrap();
+    let eval = |quantize: Option<&str>| -> f64 {
+        let mut a = vec!["eval", "--model", model.to_str().unwrap(), "--json", "--samples", "0", "--max-seq-len", "10"];
+        let data = format!("{d}/test.jsonl");
+        let adapter = format!("{d}/run");
+        a.extend(["--data", &data, "--adapter", &adapter]);
+        if let Some(q) = quantize {
+            a.extend(["--quantize", q]);
+        }
+        let (ok, log) = common::dptrain(&a);
+        assert!(ok, "{log}");
+        let r: serde_json::Value = serde_json::from_str(&log).unwrap();
+        r["metric"]["perplexity"]["perplexity"].as_f64().unwrap()
+    };
+    let on_q8 = eval(Some("q8_0"));
+    assert!((on_q8 / after - 1.0).abs() < 1e-6, "eval on the q8_0 base {on_q8} vs the run's {after}");
+    // On the unquantized base the same adapter gives another (nearby) perplexity.
+    let on_f32 = eval(None);
+    assert!(on_f32 != on_q8 && (on_f32 / on_q8 - 1.0).abs() < 0.05, "f32 {on_f32} vs q8_0 {on_q8}");
+    // A BERT-family model is refused, naming the reason.
+    let bert = root.join("bert");
+    common::write_tiny_model_dir(&bert.join("model"), 5);
+    common::write_tiny_classification_data(&bert);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("{d}/"), &format!("{d}/bert/"))
+        .replace("[\"q_proj\", \"down_proj\"]", "[\"query\"]");
+    std::fs::write(bert.join("run.toml"), text).unwrap();
+    let (ok, log) = common::dptrain(&["--config", bert.join("run.toml").to_str().unwrap()]);
+    assert!(!ok && log.contains("Llama family only"), "{log}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
