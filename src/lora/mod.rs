@@ -44,6 +44,27 @@ pub struct LoraAdapter {
     pub scale: f64,
 }
 
+impl LoraAdapter {
+    /// A fresh adapter as PEFT initialises one: A [r, in] Kaiming-uniform, U(±1/√in), drawn from
+    /// `rng` row by row; B [out, r] zero (so the layer starts as the base layer); scale α/r.
+    pub fn init(
+        spec: &LoraSpec,
+        out: usize,
+        inp: usize,
+        rng: &mut rand_chacha::ChaCha20Rng,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        use rand::Rng;
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..spec.rank * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        Ok(LoraAdapter {
+            a: Tensor::from_vec(a, (spec.rank, inp), device)?,
+            b: Tensor::zeros((out, spec.rank), DType::F32, device)?,
+            scale: spec.alpha / spec.rank as f64,
+        })
+    }
+}
+
 /// A frozen base weight [out, in]: a dense tensor (f32, bf16 or f16), or GGML blocks kept
 /// quantized and dequantized to f32 for each product (`model::quant`).
 #[derive(Debug, Clone)]

@@ -294,16 +294,7 @@ impl BertClassifier {
                     targets.contains(&module) && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
                 };
                 let adapter = match lora {
-                    Some(spec) if adapt(spec) => {
-                        let bound = 1.0 / (inp as f64).sqrt();
-                        let a: Vec<f32> =
-                            (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
-                        Some(LoraAdapter {
-                            a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
-                            b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
-                            scale: spec.alpha / spec.rank as f64,
-                        })
-                    }
+                    Some(spec) if adapt(spec) => Some(LoraAdapter::init(spec, out, inp, init_rng, vb.device())?),
                     _ => None,
                 };
                 Ok(LoraLinear {

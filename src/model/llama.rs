@@ -17,7 +17,6 @@ use crate::data::Batch;
 use crate::lora::{FrozenWeight, LoraAdapter, LoraLinear, Tape};
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -657,14 +656,7 @@ impl LlamaLm {
                     if spec.targets.iter().any(|t| t == module)
                         && spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer)) =>
                 {
-                    let bound = 1.0 / (inp as f64).sqrt();
-                    let a: Vec<f32> =
-                        (0..spec.rank * inp).map(|_| init_rng.random_range(-bound..bound) as f32).collect();
-                    Some(LoraAdapter {
-                        a: Tensor::from_vec(a, (spec.rank, inp), vb.device())?,
-                        b: Tensor::zeros((out, spec.rank), DType::F32, vb.device())?,
-                        scale: spec.alpha / spec.rank as f64,
-                    })
+                    Some(LoraAdapter::init(spec, out, inp, init_rng, vb.device())?)
                 }
                 _ => None,
             };
