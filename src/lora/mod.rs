@@ -100,7 +100,7 @@ impl FrozenWeight {
     pub fn dequantized(&self) -> Result<Tensor> {
         match self {
             FrozenWeight::Dense(t) => Ok(t.clone()),
-            FrozenWeight::Quantized(q) => q.dequantize(&q.device()),
+            FrozenWeight::Quantized(q) => crate::model::quant::dequantize(q, &q.device()),
         }
     }
 
@@ -536,7 +536,7 @@ struct QuantFrozenLinear {
 
 impl QuantFrozenLinear {
     fn dense(&self, device: &candle_core::Device) -> Result<FrozenLinear> {
-        Ok(FrozenLinear { weight: self.weight.dequantize(device)?, bias: self.bias.clone() })
+        Ok(FrozenLinear { weight: crate::model::quant::dequantize(&self.weight, device)?, bias: self.bias.clone() })
     }
 }
 

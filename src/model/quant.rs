@@ -103,6 +103,43 @@ pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Ar
     Ok(Arc::new(q))
 }
 
+/// deq(W) in f32 on `device`: on the CPU with the blocks split across rayon's threads (candle's
+/// `QTensor::dequantize`, the slow twin, runs on one thread: on 2 cores it made a Llama-3.2-1B
+/// step 37% slower than the f32 base); elsewhere candle's own (a GPU kernel).
+pub fn dequantize(q: &QTensor, device: &Device) -> Result<Tensor> {
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
+    if !device.is_cpu() || !q.device().is_cpu() {
+        return q.dequantize(device);
+    }
+    let mut out = vec![0f32; q.shape().elem_count()];
+    let data = q.data()?;
+    match q.dtype() {
+        GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(&data, &mut out)?,
+        GgmlDType::Q4K => par_to_float::<BlockQ4K>(&data, &mut out)?,
+        _ => return q.dequantize(device),
+    }
+    Tensor::from_vec(out, q.shape(), device)
+}
+
+/// `T::to_float` over `bytes` (a CPU QTensor's blocks of type T) into `out`, 1,024 blocks a task.
+fn par_to_float<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
+    let size = std::mem::size_of::<T>();
+    let blocks = out.len() / T::BLCK_SIZE;
+    if !out.len().is_multiple_of(T::BLCK_SIZE)
+        || bytes.len() != blocks * size
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        candle_core::bail!("dequantize: {} bytes do not hold {} blocks of {:?}", bytes.len(), blocks, T::DTYPE);
+    }
+    // SAFETY: the bytes are the storage of a `Vec<T>` of `blocks` blocks (a CPU QTensor of T's
+    // dtype, borrowed for this call), length and alignment checked above; T is plain data.
+    let blocks: &[T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, blocks) };
+    const CHUNK: usize = 1024;
+    out.par_chunks_mut(CHUNK * T::BLCK_SIZE).zip(blocks.par_chunks(CHUNK)).for_each(|(o, b)| T::to_float(b, o));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +157,20 @@ mod tests {
             let err = back.iter().zip(&dense).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err > 0.0, "{format:?}: dequantized exactly: nothing was quantized");
             assert!(err < tol * scale, "{format:?}: max error {err} vs max |w| {scale}");
+        }
+    }
+
+    #[test]
+    fn threaded_dequantization_equals_candles_bit_for_bit() {
+        // 2,100 × 512 weights: several 1,024-block chunks and a partial one for both formats.
+        let w = rand(&[2100, 512], 5);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4K] {
+            let q = quantize_weight(&w, format, "w").unwrap();
+            let fast = dequantize(&q, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let slow = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(fast.len(), slow.len());
+            let differ = fast.iter().zip(&slow).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{format:?}: {differ} values differ");
         }
     }
 
