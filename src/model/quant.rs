@@ -10,7 +10,7 @@
 //! a transient [out, in] buffer freed right after the product) and runs the same frozen f32 GEMM
 //! as a dense layer (`lora::QuantFrozenLinear`); the backward dequantizes again for
 //! dL/dx = G · deq(W). So a quantized model computes *exactly* the dequantized model (the same
-//! f32 products on the same values), which is what the tests check: logits, per-example losses and
+//! f32 products on the same values), which is what the tests check: per-example losses and
 //! per-example gradients of a quantized model equal those of a dense model holding deq(W)
 //! (tests/quantized.rs). The quantization itself changes the model (by about 0.5% of each weight
 //! for Q8_0, a few percent for Q4_K): the adapter is trained for the quantized base and is to be
@@ -105,7 +105,7 @@ pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Ar
 
 /// deq(W) in f32 on `device`: on the CPU with the blocks split across rayon's threads (candle's
 /// `QTensor::dequantize`, the slow twin, runs on one thread: on 2 cores it made a Llama-3.2-1B
-/// step 37% slower than the f32 base); elsewhere candle's own (a GPU kernel).
+/// step 37–40% slower than the f32 base, threaded 21%: BENCHMARKS.md); elsewhere candle's own (a GPU kernel).
 pub fn dequantize(q: &QTensor, device: &Device) -> Result<Tensor> {
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
     if !device.is_cpu() || !q.device().is_cpu() {
