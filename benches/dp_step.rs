@@ -5,7 +5,8 @@
 //! accountants (RDP; PLD ε and a PLD calibration); and, on the device (a GPU in a `--features
 //! cuda` build with one, else the CPU), the clip-and-reduce of 32 per-example gradients of the
 //! quickstart's 74,498 values (fused kernels vs the candle-ops twin) and in-place noise on a
-//! device tensor. Run: `cargo bench --bench dp_step`.
+//! device tensor; and the CPU's exact-erf GELU forward and backward on one MiniLM MLP activation
+//! (32 × 64 tokens × 1,536). Run: `cargo bench --bench dp_step`.
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -145,5 +146,16 @@ fn bench_clip_and_noise_on_device(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_step, bench_noise_and_accounting, bench_clip_and_noise_on_device);
+fn bench_gelu(c: &mut Criterion) {
+    use dptrain::model::gelu::{gelu_backward, gelu_forward};
+    let n = 32 * 64 * 1536;
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let x: Vec<f32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, -4.0f32..4.0)).collect();
+    let g: Vec<f32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, -1.0f32..1.0)).collect();
+    let mut grp = c.benchmark_group("gelu_erf_cpu_3.1M");
+    grp.bench_function("forward", |b| b.iter(|| gelu_forward(&x)));
+    grp.bench_function("backward", |b| b.iter(|| gelu_backward(&x, &g)));
+}
+
+criterion_group!(benches, bench_step, bench_noise_and_accounting, bench_clip_and_noise_on_device, bench_gelu);
 criterion_main!(benches);
