@@ -4,7 +4,10 @@
 //! those weights in the format's bytes (34 per 32 weights, 144 per 256), differs from the
 //! unquantized model by the quantization only, refuses weights whose rows are not whole blocks
 //! (naming them), and trains end to end: the run's report names the quantization and `dptrain
-//! eval --quantize` of the released adapter gives the perplexity the run reported.
+//! eval --quantize` of the released adapter gives the perplexity the run reported. A folder that
+//! stores its linear weights as GGML blocks (`dptrain convert --keep-quantized`) trains on exactly
+//! those blocks: the same adapter as quantizing the same weights at load, a report saying so, and
+//! `model.quantize` or a BERT model with such a file refused.
 
 mod common;
 
@@ -200,5 +203,124 @@ fn a_run_on_a_q8_0_base_names_it_in_the_report_and_eval_on_that_base_reproduces_
     std::fs::write(bert.join("run.toml"), text).unwrap();
     let (ok, log) = common::dptrain(&["--config", bert.join("run.toml").to_str().unwrap()]);
     assert!(!ok && log.contains("Llama family only"), "{log}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// `dir`'s decoder linear weights moved out of model.safetensors into the stored-blocks file as
+/// Q8_0 (what `dptrain convert --keep-quantized` writes for a Q8_0 GGUF).
+fn store_linear_weights_as_q8_0(dir: &Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let all = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut dense = std::collections::HashMap::new();
+    let mut blocks: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in all {
+        let linear = name.starts_with("model.layers.")
+            && name.ends_with("_proj.weight")
+            && dptrain::model::llama::LLAMA_LORA_MODULES.iter().any(|m| name.contains(&format!(".{m}.")));
+        if linear {
+            blocks.push((name, QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()));
+        } else {
+            dense.insert(name, t);
+        }
+    }
+    assert_eq!(blocks.len(), 2 * 7, "every linear weight of both layers");
+    blocks.sort_by(|a, b| a.0.cmp(&b.0));
+    candle_core::safetensors::save(&dense, dir.join("model.safetensors")).unwrap();
+    let refs: Vec<(&str, &QTensor)> = blocks.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(dir.join(dptrain::model::quant::STORED_FILE)).unwrap();
+    gguf_file::write(&mut f, &[], &refs).unwrap();
+}
+
+fn adapter_tensors(run: &Path) -> Vec<(String, Vec<u32>)> {
+    let bytes = std::fs::read(run.join("release/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_folder_of_stored_q8_0_blocks_trains_the_same_adapter_as_quantizing_at_load_and_says_so() {
+    let root = std::env::temp_dir().join(format!("dptrain-quant-stored-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (plain, stored) = (root.join("plain"), root.join("stored"));
+    common::write_tiny_llama_dir_sized(&plain, 5, 64, 96);
+    common::write_tiny_llama_dir_sized(&stored, 5, 64, 96);
+    store_linear_weights_as_q8_0(&stored);
+    let words = common::tiny_words();
+    let text: Vec<String> = (0..40)
+        .map(|i| {
+            let s: Vec<&str> = (0..4 + i % 7).map(|j| words[(i * 3 + j * 5) % words.len()].as_str()).collect();
+            serde_json::json!({ "text": s.join(" ") }).to_string()
+        })
+        .collect();
+    std::fs::write(root.join("train.jsonl"), text[..32].join("\n") + "\n").unwrap();
+    std::fs::write(root.join("test.jsonl"), text[32..].join("\n") + "\n").unwrap();
+    let d = root.display();
+    let config = |model: &str, quantize: &str, out: &str| {
+        let text = format!(
+            "[model]\npath = \"{d}/{model}\"\nmax-seq-len = 10\n{quantize}\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+             [lora]\nrank = 2\nalpha = 4\ntarget-modules = [\"q_proj\", \"down_proj\"]\n\n\
+             [privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
+             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.05\nseed = 7\n\n\
+             [output]\ndir = \"{d}/{out}\"\n"
+        );
+        let path = root.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let run = |cfg: &Path| {
+        let (ok, log) = common::dptrain(&["--config", cfg.to_str().unwrap()]);
+        assert!(ok, "{log}");
+    };
+    run(&config("plain", "quantize = \"q8_0\"", "at-load"));
+    run(&config("stored", "", "as-stored"));
+    // The same blocks, the same seeded run: the same adapter, bit for bit.
+    let (a, b) = (adapter_tensors(&root.join("at-load")), adapter_tensors(&root.join("as-stored")));
+    assert_eq!(a.len(), 8, "A and B of q_proj and down_proj in 2 layers");
+    assert!(a == b, "the stored-blocks run trained another adapter than quantizing at load");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("as-stored/release/privacy_report.json")).unwrap())
+            .unwrap();
+    let q = report["base_model"]["quantization"].as_str().unwrap();
+    assert!(q.starts_with("q8_0 as stored") && q.contains(dptrain::model::quant::STORED_FILE), "{q}");
+    assert_eq!(report["compute"]["base_weights_quantization"], "stored q8_0");
+    // eval on the folder (no --quantize) reproduces the run's perplexity.
+    let after = report["metrics"]["test_perplexity"]["perplexity"].as_f64().unwrap();
+    let data = format!("{d}/test.jsonl");
+    let adapter = format!("{d}/as-stored");
+    let (ok, log) = common::dptrain(&[
+        "eval",
+        "--model",
+        stored.to_str().unwrap(),
+        "--json",
+        "--samples",
+        "0",
+        "--max-seq-len",
+        "10",
+        "--data",
+        &data,
+        "--adapter",
+        &adapter,
+    ]);
+    assert!(ok, "{log}");
+    let r: serde_json::Value = serde_json::from_str(&log).unwrap();
+    let ppl = r["metric"]["perplexity"]["perplexity"].as_f64().unwrap();
+    assert!((ppl / after - 1.0).abs() < 1e-6, "eval {ppl} vs the run's {after}");
+    // model.quantize on such a folder is refused before anything runs; so is a BERT folder with one.
+    let (ok, log) =
+        common::dptrain(&["--config", config("stored", "quantize = \"q4_k\"", "refused").to_str().unwrap()]);
+    assert!(!ok && log.contains("model.quantize") && log.contains("leave model.quantize unset"), "{log}");
+    assert!(!root.join("refused").exists());
+    let bert = root.join("bert");
+    common::write_tiny_model_dir(&bert, 5);
+    std::fs::write(bert.join(dptrain::model::quant::STORED_FILE), b"").unwrap();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    let e = dptrain::model::BertClassifier::load(&bert, None, 2, &mut rng, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("Llama family only"), "{e}");
     std::fs::remove_dir_all(&root).unwrap();
 }

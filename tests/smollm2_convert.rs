@@ -214,3 +214,63 @@ fn converted_tokenizer_reproduces_reference_ids() {
         assert_eq!(tok.decode(&ids, false).unwrap(), s, "round trip of {s:?} via {ids:?}");
     }
 }
+
+/// Claim: `dptrain convert --keep-quantized` of the real SmolLM2 GGUF keeps its linear weights as
+/// the GGUF's own blocks (rows of q/k un-permuted as whole blocks), and the folder computes the
+/// same model as the f32 conversion: every kept tensor decodes to the f32 folder's values, and the
+/// per-example losses of both folders agree on Moby-Dick text.
+#[test]
+fn smollm2_gguf_kept_quantized_decodes_to_the_f32_conversion_and_gives_its_losses() {
+    use candle_core::Device;
+    use dptrain::model::quant;
+    use dptrain::model::DpModel;
+    use rand::SeedableRng;
+    let Some(f32_dir) = model_dir() else { return };
+    let Some(gguf) = require(cache().join("models/smollm2-135m-gguf/SmolLM2-135M-Instruct.Q4_1.gguf")) else {
+        return;
+    };
+    let Some(text) = require(cache().join("data/moby-dick/chapter_1.txt")) else { return };
+    let out = std::env::temp_dir().join(format!("dptrain-smollm2-kept-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = dptrain::convert::ConvertOptions { overwrite: false, keep_quantized: true };
+    let s = dptrain::convert::convert_gguf(&gguf, &out, opts).unwrap();
+    assert_eq!(s.kept_quantized, 30 * 7, "every linear weight of the 30 blocks");
+    for f in ["config.json", "tokenizer.json"] {
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(f32_dir.join(f)).unwrap(), "{f}");
+    }
+    let stored = quant::read_stored(&out, &Device::Cpu).unwrap();
+    let bytes = std::fs::read(f32_dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (name, q) in &stored {
+        let want: Vec<f32> = st
+            .tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let got: Vec<f32> = quant::dequantize(q, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{name}: {differ} values differ from the f32 conversion");
+    }
+    let tok = tokenizers::Tokenizer::from_file(f32_dir.join("tokenizer.json")).unwrap();
+    let words = std::fs::read_to_string(text).unwrap();
+    let ids = tok.encode(&words[..2000], false).unwrap().get_ids().to_vec();
+    let exs: Vec<dptrain::data::Example> = (0..3)
+        .map(|k| dptrain::data::Example { ids: ids[k * 40..k * 40 + 40].to_vec(), label: 0, target_start: Some(1) })
+        .collect();
+    let refs: Vec<&dptrain::data::Example> = exs.iter().collect();
+    let batch = dptrain::data::Batch::from_examples(&refs, &Device::Cpu).unwrap();
+    let losses = |dir: &std::path::Path| -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let m = dptrain::model::LlamaLm::load(dir, None, &mut rng, &Device::Cpu, candle_core::DType::F32).unwrap();
+        m.example_losses(&batch, None).unwrap().to_vec1().unwrap()
+    };
+    let (a, b) = (losses(&f32_dir), losses(&out));
+    assert!(a.iter().all(|l| l.is_finite() && *l > 0.5 && *l < 8.0), "{a:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "losses {a:?} vs {b:?}");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}

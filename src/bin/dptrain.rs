@@ -205,6 +205,11 @@ enum Command {
         /// Replace a non-empty output folder.
         #[arg(long)]
         overwrite: bool,
+        /// Keep the decoder layers' quantized linear weights as the GGUF's own blocks (in
+        /// model.quantized.gguf) instead of dequantizing them to f32: training then runs on exactly
+        /// those blocks (model.quantize must stay unset).
+        #[arg(long)]
+        keep_quantized: bool,
     },
     /// Held-out accuracy (classification) or perplexity (language model) of a base model or base +
     /// adapter on a JSONL file, with a few greedy continuations for a language model.
@@ -444,9 +449,12 @@ fn eval(cmd: &Command) -> Result<()> {
         .transpose()
         .map_err(anyhow::Error::msg)
         .context("--quantize")?;
+    let stored = dptrain::model::quant::stored_file(model).is_some();
     let base_dtype = match (dtype, quant) {
         (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
         (None, Some(_)) => candle_core::DType::F32,
+        // Stored GGML blocks are dequantized to f32 for each product.
+        (None, None) if stored => candle_core::DType::F32,
         (None, None) => spec.default_base_dtype(),
     };
     let opts = dptrain::train::eval::EvalOptions {
@@ -558,9 +566,11 @@ fn bench(cmd: &Command) -> Result<()> {
         (None, Some(p)) => p.model_quant,
         (None, None) => None,
     };
+    let stored = model.as_deref().and_then(dptrain::model::quant::stored_file).is_some()
+        || plan.as_ref().is_some_and(|p| p.model_stored_quant.is_some());
     let base_dtype = match (dtype, &plan) {
         (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
-        (None, _) if quant.is_some() => candle_core::DType::F32,
+        (None, _) if quant.is_some() || stored => candle_core::DType::F32,
         (None, Some(p)) => p.model_dtype.unwrap_or_else(|| spec.default_base_dtype()),
         (None, None) => spec.default_base_dtype(),
     };
@@ -714,17 +724,31 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Command::Convert { gguf, out, overwrite }) => {
-            let s = dptrain::convert::convert_gguf(gguf, out, *overwrite)
+        Some(Command::Convert { gguf, out, overwrite, keep_quantized }) => {
+            let opts = dptrain::convert::ConvertOptions { overwrite: *overwrite, keep_quantized: *keep_quantized };
+            let s = dptrain::convert::convert_gguf(gguf, out, opts)
                 .with_context(|| format!("converting {}", gguf.display()))?;
+            let storage = if s.kept_quantized > 0 {
+                format!(
+                    "{} linear weights kept as {} blocks in {}, the rest f32",
+                    s.kept_quantized,
+                    s.kept_formats.join("/"),
+                    dptrain::model::quant::STORED_FILE
+                )
+            } else {
+                "f32".into()
+            };
             println!(
-                "converted {} tensors ({} parameters, f32, {} embeddings) from {} into {}",
+                "converted {} tensors ({} parameters, {storage}, {} embeddings) from {} into {}",
                 s.tensors,
                 s.parameters,
                 if s.tied_embeddings { "tied" } else { "untied" },
                 gguf.display(),
                 s.out_dir.display()
             );
+            if *keep_quantized && s.kept_quantized == 0 {
+                println!("note: the GGUF holds no quantized linear weights: nothing was kept quantized");
+            }
             Ok(())
         }
         Some(Command::Init {

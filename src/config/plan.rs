@@ -147,6 +147,9 @@ pub struct Plan {
     pub model_dtype: Option<candle_core::DType>,
     /// Quantization of the frozen linear weights (`model.quantize`), if any.
     pub model_quant: Option<crate::model::quant::QuantFormat>,
+    /// The GGML types of the blocks the model folder stores (`dptrain convert --keep-quantized`:
+    /// `model::quant::STORED_FILE`), if it does.
+    pub model_stored_quant: Option<Vec<&'static str>>,
     /// Checkpoint interval in steps (0: only after the last step).
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
@@ -339,6 +342,23 @@ impl Plan {
             None => None,
             Some(q) => Some(crate::model::quant::QuantFormat::parse(q).map_err(|e| bad("model.quantize", e))?),
         };
+        let model_stored_quant =
+            crate::model::quant::stored_formats(&raw.model.path).map_err(|e| bad("model.path", e.to_string()))?;
+        if model_stored_quant.is_some() {
+            let stored = format!(
+                "the model folder holds quantized linear weights ({}, from dptrain convert --keep-quantized)",
+                crate::model::quant::STORED_FILE
+            );
+            if model_quant.is_some() {
+                return Err(bad("model.quantize", format!("{stored}, used as they are: leave model.quantize unset")));
+            }
+            if model_dtype.is_some_and(|d| d != candle_core::DType::F32) {
+                return Err(bad(
+                    "model.dtype",
+                    format!("{stored}, dequantized to f32 for each product: leave model.dtype unset or f32"),
+                ));
+            }
+        }
         if model_quant.is_some() && model_dtype.is_some_and(|d| d != candle_core::DType::F32) {
             return Err(bad(
                 "model.dtype",
@@ -495,6 +515,7 @@ impl Plan {
             device,
             model_dtype,
             model_quant,
+            model_stored_quant,
             checkpoint_every: t.checkpoint_every.unwrap_or(50),
             keep_checkpoints: match t.keep_checkpoints {
                 Some(0) => return Err(bad("training.keep-checkpoints", "must be at least 1".into())),
@@ -507,12 +528,12 @@ impl Plan {
     }
 
     /// dtype of the frozen base weights: as configured, else the device's default.
-    /// f32 for a quantized base (its products run in f32).
+    /// f32 for a quantized base, configured or stored (its products run in f32).
     pub fn base_dtype(&self) -> candle_core::DType {
-        match self.model_quant {
-            Some(_) => candle_core::DType::F32,
-            None => self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype()),
+        if self.model_quant.is_some() || self.model_stored_quant.is_some() {
+            return candle_core::DType::F32;
         }
+        self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype())
     }
 
     /// How the frozen base weights are stored: `base_dtype()` and the quantization, if any.

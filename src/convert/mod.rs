@@ -8,6 +8,13 @@
 //! vocabulary and merges ([`tokenizer::tokenizer_json`]; byte-level BPE only). Everything is
 //! written into a temporary folder next to the output and renamed into place at the end, so a
 //! failure leaves no half-written output.
+//!
+//! With `--keep-quantized` ([`ConvertOptions::keep_quantized`]) the linear weights of the decoder
+//! blocks that the GGUF stores in a GGML block format (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, …) are not
+//! dequantized: their blocks are copied, under their HF names, into
+//! [`crate::model::quant::STORED_FILE`] (a GGUF file), the Q/K rows un-permuted as whole rows of
+//! blocks, and the model trains on exactly those blocks. Everything else (embedding, norms,
+//! biases, weights the GGUF holds as f32/f16) goes to model.safetensors in f32 as without it.
 
 pub mod tensors;
 pub mod tokenizer;
@@ -55,6 +62,40 @@ pub struct ConvertSummary {
     pub parameters: usize,
     pub gguf_sha256: String,
     pub tied_embeddings: bool,
+    /// Tensors kept as GGML blocks (in the stored file), and their types (sorted, no repeats).
+    pub kept_quantized: usize,
+    pub kept_formats: Vec<&'static str>,
+}
+
+/// How to convert.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvertOptions {
+    /// Replace a non-empty output folder.
+    pub overwrite: bool,
+    /// Keep the decoder blocks' quantized linear weights as their GGML blocks (module docs).
+    pub keep_quantized: bool,
+}
+
+/// The decoder-block tensor kinds that are linear weights (kept quantized with --keep-quantized).
+const LINEAR_KINDS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// A quantized [rows, cols] weight with its rows un-permuted for `n_head` heads, block bytes
+/// moved as they are.
+fn unpermute_block_rows(
+    name: &str,
+    q: &candle_core::quantized::QTensor,
+    n_head: usize,
+) -> Result<candle_core::quantized::QTensor, ConvertError> {
+    let terr = |m: String| ConvertError::Tensor { name: name.into(), message: m };
+    let (rows, cols) = q.shape().dims2().map_err(|e| terr(e.to_string()))?;
+    let (block, size) = (q.dtype().block_size(), q.dtype().type_size());
+    if !cols.is_multiple_of(block) {
+        return Err(terr(format!("rows of {cols} weights are not whole blocks of {block}")));
+    }
+    let data = q.data().map_err(|e| terr(e.to_string()))?;
+    let bytes = tensors::unpermute_rows(&data, rows, cols / block * size, n_head)?;
+    candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &bytes, vec![rows, cols], &Device::Cpu)
+        .map_err(|e| terr(e.to_string()))
 }
 
 /// The Llama hyper-parameters read from the GGUF metadata.
@@ -352,11 +393,11 @@ fn write_atomically(
 }
 
 /// Convert the GGUF file `gguf` into the HF folder `out`.
-pub fn convert_gguf(gguf: &Path, out: &Path, overwrite: bool) -> Result<ConvertSummary, ConvertError> {
-    check_out_dir(out, overwrite)?;
+pub fn convert_gguf(gguf: &Path, out: &Path, opts: ConvertOptions) -> Result<ConvertSummary, ConvertError> {
+    check_out_dir(out, opts.overwrite)?;
     let bytes = std::fs::read(gguf).map_err(|e| ConvertError::Read { path: gguf.into(), error: e })?;
     let source = gguf.file_name().map_or_else(|| gguf.display().to_string(), |n| n.to_string_lossy().into_owned());
-    convert_gguf_bytes(&bytes, &source, out, overwrite)
+    convert_gguf_bytes(&bytes, &source, out, opts)
 }
 
 struct F32Tensor {
@@ -397,8 +438,9 @@ pub fn convert_gguf_bytes(
     bytes: &[u8],
     source: &str,
     out: &Path,
-    overwrite: bool,
+    opts: ConvertOptions,
 ) -> Result<ConvertSummary, ConvertError> {
+    let overwrite = opts.overwrite;
     check_out_dir(out, overwrite)?;
     let gguf_sha256: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
     let mut reader = Cursor::new(bytes);
@@ -444,10 +486,32 @@ pub fn convert_gguf_bytes(
     let mlp_bias = [".ffn_gate.bias", ".ffn_up.bias", ".ffn_down.bias"].iter().any(|s| has(s));
 
     let mut out_tensors = Vec::with_capacity(mapped.len());
+    let mut kept: Vec<(String, candle_core::quantized::QTensor)> = Vec::new();
     let mut parameters = 0usize;
     for (hf_name, (name, m)) in &mapped {
         let terr = |e: candle_core::Error| ConvertError::Tensor { name: name.clone(), message: e.to_string() };
         let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(terr)?;
+        let keep = opts.keep_quantized
+            && !m.is_bias
+            && m.layer.is_some()
+            && LINEAR_KINDS.contains(&m.kind)
+            && crate::model::quant::is_block_format(q.dtype());
+        if keep {
+            let q = match m.kind {
+                "attn_q" => unpermute_block_rows(name, &q, h.dims.n_head)?,
+                "attn_k" => unpermute_block_rows(name, &q, h.dims.n_head_kv)?,
+                _ => q,
+            };
+            // The same finiteness check as the f32 path, on the values the blocks decode to.
+            let values: Vec<f32> =
+                q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).map_err(terr)?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(ConvertError::Tensor { name: name.clone(), message: format!("non-finite value at {i}") });
+            }
+            parameters += values.len();
+            kept.push((hf_name.clone(), q));
+            continue;
+        }
         let t = q.dequantize(&Device::Cpu).map_err(terr)?;
         let shape = t.dims().to_vec();
         let mut values: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(terr)?;
@@ -476,6 +540,23 @@ pub fn convert_gguf_bytes(
         let st_path = dir.join("model.safetensors");
         write_safetensors(&st_path, &out_tensors, &st_meta)
             .map_err(|e| ConvertError::Write { path: st_path.clone(), error: e })?;
+        if !kept.is_empty() {
+            let q_path = dir.join(crate::model::quant::STORED_FILE);
+            let s = |x: &str| Value::String(x.into());
+            let md = [
+                ("dptrain.source_gguf", s(source)),
+                ("dptrain.source_gguf_sha256", s(&gguf_sha256)),
+                ("dptrain.converter", s(concat!("dptrain ", env!("CARGO_PKG_VERSION"), " convert --keep-quantized"))),
+            ];
+            let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+            let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+                kept.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            let werr = |e: std::io::Error| ConvertError::Write { path: q_path.clone(), error: e };
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&q_path).map_err(werr)?);
+            candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs)
+                .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+            f.into_inner().map_err(|e| werr(e.into_error()))?.sync_all().map_err(werr)?;
+        }
         let write_json = |file: &str, v: &serde_json::Value| {
             let p = dir.join(file);
             let text = serde_json::to_string_pretty(v).expect("JSON values serialise");
@@ -493,12 +574,18 @@ pub fn convert_gguf_bytes(
         tokenizers::Tokenizer::from_file(&tok_path).map_err(invalid)?;
         Ok(())
     })?;
+    let mut kept_formats: Vec<&'static str> =
+        kept.iter().map(|(_, q)| crate::model::quant::ggml_name(q.dtype())).collect();
+    kept_formats.sort_unstable();
+    kept_formats.dedup();
     Ok(ConvertSummary {
         out_dir: out.to_path_buf(),
-        tensors: out_tensors.len(),
+        tensors: out_tensors.len() + kept.len(),
         parameters,
         gguf_sha256,
         tied_embeddings: tied,
+        kept_quantized: kept.len(),
+        kept_formats,
     })
 }
 
@@ -507,6 +594,7 @@ mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Tensor;
+    use rand::SeedableRng;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn scratch(tag: &str) -> PathBuf {
@@ -549,6 +637,17 @@ mod tests {
         if let Some(n) = extra_tensor {
             ts.push((n.into(), mk(9.0, &[hidden])));
         }
+        gguf_bytes(arch, tok_model, (hidden, ffn, heads, kv), &ts)
+    }
+
+    /// A one-block Llama GGUF of `ts` (GGUF names) with a gpt2 tokenizer and these dims.
+    fn gguf_bytes(
+        arch: &str,
+        tok_model: &str,
+        (hidden, ffn, heads, kv): (usize, usize, usize, usize),
+        ts: &[(String, QTensor)],
+    ) -> Vec<u8> {
+        let v = tokenizer::tests::tiny_vocab();
         let s = |x: &str| Value::String(x.into());
         let strings = |xs: &[String]| Value::Array(xs.iter().map(|x| Value::String(x.clone())).collect());
         let md: Vec<(&str, Value)> = vec![
@@ -575,6 +674,41 @@ mod tests {
         buf.into_inner()
     }
 
+    /// A one-block Llama GGUF (hidden 64, 2 heads of 32, 1 KV head, FFN 96) whose linear weights
+    /// are GGML blocks of three types (Q8_0 attention, Q4_1 gate/up, Q4_0 down), their q/k rows
+    /// permuted the way llama.cpp stores them; random values.
+    fn quantized_gguf() -> Vec<u8> {
+        let nv = tokenizer::tests::tiny_vocab().tokens.len();
+        let (hidden, ffn, heads, kv, hd) = (64usize, 96usize, 2usize, 1usize, 32usize);
+        let f32t = |seed: u64, shape: &[usize], offset: f32| {
+            let t = (crate::test_util::rand(shape, seed) * 0.5).unwrap() + offset as f64;
+            QTensor::quantize(&t.unwrap(), GgmlDType::F32).unwrap()
+        };
+        let lin = |seed: u64, out: usize, inp: usize, ty: GgmlDType, permute_heads: Option<usize>| {
+            let mut t = crate::test_util::rand(&[out, inp], seed);
+            if let Some(n) = permute_heads {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                t = Tensor::from_vec(tensors::permute_rows(&v, out, inp, n).unwrap(), (out, inp), &Device::Cpu)
+                    .unwrap();
+            }
+            QTensor::quantize(&t, ty).unwrap()
+        };
+        let ts: Vec<(String, QTensor)> = vec![
+            ("token_embd.weight".into(), f32t(1, &[nv, hidden], 0.0)),
+            ("output_norm.weight".into(), f32t(2, &[hidden], 1.0)),
+            ("blk.0.attn_norm.weight".into(), f32t(3, &[hidden], 1.0)),
+            ("blk.0.ffn_norm.weight".into(), f32t(4, &[hidden], 1.0)),
+            ("blk.0.attn_q.weight".into(), lin(5, heads * hd, hidden, GgmlDType::Q8_0, Some(heads))),
+            ("blk.0.attn_k.weight".into(), lin(6, kv * hd, hidden, GgmlDType::Q8_0, Some(kv))),
+            ("blk.0.attn_v.weight".into(), lin(7, kv * hd, hidden, GgmlDType::Q8_0, None)),
+            ("blk.0.attn_output.weight".into(), lin(8, hidden, heads * hd, GgmlDType::Q8_0, None)),
+            ("blk.0.ffn_gate.weight".into(), lin(9, ffn, hidden, GgmlDType::Q4_1, None)),
+            ("blk.0.ffn_up.weight".into(), lin(10, ffn, hidden, GgmlDType::Q4_1, None)),
+            ("blk.0.ffn_down.weight".into(), lin(11, hidden, ffn, GgmlDType::Q4_0, None)),
+        ];
+        gguf_bytes("llama", "gpt2", (hidden, ffn, heads, kv), &ts)
+    }
+
     fn read_tensor(dir: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -587,7 +721,8 @@ mod tests {
     fn tiny_gguf_converts_with_hf_names_unpermuted_rows_config_and_tokenizer() {
         let root = scratch("ok");
         let out = root.join("model");
-        let s = convert_gguf_bytes(&tiny_gguf("llama", "gpt2", None), "tiny.gguf", &out, false).unwrap();
+        let s = convert_gguf_bytes(&tiny_gguf("llama", "gpt2", None), "tiny.gguf", &out, ConvertOptions::default())
+            .unwrap();
         assert_eq!(s.tensors, 11);
         assert!(s.tied_embeddings);
         // Row r of the GGUF q holds 1000 + r (+ column/100). HF row 1 is GGUF row 2, HF row 2 is GGUF
@@ -619,11 +754,18 @@ mod tests {
         let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
         assert_eq!(tok.encode("the", false).unwrap().get_tokens(), ["t", "he"]);
         // Non-empty output: refused without --overwrite, replaced with it; no temp folders left.
-        let e = convert_gguf_bytes(&tiny_gguf("llama", "gpt2", None), "tiny.gguf", &out, false).unwrap_err();
+        let e = convert_gguf_bytes(&tiny_gguf("llama", "gpt2", None), "tiny.gguf", &out, ConvertOptions::default())
+            .unwrap_err();
         assert!(matches!(e, ConvertError::OutputExists(_)), "{e}");
         std::fs::write(out.join("stale.txt"), "x").unwrap();
         let first = std::fs::read(out.join("model.safetensors")).unwrap();
-        convert_gguf_bytes(&tiny_gguf("llama", "gpt2", None), "tiny.gguf", &out, true).unwrap();
+        convert_gguf_bytes(
+            &tiny_gguf("llama", "gpt2", None),
+            "tiny.gguf",
+            &out,
+            ConvertOptions { overwrite: true, ..Default::default() },
+        )
+        .unwrap();
         assert!(!out.join("stale.txt").exists());
         assert!(first == std::fs::read(out.join("model.safetensors")).unwrap(), "the output is deterministic");
         let (_, meta) = safetensors::SafeTensors::read_metadata(&first).unwrap();
@@ -639,18 +781,122 @@ mod tests {
     fn unsupported_architecture_tokenizer_and_unknown_tensors_are_clear_errors_leaving_nothing() {
         let root = scratch("err");
         let out = root.join("model");
-        let e = convert_gguf_bytes(&tiny_gguf("mistral3", "gpt2", None), "x.gguf", &out, false).unwrap_err();
+        let e = convert_gguf_bytes(&tiny_gguf("mistral3", "gpt2", None), "x.gguf", &out, ConvertOptions::default())
+            .unwrap_err();
         assert!(matches!(e, ConvertError::UnsupportedArchitecture(_)));
         assert!(e.to_string().contains("`mistral3`") && e.to_string().contains("llama"), "{e}");
-        let e = convert_gguf_bytes(&tiny_gguf("llama", "llama", None), "x.gguf", &out, false).unwrap_err();
+        let e = convert_gguf_bytes(&tiny_gguf("llama", "llama", None), "x.gguf", &out, ConvertOptions::default())
+            .unwrap_err();
         assert!(matches!(e, ConvertError::UnsupportedTokenizer(_)));
         assert!(e.to_string().contains("`llama`") && e.to_string().contains("gpt2"), "{e}");
-        let e = convert_gguf_bytes(&tiny_gguf("llama", "gpt2", Some("rope_freqs.weight")), "x.gguf", &out, false)
-            .unwrap_err();
+        let e = convert_gguf_bytes(
+            &tiny_gguf("llama", "gpt2", Some("rope_freqs.weight")),
+            "x.gguf",
+            &out,
+            ConvertOptions::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("unknown GGUF tensor `rope_freqs.weight`"), "{e}");
-        let e = convert_gguf_bytes(b"not a gguf at all", "x.gguf", &out, false).unwrap_err();
+        let e = convert_gguf_bytes(b"not a gguf at all", "x.gguf", &out, ConvertOptions::default()).unwrap_err();
         assert!(matches!(e, ConvertError::Gguf(_)), "{e}");
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "nothing written");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn kept_blocks_decode_to_exactly_the_dequantized_conversion_and_give_the_same_model() {
+        use crate::model::quant::{self, STORED_FILE};
+        use crate::model::DpModel;
+        let root = scratch("keep");
+        let bytes = quantized_gguf();
+        let (plain, kept) = (root.join("plain"), root.join("kept"));
+        let s0 = convert_gguf_bytes(&bytes, "q.gguf", &plain, ConvertOptions::default()).unwrap();
+        let keep = ConvertOptions { keep_quantized: true, ..Default::default() };
+        let s1 = convert_gguf_bytes(&bytes, "q.gguf", &kept, keep).unwrap();
+        assert_eq!((s0.kept_quantized, s1.kept_quantized), (0, 7));
+        assert_eq!(s1.kept_formats, ["q4_0", "q4_1", "q8_0"]);
+        assert_eq!((s1.tensors, s1.parameters), (s0.tensors, s0.parameters));
+        assert!(!plain.join(STORED_FILE).exists());
+        assert_eq!(quant::stored_formats(&kept).unwrap().unwrap(), ["q4_0", "q4_1", "q8_0"]);
+
+        // Each kept weight: the source's type, absent from the safetensors, and its blocks decode
+        // to exactly the f32 values the plain conversion wrote (q/k rows un-permuted as blocks).
+        let stored = quant::read_stored(&kept, &Device::Cpu).unwrap();
+        let st_bytes = std::fs::read(kept.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+        let mut names: Vec<&str> = stored.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names.len(), 7);
+        for (name, q) in &stored {
+            assert!(st.tensor(name).is_err(), "{name} is also in model.safetensors");
+            let want_type = if name.contains("self_attn") {
+                GgmlDType::Q8_0
+            } else if name.contains("down_proj") {
+                GgmlDType::Q4_0
+            } else {
+                GgmlDType::Q4_1
+            };
+            assert_eq!(q.dtype(), want_type, "{name}");
+            let got: Vec<f32> = quant::dequantize(q, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let (shape, want) = read_tensor(&plain, name);
+            assert_eq!(q.shape().dims(), shape.as_slice(), "{name}");
+            let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{name}: {differ} values differ from the dequantized conversion");
+        }
+
+        // The two folders are the same model: per-example losses bit for bit (no adapter, so both
+        // run the same frozen f32 product on the same values).
+        let load = |dir: &Path, base: quant::BaseFormat| {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            crate::model::LlamaLm::load(dir, None, &mut rng, &Device::Cpu, base)
+        };
+        let f32_base = quant::BaseFormat::from(candle_core::DType::F32);
+        let exs: Vec<crate::data::Example> = [(7usize, 1usize), (5, 2), (9, 1)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(len, start))| crate::data::Example {
+                ids: (0..len).map(|i| ((i * 37 + k * 11) % 261) as u32).collect(),
+                label: 0,
+                target_start: Some(start),
+            })
+            .collect();
+        let refs: Vec<&crate::data::Example> = exs.iter().collect();
+        let batch = crate::data::Batch::from_examples(&refs, &Device::Cpu).unwrap();
+        let losses = |dir: &Path| -> Vec<f32> {
+            load(dir, f32_base).unwrap().example_losses(&batch, None).unwrap().to_vec1().unwrap()
+        };
+        let (lp, lk) = (losses(&plain), losses(&kept));
+        assert!(lp.iter().all(|l| l.is_finite() && *l > 0.0), "{lp:?}");
+        assert_eq!(
+            lp.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+            lk.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
+        );
+
+        // Stored blocks are never re-quantized or computed in another dtype.
+        let e =
+            load(&kept, quant::BaseFormat { dtype: candle_core::DType::F32, quant: Some(quant::QuantFormat::Q8_0) })
+                .err()
+                .unwrap()
+                .to_string();
+        assert!(e.contains(STORED_FILE) && e.contains("leave model.quantize unset"), "{e}");
+        let e = load(&kept, candle_core::DType::BF16.into()).err().unwrap().to_string();
+        assert!(e.contains("f32"), "{e}");
+
+        // A stored tensor the model does not use, or a dense one, is an error naming it.
+        let write_stored = |extra: (&str, QTensor)| {
+            let mut ts: Vec<(&str, &QTensor)> = stored.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect();
+            ts.push((extra.0, &extra.1));
+            let mut f = std::fs::File::create(kept.join(STORED_FILE)).unwrap();
+            candle_core::quantized::gguf_file::write(&mut f, &[], &ts).unwrap();
+        };
+        let blocks = QTensor::quantize(&crate::test_util::rand(&[4, 64], 9), GgmlDType::Q8_0).unwrap();
+        write_stored(("model.layers.0.mlp.extra_proj.weight", blocks));
+        let e = load(&kept, f32_base).err().unwrap().to_string();
+        assert!(e.contains("model.layers.0.mlp.extra_proj.weight") && e.contains("not linear weights"), "{e}");
+        let dense = QTensor::quantize(&crate::test_util::rand(&[4, 64], 9), GgmlDType::F32).unwrap();
+        write_stored(("model.layers.0.mlp.extra_proj.weight", dense));
+        let e = load(&kept, f32_base).err().unwrap().to_string();
+        assert!(e.contains("extra_proj") && e.contains("not a GGML block format"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -133,11 +133,18 @@ pub fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Resul
 }
 
 /// The inverse of llama.cpp's permutation (GGUF rows → HF rows): `hf[h·hd + j·half + i] =
-/// gguf[h·hd + 2i + j]`.
-pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>, ConvertError> {
+/// gguf[h·hd + 2i + j]`. Rows are `cols` elements of any kind: f32 values, or the bytes of a
+/// row of GGML blocks (rows of a quantized weight are whole blocks, so moving them moves whole
+/// blocks and re-quantizes nothing).
+pub fn unpermute_rows<T: Copy + Default>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Result<Vec<T>, ConvertError> {
     let head_dim = check_heads(rows, n_head)?;
     assert_eq!(w.len(), rows * cols, "unpermute_rows: {} values for [{rows}, {cols}]", w.len());
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for g in 0..rows {
         let h = hf_row_of(g, head_dim);
         out[h * cols..(h + 1) * cols].copy_from_slice(&w[g * cols..(g + 1) * cols]);

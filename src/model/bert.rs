@@ -346,6 +346,14 @@ impl BertClassifier {
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
+        if let Some(f) = super::quant::stored_file(dir) {
+            return Err(ModelError::Config {
+                path: f,
+                message:
+                    "quantized base weights are implemented for the Llama family only (this is a BERT-family model)"
+                        .into(),
+            });
+        }
         let st = dir.join("model.safetensors");
         if !st.exists() {
             return Err(ModelError::MissingFile(st));

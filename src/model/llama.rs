@@ -621,6 +621,19 @@ impl LlamaLm {
         init_rng: &mut ChaCha20Rng,
         quant: Option<super::quant::QuantFormat>,
     ) -> Result<Self> {
+        Self::build(vb, config, lora, init_rng, quant, Default::default())
+    }
+
+    /// `new_quantized`, with the linear weights named in `stored` (HF name → GGML blocks, from a
+    /// folder's `model::quant::STORED_FILE`) taken as they are; every stored tensor must be used.
+    fn build(
+        vb: VarBuilder,
+        config: LlamaConfig,
+        lora: Option<&crate::lora::LoraSpec>,
+        init_rng: &mut ChaCha20Rng,
+        quant: Option<super::quant::QuantFormat>,
+        mut stored: std::collections::BTreeMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
+    ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
         let (h, f) = (config.hidden_size, config.intermediate_size);
         let (nh, nkv, hd) = (config.num_attention_heads, config.kv_heads(), config.head_dim());
@@ -661,10 +674,21 @@ impl LlamaLm {
                 _ => None,
             };
             let name = v.prefix().to_string();
-            let weight = v.get((out, inp), "weight")?;
-            let weight = match quant {
-                None => weight.into(),
-                Some(q) => FrozenWeight::Quantized(super::quant::quantize_weight(&weight, q, &name)?),
+            let weight = if let Some(q) = stored.remove(&format!("{name}.weight")) {
+                if q.shape().dims() != [out, inp] {
+                    candle_core::bail!(
+                        "{}: {name}.weight has shape {:?}, the model needs [{out}, {inp}]",
+                        super::quant::STORED_FILE,
+                        q.shape().dims()
+                    );
+                }
+                FrozenWeight::Quantized(q)
+            } else {
+                let weight = v.get((out, inp), "weight")?;
+                match quant {
+                    None => weight.into(),
+                    Some(q) => FrozenWeight::Quantized(super::quant::quantize_weight(&weight, q, &name)?),
+                }
             };
             Ok(LoraLinear { name, weight, bias: if bias { Some(f32_get(&v, &[out], "bias")?) } else { None }, adapter })
         };
@@ -725,6 +749,14 @@ impl LlamaLm {
                 sliding: slides,
             });
         }
+        if !stored.is_empty() {
+            let names: Vec<&str> = stored.keys().map(String::as_str).collect();
+            candle_core::bail!(
+                "{} holds tensors that are not linear weights of this model's decoder layers: {}",
+                super::quant::STORED_FILE,
+                names.join(", ")
+            );
+        }
         let embed_raw = vb.get((config.vocab_size, h), "model.embed_tokens.weight")?;
         let head_weight =
             if config.tied() { embed_raw.clone() } else { vb.get((config.vocab_size, h), "lm_head.weight")? };
@@ -765,9 +797,32 @@ impl LlamaLm {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
         super::check_weight_dtypes(&files)?;
+        let stored = match super::quant::stored_file(dir) {
+            None => Default::default(),
+            Some(file) => {
+                let conflict = if base.quant.is_some() {
+                    Some("leave model.quantize unset (the blocks are used as they are, never re-quantized)")
+                } else if base.dtype != DType::F32 {
+                    Some("its products run in f32: leave model.dtype unset or f32")
+                } else {
+                    None
+                };
+                if let Some(why) = conflict {
+                    return Err(ModelError::Config {
+                        path: dir.into(),
+                        message: format!(
+                            "the folder holds quantized linear weights ({}, from dptrain convert --keep-quantized): {why}",
+                            super::quant::STORED_FILE
+                        ),
+                    });
+                }
+                super::quant::read_stored(dir, device)
+                    .map_err(|e| ModelError::Load { file: file.clone(), message: e.to_string() })?
+            }
+        };
         // SAFETY: the files are memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base.dtype, device)? };
-        Self::new_quantized(vb, config, lora, init_rng, base.quant)
+        Self::build(vb, config, lora, init_rng, base.quant, stored)
             .map_err(|e| ModelError::Load { file: files[0].clone(), message: e.to_string() })
     }
 

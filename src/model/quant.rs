@@ -18,12 +18,100 @@
 //! for the products: on the CPU it also quantizes the activations (to Q8 blocks), which would make
 //! the forward differ from the dequantized model and its backward not the forward's gradient.
 //!
+//! A folder written by `dptrain convert --keep-quantized` holds the blocks of a GGUF file as
+//! they were: its decoder linear weights sit in [`STORED_FILE`] (a GGUF file under HF names, Q/K
+//! rows already in HF order), everything else in model.safetensors in f32. Such a folder is
+//! loaded with those blocks as the frozen weights, whatever their GGML type, never re-quantized
+//! ([`read_stored`]); `model.quantize` must then be unset.
+//!
 //! The privacy argument is unchanged: the frozen base is a public constant whatever its storage,
 //! and per-example gradients, clipping and noise are computed as for any base.
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The file of a model folder that holds frozen linear weights as GGML blocks
+/// (`dptrain convert --keep-quantized`).
+pub const STORED_FILE: &str = "model.quantized.gguf";
+
+/// The folder's stored-blocks file, if it has one.
+pub fn stored_file(dir: &Path) -> Option<PathBuf> {
+    let f = dir.join(STORED_FILE);
+    f.exists().then_some(f)
+}
+
+/// The lower-case name of a GGML type (`q4_1`, `q6_k`, `f16`).
+pub fn ggml_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q5_1 => "q5_1",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q8_1 => "q8_1",
+        GgmlDType::Q2K => "q2_k",
+        GgmlDType::Q3K => "q3_k",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5K => "q5_k",
+        GgmlDType::Q6K => "q6_k",
+        GgmlDType::Q8K => "q8_k",
+    }
+}
+
+/// Whether `t` is a block format (not a plain float type).
+pub fn is_block_format(t: GgmlDType) -> bool {
+    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+fn stored_err(file: &Path, message: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: {message}", file.display()))
+}
+
+fn read_stored_header(file: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
+    let mut f = std::fs::File::open(file).map_err(|e| stored_err(file, e))?;
+    let content =
+        gguf_file::Content::read(&mut f).map_err(|e| stored_err(file, format!("not a readable GGUF file: {e}")))?;
+    if let Some((name, info)) = content.tensor_infos.iter().find(|(_, i)| !is_block_format(i.ggml_dtype)) {
+        return Err(stored_err(
+            file,
+            format!(
+                "tensor `{name}` is {}, not a GGML block format: dense weights belong in model.safetensors",
+                ggml_name(info.ggml_dtype)
+            ),
+        ));
+    }
+    Ok((f, content))
+}
+
+/// The GGML types of a folder's stored blocks, sorted and without repeats (`["q4_1", "q6_k"]`),
+/// or None when the folder has no [`STORED_FILE`]. Reads the file's header only.
+pub fn stored_formats(dir: &Path) -> Result<Option<Vec<&'static str>>> {
+    let Some(file) = stored_file(dir) else { return Ok(None) };
+    let (_, content) = read_stored_header(&file)?;
+    let mut names: Vec<&'static str> = content.tensor_infos.values().map(|i| ggml_name(i.ggml_dtype)).collect();
+    names.sort_unstable();
+    names.dedup();
+    Ok(Some(names))
+}
+
+/// Every tensor of a folder's [`STORED_FILE`] (HF name → blocks on `device`), or an empty map
+/// when it has none. A dense tensor in the file is an error.
+pub fn read_stored(dir: &Path, device: &Device) -> Result<BTreeMap<String, Arc<QTensor>>> {
+    let mut out = BTreeMap::new();
+    let Some(file) = stored_file(dir) else { return Ok(out) };
+    let (mut f, content) = read_stored_header(&file)?;
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut f, name, device).map_err(|e| stored_err(&file, format!("tensor `{name}`: {e}")))?;
+        out.insert(name.clone(), Arc::new(q));
+    }
+    Ok(out)
+}
 
 /// A supported quantization of the frozen linear weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +195,9 @@ pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Ar
 /// `QTensor::dequantize`, the slow twin, runs on one thread: on 2 cores it made a Llama-3.2-1B
 /// step 37–40% slower than the f32 base, threaded 21%: BENCHMARKS.md); elsewhere candle's own (a GPU kernel).
 pub fn dequantize(q: &QTensor, device: &Device) -> Result<Tensor> {
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    };
     if !device.is_cpu() || !q.device().is_cpu() {
         return q.dequantize(device);
     }
@@ -116,6 +206,15 @@ pub fn dequantize(q: &QTensor, device: &Device) -> Result<Tensor> {
     match q.dtype() {
         GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(&data, &mut out)?,
         GgmlDType::Q4K => par_to_float::<BlockQ4K>(&data, &mut out)?,
+        // The types of stored GGUF blocks (`dptrain convert --keep-quantized`).
+        GgmlDType::Q4_0 => par_to_float::<BlockQ4_0>(&data, &mut out)?,
+        GgmlDType::Q4_1 => par_to_float::<BlockQ4_1>(&data, &mut out)?,
+        GgmlDType::Q5_0 => par_to_float::<BlockQ5_0>(&data, &mut out)?,
+        GgmlDType::Q5_1 => par_to_float::<BlockQ5_1>(&data, &mut out)?,
+        GgmlDType::Q2K => par_to_float::<BlockQ2K>(&data, &mut out)?,
+        GgmlDType::Q3K => par_to_float::<BlockQ3K>(&data, &mut out)?,
+        GgmlDType::Q5K => par_to_float::<BlockQ5K>(&data, &mut out)?,
+        GgmlDType::Q6K => par_to_float::<BlockQ6K>(&data, &mut out)?,
         _ => return q.dequantize(device),
     }
     Tensor::from_vec(out, q.shape(), device)
@@ -164,8 +263,9 @@ mod tests {
     fn threaded_dequantization_equals_candles_bit_for_bit() {
         // 2,100 × 512 weights: several 1,024-block chunks and a partial one for both formats.
         let w = rand(&[2100, 512], 5);
-        for format in [QuantFormat::Q8_0, QuantFormat::Q4K] {
-            let q = quantize_weight(&w, format, "w").unwrap();
+        use GgmlDType::*;
+        for format in [Q8_0, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q2K, Q3K, Q5K, Q6K] {
+            let q = QTensor::quantize(&w, format).unwrap();
             let fast = dequantize(&q, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let slow = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(fast.len(), slow.len());

@@ -266,6 +266,14 @@ pub fn guarantee_sentence(private: bool, seeded: bool, epsilon: Option<f64>, del
 /// How the base was quantized for training, or null: an adapter trained on a quantized base is
 /// meant for that quantized base.
 fn base_quantization_statement(plan: &Plan) -> serde_json::Value {
+    if let Some(formats) = &plan.model_stored_quant {
+        return format!(
+            "{} as stored: the frozen linear weights of the decoder layers are the GGML blocks of {} (copied from the GGUF file by dptrain convert --keep-quantized; the sha256 covers that file); the adapter was trained for, and is to be deployed on, this quantized base",
+            formats.join(", "),
+            crate::model::quant::STORED_FILE
+        )
+        .into();
+    }
     match plan.model_quant {
         None => serde_json::Value::Null,
         Some(q) => format!(
@@ -536,7 +544,10 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "compute": {
             "device": plan.device.name(),
             "base_weights_dtype": format!("{:?}", plan.base_dtype()).to_lowercase(),
-            "base_weights_quantization": plan.model_quant.map(|q| q.name()),
+            "base_weights_quantization": match &plan.model_stored_quant {
+                Some(formats) => Some(format!("stored {}", formats.join(", "))),
+                None => plan.model_quant.map(|q| q.name().to_string()),
+            },
             "gradient_dtype": gradient_dtype_statement(plan.base_dtype()),
         },
         "metrics": {

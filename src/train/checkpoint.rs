@@ -397,7 +397,8 @@ impl State {
     }
 }
 
-/// sha256 over a model folder's config.json and weight files (in name order), streamed.
+/// sha256 over a model folder's config.json and weight files (in name order, then the stored
+/// quantized blocks if the folder has them), streamed.
 pub fn model_hash(dir: &Path) -> Result<String, CheckpointError> {
     use sha2::{Digest, Sha256};
     let mut files = vec![dir.join("config.json")];
@@ -405,6 +406,7 @@ pub fn model_hash(dir: &Path) -> Result<String, CheckpointError> {
         crate::model::llama::weight_files(dir)
             .map_err(|e| CheckpointError::Corrupt { path: dir.into(), message: e.to_string() })?,
     );
+    files.extend(crate::model::quant::stored_file(dir));
     let mut h = Sha256::new();
     for f in &files {
         let mut file = std::fs::File::open(f).map_err(io(f))?;
