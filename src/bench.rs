@@ -115,6 +115,8 @@ pub struct BenchOptions {
     pub base_dtype: DType,
     /// Llama family: frozen linear weights kept quantized (`model.quantize`); needs f32.
     pub quant: Option<crate::model::quant::QuantFormat>,
+    /// Llama family: embedding and LM head kept quantized (`model.quantize-vocab`); needs f32.
+    pub quant_vocab: Option<crate::model::quant::QuantFormat>,
     pub batch: usize,
     pub seq_len: usize,
     pub steps: usize,
@@ -215,11 +217,14 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         Some(dir) => dir.display().to_string(),
         None => format!("{} (random weights)", opts.shape),
     };
-    let base = crate::model::quant::BaseFormat { dtype: opts.base_dtype, quant: opts.quant };
+    let base =
+        crate::model::quant::BaseFormat { dtype: opts.base_dtype, quant: opts.quant, quant_vocab: opts.quant_vocab };
     let (mut model, vocab, positions, shape): (Box<dyn DpModel>, usize, usize, FlopShape) =
         match (arch, &opts.model_dir) {
-            (Architecture::Bert, _) if opts.quant.is_some() => {
-                candle_core::bail!("--quantize: quantized base weights are implemented for the Llama family only")
+            (Architecture::Bert, _) if base.is_quantized() => {
+                candle_core::bail!(
+                    "--quantize, --quantize-vocab: quantized base weights are implemented for the Llama family only"
+                )
             }
             (Architecture::Bert, dir) => {
                 let m = match dir {
@@ -251,7 +256,7 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
                 let cfg = llama_shape_config(&opts.shape)?.expect("a llama shape");
                 let w = crate::model::llama::random_weights(&cfg, &mut rng, device)?;
                 let vb = VarBuilder::from_tensors(w, opts.base_dtype, device);
-                let m = LlamaLm::new_quantized(vb, cfg, Some(&spec), &mut rng, opts.quant)?;
+                let m = LlamaLm::new_with_base(vb, cfg, Some(&spec), &mut rng, base)?;
                 let v = m.config.vocab_size;
                 let shape = FlopShape::llama(&m.config);
                 (Box::new(m), v, usize::MAX, shape)
@@ -468,9 +473,11 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
     Ok(BenchReport {
         device: device_name.into(),
         model: model_name,
-        base_dtype: match opts.quant {
-            Some(q) => q.name().to_string(),
-            None => format!("{:?}", opts.base_dtype).to_lowercase(),
+        base_dtype: match (opts.quant, opts.quant_vocab) {
+            (Some(q), None) => q.name().to_string(),
+            (Some(q), Some(v)) => format!("{}, vocab {}", q.name(), v.name()),
+            (None, Some(v)) => format!("{:?}, vocab {}", opts.base_dtype, v.name()).to_lowercase(),
+            (None, None) => format!("{:?}", opts.base_dtype).to_lowercase(),
         },
         batch: opts.batch,
         seq_len,

@@ -22,6 +22,7 @@ fn peaks(shape: &str, targets: &[&str], batch: usize, seq_len: usize) -> (u64, u
         shape: shape.into(),
         base_dtype: DType::F32,
         quant: None,
+        quant_vocab: None,
         batch,
         seq_len,
         steps: 2,

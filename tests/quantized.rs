@@ -7,7 +7,9 @@
 //! eval --quantize` of the released adapter gives the perplexity the run reported. A folder that
 //! stores its linear weights as GGML blocks (`dptrain convert --keep-quantized`) trains on exactly
 //! those blocks: the same adapter as quantizing the same weights at load, a report saying so, and
-//! `model.quantize` or a BERT model with such a file refused.
+//! `model.quantize` or a BERT model with such a file refused. With the embedding and LM head
+//! quantized too (`model.quantize-vocab`, tied or untied) the model still computes exactly the
+//! dequantized model, in the format's bytes, and eval reproduces such a run only with the flag.
 
 mod common;
 
@@ -81,7 +83,7 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 
 fn check_format(format: QuantFormat, hidden: usize, intermediate: usize, bytes_per_block: usize) {
     let dir = model_dir(format.name(), hidden, intermediate);
-    let quant = BaseFormat { dtype: DType::F32, quant: Some(format) };
+    let quant = BaseFormat { dtype: DType::F32, quant: Some(format), quant_vocab: None };
     let q = load(&dir, quant);
     let mut twin = load(&dir, quant);
     twin.dequantize_base().unwrap();
@@ -123,15 +125,66 @@ fn a_q4_k_base_computes_exactly_the_dequantized_model_in_a_seventh_of_the_bytes(
     check_format(QuantFormat::Q4K, 256, 512, 144);
 }
 
+/// `model.quantize-vocab`: the embedding and head in Q8_0 blocks (one set when tied), the decoder
+/// linears too; the model computes exactly the dequantized model, stores the vocabulary tensors in
+/// Q8_0's bytes, and differs from quantizing the decoder alone (the vocabulary quantization is
+/// really applied).
+fn check_vocab(tied: bool) {
+    let dir = model_dir(if tied { "vocab-tied" } else { "vocab-untied" }, 64, 96);
+    if !tied {
+        let path = dir.join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["tie_word_embeddings"] = false.into();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let parsed = dptrain::model::LlamaConfig::from_json(&cfg.to_string()).unwrap();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let w = dptrain::model::llama::random_weights(&parsed, &mut rng, &Device::Cpu).unwrap();
+        assert!(w.contains_key("lm_head.weight"));
+        candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    }
+    let q8 = Some(QuantFormat::Q8_0);
+    let both = BaseFormat { dtype: DType::F32, quant: q8, quant_vocab: q8 };
+    let q = load(&dir, both);
+    let mut twin = load(&dir, both);
+    twin.dequantize_base().unwrap();
+    let layers_only = load(&dir, BaseFormat { dtype: DType::F32, quant: q8, quant_vocab: None });
+    let dense = load(&dir, DType::F32.into());
+    // 50 × 64 f32 per vocabulary tensor (one when tied) against 50 × 2 blocks of 34 bytes.
+    let tensors = if tied { 1 } else { 2 };
+    assert_eq!(dense.vocab_weight_bytes(), tensors * 50 * 64 * 4);
+    assert_eq!(q.vocab_weight_bytes(), tensors * 50 * 2 * 34, "tied {tied}");
+    assert_eq!(twin.vocab_weight_bytes(), dense.vocab_weight_bytes());
+
+    let (lq, gq) = losses_and_grads(&q);
+    let (lt, gt) = losses_and_grads(&twin);
+    let (ll, _) = losses_and_grads(&layers_only);
+    let loss_err = max_rel(&lq, &lt);
+    assert!(loss_err < 1e-6, "tied {tied}: losses differ from the dequantized model's by {loss_err}");
+    for (i, (a, b)) in gq.iter().zip(&gt).enumerate() {
+        let e = max_rel(a, b);
+        assert!(e < 1e-5, "tied {tied}, example {i}: per-example gradient differs from the dequantized model's by {e}");
+    }
+    let vocab_effect = max_rel(&lq, &ll);
+    assert!(vocab_effect > 1e-6, "tied {tied}: quantize-vocab changed nothing ({vocab_effect})");
+    assert!(vocab_effect < 0.01, "tied {tied}: quantizing the vocabulary moved the losses by {vocab_effect}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_q8_0_embedding_and_head_compute_exactly_the_dequantized_model_tied_or_not() {
+    check_vocab(true);
+    check_vocab(false);
+}
+
 #[test]
 fn quantizing_a_weight_whose_rows_are_not_whole_blocks_is_refused_naming_it() {
     // hidden 64: rows of 64 are not a Q4_K block (256); the first linear read is q_proj.
     let dir = model_dir("q4k-64", 64, 96);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
-    let base = BaseFormat { dtype: DType::F32, quant: Some(QuantFormat::Q4K) };
+    let base = BaseFormat { dtype: DType::F32, quant: Some(QuantFormat::Q4K), quant_vocab: None };
     let e = LlamaLm::load(&dir, None, &mut rng, &Device::Cpu, base).err().unwrap().to_string();
     assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("64") && e.contains("256"), "{e}");
-    let base = BaseFormat { dtype: DType::BF16, quant: Some(QuantFormat::Q8_0) };
+    let base = BaseFormat { dtype: DType::BF16, quant: Some(QuantFormat::Q8_0), quant_vocab: None };
     let e = LlamaLm::load(&dir, None, &mut rng, &Device::Cpu, base).err().unwrap().to_string();
     assert!(e.contains("dtype must be f32"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -174,24 +227,39 @@ fn a_run_on_a_q8_0_base_names_it_in_the_report_and_eval_on_that_base_reproduces_
     let md = std::fs::read_to_string(root.join("run/release/privacy_report.md")).unwrap();
     assert!(md.contains("base model quantization"), "{md}");
     let after = report["metrics"]["test_perplexity"]["perplexity"].as_f64().unwrap();
-    let eval = |quantize: Option<&str>| -> f64 {
+    let eval_run = |run: &str, flags: &[&str]| -> f64 {
         let mut a = vec!["eval", "--model", model.to_str().unwrap(), "--json", "--samples", "0", "--max-seq-len", "10"];
         let data = format!("{d}/test.jsonl");
-        let adapter = format!("{d}/run");
+        let adapter = format!("{d}/{run}");
         a.extend(["--data", &data, "--adapter", &adapter]);
-        if let Some(q) = quantize {
-            a.extend(["--quantize", q]);
-        }
+        a.extend(flags);
         let (ok, log) = common::dptrain(&a);
         assert!(ok, "{log}");
         let r: serde_json::Value = serde_json::from_str(&log).unwrap();
         r["metric"]["perplexity"]["perplexity"].as_f64().unwrap()
     };
-    let on_q8 = eval(Some("q8_0"));
+    let on_q8 = eval_run("run", &["--quantize", "q8_0"]);
     assert!((on_q8 / after - 1.0).abs() < 1e-6, "eval on the q8_0 base {on_q8} vs the run's {after}");
     // On the unquantized base the same adapter gives another (nearby) perplexity.
-    let on_f32 = eval(None);
+    let on_f32 = eval_run("run", &[]);
     assert!(on_f32 != on_q8 && (on_f32 / on_q8 - 1.0).abs() < 0.05, "f32 {on_f32} vs q8_0 {on_q8}");
+
+    // The embedding and head quantized too (model.quantize-vocab): named in the report, and
+    // reproduced by eval with the same flags only.
+    let cfg_v = config("quantize = \"q8_0\"\nquantize-vocab = \"q8_0\"", "run-vocab");
+    let (ok, log) = common::dptrain(&["--config", cfg_v.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("run-vocab/release/privacy_report.json")).unwrap())
+            .unwrap();
+    let statement = report["base_model"]["quantization"].as_str().unwrap();
+    assert!(statement.starts_with("q8_0") && statement.contains("token embedding and the LM head"), "{statement}");
+    assert_eq!(report["compute"]["base_weights_quantization"], "q8_0; vocabulary q8_0");
+    let after_v = report["metrics"]["test_perplexity"]["perplexity"].as_f64().unwrap();
+    let both = eval_run("run-vocab", &["--quantize", "q8_0", "--quantize-vocab", "q8_0"]);
+    assert!((both / after_v - 1.0).abs() < 1e-6, "eval with the vocabulary quantized {both} vs the run's {after_v}");
+    let layers_only = eval_run("run-vocab", &["--quantize", "q8_0"]);
+    assert!(layers_only != both, "--quantize-vocab changed nothing ({both})");
     // A BERT-family model is refused, naming the reason.
     let bert = root.join("bert");
     common::write_tiny_model_dir(&bert.join("model"), 5);
@@ -283,6 +351,19 @@ fn a_folder_of_stored_q8_0_blocks_trains_the_same_adapter_as_quantizing_at_load_
     let (a, b) = (adapter_tensors(&root.join("at-load")), adapter_tensors(&root.join("as-stored")));
     assert_eq!(a.len(), 8, "A and B of q_proj and down_proj in 2 layers");
     assert!(a == b, "the stored-blocks run trained another adapter than quantizing at load");
+    // The embedding and head quantized at load beside the stored blocks: again the adapter of
+    // quantizing everything at load, and both named in the report.
+    let vocab = "quantize-vocab = \"q8_0\"";
+    run(&config("plain", &format!("quantize = \"q8_0\"\n{vocab}"), "at-load-vocab"));
+    run(&config("stored", vocab, "as-stored-vocab"));
+    let (av, bv) = (adapter_tensors(&root.join("at-load-vocab")), adapter_tensors(&root.join("as-stored-vocab")));
+    assert!(av == bv, "stored blocks with quantize-vocab trained another adapter than quantizing all at load");
+    assert!(av != a, "quantize-vocab changed no adapter tensor");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("as-stored-vocab/release/privacy_report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["compute"]["base_weights_quantization"], "stored q8_0; vocabulary q8_0");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("as-stored/release/privacy_report.json")).unwrap())
             .unwrap();

@@ -234,7 +234,8 @@ fn smollm2_gguf_kept_quantized_decodes_to_the_f32_conversion_and_gives_its_losse
     let _ = std::fs::remove_dir_all(&out);
     let opts = dptrain::convert::ConvertOptions { overwrite: false, keep_quantized: true };
     let s = dptrain::convert::convert_gguf(&gguf, &out, opts).unwrap();
-    assert_eq!(s.kept_quantized, 30 * 7, "every linear weight of the 30 blocks");
+    assert_eq!(s.kept_quantized, 30 * 7 + 1, "every linear weight of the 30 blocks and the (tied) embedding");
+    assert!(s.tied_embeddings && quant::stored_vocab(&out).unwrap());
     for f in ["config.json", "tokenizer.json"] {
         assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(f32_dir.join(f)).unwrap(), "{f}");
     }

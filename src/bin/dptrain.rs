@@ -168,6 +168,10 @@ enum Command {
         /// config's model.quantize, else none).
         #[arg(long)]
         quantize: Option<String>,
+        /// Llama family: embedding and LM head kept quantized, q8_0 or q4_k (default: the
+        /// config's model.quantize-vocab, else none).
+        #[arg(long)]
+        quantize_vocab: Option<String>,
         /// Examples per step (default 32, or the config's training.max-physical-batch).
         #[arg(long)]
         batch: Option<usize>,
@@ -244,6 +248,10 @@ enum Command {
         /// q8_0 or q4_k. An adapter trained on a quantized base is evaluated on the same one.
         #[arg(long)]
         quantize: Option<String>,
+        /// Llama family: the embedding and LM head quantized as in training
+        /// (`model.quantize-vocab`): q8_0 or q4_k.
+        #[arg(long)]
+        quantize_vocab: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -424,6 +432,15 @@ fn metric_text(m: &dptrain::model::EvalResult) -> String {
     }
 }
 
+/// A `--quantize`-style flag's format, if given.
+fn parse_quant(flag: &Option<String>, name: &str) -> Result<Option<dptrain::model::quant::QuantFormat>> {
+    flag.as_deref()
+        .map(dptrain::model::quant::QuantFormat::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context(name.to_string())
+}
+
 fn eval(cmd: &Command) -> Result<()> {
     let Command::Eval {
         model,
@@ -437,20 +454,17 @@ fn eval(cmd: &Command) -> Result<()> {
         device,
         dtype,
         quantize,
+        quantize_vocab,
         json,
     } = cmd
     else {
         unreachable!("called with the eval command")
     };
     let (spec, dev) = open_device(device)?;
-    let quant = quantize
-        .as_deref()
-        .map(dptrain::model::quant::QuantFormat::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)
-        .context("--quantize")?;
+    let quant = parse_quant(quantize, "--quantize")?;
+    let quant_vocab = parse_quant(quantize_vocab, "--quantize-vocab")?;
     let stored = dptrain::model::quant::stored_file(model).is_some();
-    let base_dtype = match (dtype, quant) {
+    let base_dtype = match (dtype, quant.or(quant_vocab)) {
         (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
         (None, Some(_)) => candle_core::DType::F32,
         // Stored GGML blocks are dequantized to f32 for each product.
@@ -466,7 +480,7 @@ fn eval(cmd: &Command) -> Result<()> {
         prompts: prompt.clone(),
         samples: *samples,
         max_new_tokens: *max_new_tokens,
-        base: dptrain::model::quant::BaseFormat { dtype: base_dtype, quant },
+        base: dptrain::model::quant::BaseFormat { dtype: base_dtype, quant, quant_vocab },
     };
     let r = dptrain::train::eval::eval_command(&opts, &dev).context("eval")?;
     if *json {
@@ -539,6 +553,7 @@ fn bench(cmd: &Command) -> Result<()> {
         shape,
         dtype,
         quantize,
+        quantize_vocab,
         batch,
         seq_len,
         steps,
@@ -560,28 +575,34 @@ fn bench(cmd: &Command) -> Result<()> {
     let device_name = device.clone().or_else(|| plan.as_ref().map(|p| p.device.name())).unwrap_or_else(|| "cpu".into());
     let (spec, dev) = open_device(&device_name)?;
     let quant = match (quantize, &plan) {
-        (Some(q), _) => {
-            Some(dptrain::model::quant::QuantFormat::parse(q).map_err(anyhow::Error::msg).context("--quantize")?)
-        }
+        (Some(_), _) => parse_quant(quantize, "--quantize")?,
         (None, Some(p)) => p.model_quant,
+        (None, None) => None,
+    };
+    let quant_vocab = match (quantize_vocab, &plan) {
+        (Some(_), _) => parse_quant(quantize_vocab, "--quantize-vocab")?,
+        (None, Some(p)) => p.model_quant_vocab,
         (None, None) => None,
     };
     let stored = model.as_deref().and_then(dptrain::model::quant::stored_file).is_some()
         || plan.as_ref().is_some_and(|p| p.model_stored_quant.is_some());
     let base_dtype = match (dtype, &plan) {
         (Some(d), _) => dptrain::config::parse_base_dtype(d).map_err(anyhow::Error::msg).context("--dtype")?,
-        (None, _) if quant.is_some() || stored => candle_core::DType::F32,
+        (None, _) if quant.is_some() || quant_vocab.is_some() || stored => candle_core::DType::F32,
         (None, Some(p)) => p.model_dtype.unwrap_or_else(|| spec.default_base_dtype()),
         (None, None) => spec.default_base_dtype(),
     };
-    if quant.is_some() && base_dtype != candle_core::DType::F32 {
-        anyhow::bail!("--quantize: a quantized base is dequantized to f32 for each product; --dtype must be f32");
+    if (quant.is_some() || quant_vocab.is_some()) && base_dtype != candle_core::DType::F32 {
+        anyhow::bail!(
+            "--quantize, --quantize-vocab: a quantized base is dequantized to f32 for each product; --dtype must be f32"
+        );
     }
     let mut opts = dptrain::bench::BenchOptions {
         model_dir: model.clone(),
         shape: shape.clone(),
         base_dtype,
         quant,
+        quant_vocab,
         batch: batch.unwrap_or(32),
         seq_len: *seq_len,
         steps: *steps,
@@ -730,7 +751,7 @@ fn real_main() -> Result<()> {
                 .with_context(|| format!("converting {}", gguf.display()))?;
             let storage = if s.kept_quantized > 0 {
                 format!(
-                    "{} linear weights kept as {} blocks in {}, the rest f32",
+                    "{} weights kept as {} blocks in {}, the rest f32",
                     s.kept_quantized,
                     s.kept_formats.join("/"),
                     dptrain::model::quant::STORED_FILE
@@ -747,7 +768,7 @@ fn real_main() -> Result<()> {
                 s.out_dir.display()
             );
             if *keep_quantized && s.kept_quantized == 0 {
-                println!("note: the GGUF holds no quantized linear weights: nothing was kept quantized");
+                println!("note: the GGUF holds no quantized weights: nothing was kept quantized");
             }
             Ok(())
         }

@@ -147,9 +147,13 @@ pub struct Plan {
     pub model_dtype: Option<candle_core::DType>,
     /// Quantization of the frozen linear weights (`model.quantize`), if any.
     pub model_quant: Option<crate::model::quant::QuantFormat>,
+    /// Quantization of the token embedding and LM head (`model.quantize-vocab`), if any.
+    pub model_quant_vocab: Option<crate::model::quant::QuantFormat>,
     /// The GGML types of the blocks the model folder stores (`dptrain convert --keep-quantized`:
     /// `model::quant::STORED_FILE`), if it does.
     pub model_stored_quant: Option<Vec<&'static str>>,
+    /// Whether those stored blocks include the token embedding or the LM head.
+    pub model_stored_vocab: bool,
     /// Checkpoint interval in steps (0: only after the last step).
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
@@ -342,6 +346,17 @@ impl Plan {
             None => None,
             Some(q) => Some(crate::model::quant::QuantFormat::parse(q).map_err(|e| bad("model.quantize", e))?),
         };
+        let model_quant_vocab = match raw.model.quantize_vocab.as_deref() {
+            None => None,
+            Some(q) => Some(crate::model::quant::QuantFormat::parse(q).map_err(|e| bad("model.quantize-vocab", e))?),
+        };
+        if model_quant_vocab.is_some() && model_dtype.is_some_and(|d| d != candle_core::DType::F32) {
+            return Err(bad(
+                "model.dtype",
+                "a quantized embedding and head (model.quantize-vocab) are dequantized to f32 for each use: leave model.dtype unset or f32"
+                    .into(),
+            ));
+        }
         let model_stored_quant =
             crate::model::quant::stored_formats(&raw.model.path).map_err(|e| bad("model.path", e.to_string()))?;
         if model_stored_quant.is_some() {
@@ -358,6 +373,17 @@ impl Plan {
                     format!("{stored}, dequantized to f32 for each product: leave model.dtype unset or f32"),
                 ));
             }
+        }
+        let model_stored_vocab =
+            crate::model::quant::stored_vocab(&raw.model.path).map_err(|e| bad("model.path", e.to_string()))?;
+        if model_stored_vocab && model_quant_vocab.is_some() {
+            return Err(bad(
+                "model.quantize-vocab",
+                format!(
+                    "the model folder holds its embedding or LM head as blocks already ({}): leave model.quantize-vocab unset",
+                    crate::model::quant::STORED_FILE
+                ),
+            ));
         }
         if model_quant.is_some() && model_dtype.is_some_and(|d| d != candle_core::DType::F32) {
             return Err(bad(
@@ -515,7 +541,9 @@ impl Plan {
             device,
             model_dtype,
             model_quant,
+            model_quant_vocab,
             model_stored_quant,
+            model_stored_vocab,
             checkpoint_every: t.checkpoint_every.unwrap_or(50),
             keep_checkpoints: match t.keep_checkpoints {
                 Some(0) => return Err(bad("training.keep-checkpoints", "must be at least 1".into())),
@@ -530,7 +558,7 @@ impl Plan {
     /// dtype of the frozen base weights: as configured, else the device's default.
     /// f32 for a quantized base, configured or stored (its products run in f32).
     pub fn base_dtype(&self) -> candle_core::DType {
-        if self.model_quant.is_some() || self.model_stored_quant.is_some() {
+        if self.model_quant.is_some() || self.model_quant_vocab.is_some() || self.model_stored_quant.is_some() {
             return candle_core::DType::F32;
         }
         self.model_dtype.unwrap_or_else(|| self.device.default_base_dtype())
@@ -538,7 +566,11 @@ impl Plan {
 
     /// How the frozen base weights are stored: `base_dtype()` and the quantization, if any.
     pub fn base_format(&self) -> crate::model::quant::BaseFormat {
-        crate::model::quant::BaseFormat { dtype: self.base_dtype(), quant: self.model_quant }
+        crate::model::quant::BaseFormat {
+            dtype: self.base_dtype(),
+            quant: self.model_quant,
+            quant_vocab: self.model_quant_vocab,
+        }
     }
 
     /// The micro-batch bounds of training and evaluation.
@@ -642,6 +674,15 @@ dir = "out"
         assert!(e.contains("model.dtype") && e.contains("f32"), "{e}");
         let e = err(&q("quantize = \"int4\""));
         assert!(e.contains("model.quantize") && e.contains("int4"), "{e}");
+        // The embedding and head alone: f32 products too, their own key in errors.
+        let p = plan(&q("quantize-vocab = \"q8_0\"").replace("steps = 3", "steps = 3\ndevice = \"cuda\"")).unwrap();
+        let base = p.base_format();
+        assert_eq!((base.quant, base.quant_vocab), (None, Some(crate::model::quant::QuantFormat::Q8_0)));
+        assert_eq!(base.dtype, candle_core::DType::F32, "not the GPU's bf16 default");
+        let e = err(&q("quantize-vocab = \"q8_0\"\ndtype = \"f16\""));
+        assert!(e.contains("model.dtype") && e.contains("model.quantize-vocab"), "{e}");
+        let e = err(&q("quantize-vocab = \"q6_k\""));
+        assert!(e.contains("model.quantize-vocab") && e.contains("q6_k"), "{e}");
     }
 
     #[test]

@@ -58,6 +58,12 @@ pub struct RawModel {
     /// embedding and head in f32. The adapter is trained for, and deployed on, the quantized
     /// base. Default: not quantized.
     pub quantize: Option<String>,
+    /// Llama family: keep the token embedding and the LM head (one tensor when tied) in GGML
+    /// blocks too, "q8_0" or "q4_k": the lookup dequantizes only the rows it reads, the loss one
+    /// vocabulary slice of the head at a time, so neither exists whole in f32 (for Llama 3's
+    /// 128,256-token vocabulary that is most of the memory a quantized 1B model needs). Default:
+    /// not quantized.
+    pub quantize_vocab: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,11 +10,11 @@
 //! failure leaves no half-written output.
 //!
 //! With `--keep-quantized` ([`ConvertOptions::keep_quantized`]) the linear weights of the decoder
-//! blocks that the GGUF stores in a GGML block format (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, …) are not
-//! dequantized: their blocks are copied, under their HF names, into
-//! [`crate::model::quant::STORED_FILE`] (a GGUF file), the Q/K rows un-permuted as whole rows of
-//! blocks, and the model trains on exactly those blocks. Everything else (embedding, norms,
-//! biases, weights the GGUF holds as f32/f16) goes to model.safetensors in f32 as without it.
+//! blocks, the token embedding and the output head that the GGUF stores in a GGML block format
+//! (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, …) are not dequantized: their blocks are copied, under their HF
+//! names, into [`crate::model::quant::STORED_FILE`] (a GGUF file), the Q/K rows un-permuted as
+//! whole rows of blocks, and the model trains on exactly those blocks. Everything else (norms,
+//! biases, tensors the GGUF holds as f32/f16) goes to model.safetensors in f32 as without it.
 
 pub mod tensors;
 pub mod tokenizer;
@@ -78,6 +78,9 @@ pub struct ConvertOptions {
 
 /// The decoder-block tensor kinds that are linear weights (kept quantized with --keep-quantized).
 const LINEAR_KINDS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+/// The vocabulary tensors `--keep-quantized` also keeps in blocks (the token embedding; the
+/// untied output head).
+const VOCAB_KINDS: [&str; 2] = ["token_embd", "output"];
 
 /// A quantized [rows, cols] weight with its rows un-permuted for `n_head` heads, block bytes
 /// moved as they are.
@@ -491,11 +494,11 @@ pub fn convert_gguf_bytes(
     for (hf_name, (name, m)) in &mapped {
         let terr = |e: candle_core::Error| ConvertError::Tensor { name: name.clone(), message: e.to_string() };
         let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(terr)?;
-        let keep = opts.keep_quantized
-            && !m.is_bias
-            && m.layer.is_some()
-            && LINEAR_KINDS.contains(&m.kind)
-            && crate::model::quant::is_block_format(q.dtype());
+        let kept_kind = match m.layer {
+            Some(_) => LINEAR_KINDS.contains(&m.kind),
+            None => VOCAB_KINDS.contains(&m.kind),
+        };
+        let keep = opts.keep_quantized && !m.is_bias && kept_kind && crate::model::quant::is_block_format(q.dtype());
         if keep {
             let q = match m.kind {
                 "attn_q" => unpermute_block_rows(name, &q, h.dims.n_head)?,
@@ -674,9 +677,9 @@ mod tests {
         buf.into_inner()
     }
 
-    /// A one-block Llama GGUF (hidden 64, 2 heads of 32, 1 KV head, FFN 96) whose linear weights
-    /// are GGML blocks of three types (Q8_0 attention, Q4_1 gate/up, Q4_0 down), their q/k rows
-    /// permuted the way llama.cpp stores them; random values.
+    /// A one-block Llama GGUF (hidden 64, 2 heads of 32, 1 KV head, FFN 96, untied) whose linear
+    /// weights are GGML blocks of three types (Q8_0 attention and embedding, Q4_1 gate/up and
+    /// output head, Q4_0 down), their q/k rows permuted the way llama.cpp stores them; random values.
     fn quantized_gguf() -> Vec<u8> {
         let nv = tokenizer::tests::tiny_vocab().tokens.len();
         let (hidden, ffn, heads, kv, hd) = (64usize, 96usize, 2usize, 1usize, 32usize);
@@ -694,7 +697,8 @@ mod tests {
             QTensor::quantize(&t, ty).unwrap()
         };
         let ts: Vec<(String, QTensor)> = vec![
-            ("token_embd.weight".into(), f32t(1, &[nv, hidden], 0.0)),
+            ("token_embd.weight".into(), lin(1, nv, hidden, GgmlDType::Q8_0, None)),
+            ("output.weight".into(), lin(12, nv, hidden, GgmlDType::Q4_1, None)),
             ("output_norm.weight".into(), f32t(2, &[hidden], 1.0)),
             ("blk.0.attn_norm.weight".into(), f32t(3, &[hidden], 1.0)),
             ("blk.0.ffn_norm.weight".into(), f32t(4, &[hidden], 1.0)),
@@ -813,7 +817,9 @@ mod tests {
         let s0 = convert_gguf_bytes(&bytes, "q.gguf", &plain, ConvertOptions::default()).unwrap();
         let keep = ConvertOptions { keep_quantized: true, ..Default::default() };
         let s1 = convert_gguf_bytes(&bytes, "q.gguf", &kept, keep).unwrap();
-        assert_eq!((s0.kept_quantized, s1.kept_quantized), (0, 7));
+        assert_eq!((s0.kept_quantized, s1.kept_quantized), (0, 9), "7 linear weights, the embedding, the head");
+        assert!(!s1.tied_embeddings);
+        assert!(quant::stored_vocab(&kept).unwrap() && !quant::stored_vocab(&plain).unwrap());
         assert_eq!(s1.kept_formats, ["q4_0", "q4_1", "q8_0"]);
         assert_eq!((s1.tensors, s1.parameters), (s0.tensors, s0.parameters));
         assert!(!plain.join(STORED_FILE).exists());
@@ -826,10 +832,11 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
         let mut names: Vec<&str> = stored.keys().map(String::as_str).collect();
         names.sort_unstable();
-        assert_eq!(names.len(), 7);
+        assert_eq!(names.len(), 9);
+        assert!(names.contains(&"model.embed_tokens.weight") && names.contains(&"lm_head.weight"), "{names:?}");
         for (name, q) in &stored {
             assert!(st.tensor(name).is_err(), "{name} is also in model.safetensors");
-            let want_type = if name.contains("self_attn") {
+            let want_type = if name.contains("self_attn") || name.contains("embed_tokens") {
                 GgmlDType::Q8_0
             } else if name.contains("down_proj") {
                 GgmlDType::Q4_0
@@ -873,11 +880,17 @@ mod tests {
         );
 
         // Stored blocks are never re-quantized or computed in another dtype.
-        let e =
-            load(&kept, quant::BaseFormat { dtype: candle_core::DType::F32, quant: Some(quant::QuantFormat::Q8_0) })
-                .err()
-                .unwrap()
-                .to_string();
+        let e = load(
+            &kept,
+            quant::BaseFormat {
+                dtype: candle_core::DType::F32,
+                quant: Some(quant::QuantFormat::Q8_0),
+                quant_vocab: None,
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains(STORED_FILE) && e.contains("leave model.quantize unset"), "{e}");
         let e = load(&kept, candle_core::DType::BF16.into()).err().unwrap().to_string();
         assert!(e.contains("f32"), "{e}");

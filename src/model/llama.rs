@@ -11,7 +11,7 @@
 use super::attention::{attention, attention_capped, Heads};
 pub use super::fused_llama::{rms_norm, rope, swiglu};
 use super::ops::add_const;
-use super::vocab::vocab_nll;
+
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
 use crate::lora::{FrozenWeight, LoraAdapter, LoraLinear, Tape};
@@ -592,11 +592,11 @@ impl LlamaLayer {
 /// A Llama-family causal LM with LoRA adapters (no trainable head: the LM head stays frozen).
 pub struct LlamaLm {
     pub config: LlamaConfig,
-    /// [V, H] f32, for the input lookup.
-    embed: Tensor,
+    /// [V, H] f32, or GGML blocks with `model.quantize-vocab`, for the input lookup.
+    embed: FrozenWeight,
     layers: Vec<LlamaLayer>,
     norm: Tensor,
-    /// [V, H] frozen (the embedding itself when tied).
+    /// [V, H] frozen (the embedding itself when tied, blocks included).
     lm_head: LoraLinear,
 }
 
@@ -621,17 +621,32 @@ impl LlamaLm {
         init_rng: &mut ChaCha20Rng,
         quant: Option<super::quant::QuantFormat>,
     ) -> Result<Self> {
-        Self::build(vb, config, lora, init_rng, quant, Default::default())
+        let base = super::quant::BaseFormat { dtype: DType::F32, quant, quant_vocab: None };
+        Self::new_with_base(vb, config, lora, init_rng, base)
     }
 
-    /// `new_quantized`, with the linear weights named in `stored` (HF name → GGML blocks, from a
-    /// folder's `model::quant::STORED_FILE`) taken as they are; every stored tensor must be used.
+    /// `new`, with the decoder's linear weights quantized to `base.quant` and the embedding and
+    /// head to `base.quant_vocab` as they are read (`vb` gives the rest, in its own dtype).
+    pub fn new_with_base(
+        vb: VarBuilder,
+        config: LlamaConfig,
+        lora: Option<&crate::lora::LoraSpec>,
+        init_rng: &mut ChaCha20Rng,
+        base: super::quant::BaseFormat,
+    ) -> Result<Self> {
+        Self::build(vb, config, lora, init_rng, base, Default::default())
+    }
+
+    /// `new_quantized` (`base.quant` for the decoder's linear weights, `base.quant_vocab` for the
+    /// embedding and head; `base.dtype` is `vb`'s), with the linear weights named in `stored` (HF
+    /// name → GGML blocks, from a folder's `model::quant::STORED_FILE`) taken as they are; every
+    /// stored tensor must be used.
     fn build(
         vb: VarBuilder,
         config: LlamaConfig,
         lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
-        quant: Option<super::quant::QuantFormat>,
+        base: super::quant::BaseFormat,
         mut stored: std::collections::BTreeMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
     ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
@@ -685,7 +700,7 @@ impl LlamaLm {
                 FrozenWeight::Quantized(q)
             } else {
                 let weight = v.get((out, inp), "weight")?;
-                match quant {
+                match base.quant {
                     None => weight.into(),
                     Some(q) => FrozenWeight::Quantized(super::quant::quantize_weight(&weight, q, &name)?),
                 }
@@ -749,22 +764,72 @@ impl LlamaLm {
                 sliding: slides,
             });
         }
+        let v = config.vocab_size;
+        let mut stored_vocab = |name: &str| -> Result<Option<std::sync::Arc<candle_core::quantized::QTensor>>> {
+            let Some(q) = stored.remove(name) else { return Ok(None) };
+            if q.shape().dims() != [v, h] {
+                candle_core::bail!(
+                    "{}: {name} has shape {:?}, the model needs [{v}, {h}]",
+                    super::quant::STORED_FILE,
+                    q.shape().dims()
+                );
+            }
+            if base.quant_vocab.is_some() {
+                candle_core::bail!(
+                    "{} holds {name} as blocks already: leave model.quantize-vocab unset",
+                    super::quant::STORED_FILE
+                );
+            }
+            Ok(Some(q))
+        };
+        let stored_embed = stored_vocab("model.embed_tokens.weight")?;
+        let stored_head = if config.tied() { None } else { stored_vocab("lm_head.weight")? };
         if !stored.is_empty() {
             let names: Vec<&str> = stored.keys().map(String::as_str).collect();
             candle_core::bail!(
-                "{} holds tensors that are not linear weights of this model's decoder layers: {}",
+                "{} holds tensors that are not linear weights of this model's decoder layers, its embedding or its untied head: {}",
                 super::quant::STORED_FILE,
                 names.join(", ")
             );
         }
-        let embed_raw = vb.get((config.vocab_size, h), "model.embed_tokens.weight")?;
-        let head_weight =
-            if config.tied() { embed_raw.clone() } else { vb.get((config.vocab_size, h), "lm_head.weight")? };
+        // Blocks from the folder's stored file are taken as they are; a tied head is the embedding.
+        let dense_head = |vb: &VarBuilder| vb.get((v, h), "lm_head.weight");
+        let (embed, head_weight) = match (stored_embed, base.quant_vocab) {
+            (Some(e), _) => {
+                let head = match stored_head {
+                    _ if config.tied() => FrozenWeight::Quantized(e.clone()),
+                    Some(q) => FrozenWeight::Quantized(q),
+                    None => FrozenWeight::Dense(dense_head(&vb)?),
+                };
+                (FrozenWeight::Quantized(e), head)
+            }
+            (None, None) => {
+                let embed_raw = vb.get((v, h), "model.embed_tokens.weight")?;
+                let head = match stored_head {
+                    _ if config.tied() => FrozenWeight::Dense(embed_raw.clone()),
+                    Some(q) => FrozenWeight::Quantized(q),
+                    None => FrozenWeight::Dense(dense_head(&vb)?),
+                };
+                (FrozenWeight::Dense(embed_raw.to_dtype(DType::F32)?), head)
+            }
+            // One set of blocks for a tied pair: the lookup and the head read the same values.
+            (None, Some(q)) => {
+                let embed_raw = vb.get((v, h), "model.embed_tokens.weight")?;
+                let embed = super::quant::quantize_weight(&embed_raw, q, "model.embed_tokens")?;
+                drop(embed_raw);
+                let head = if config.tied() {
+                    embed.clone()
+                } else {
+                    super::quant::quantize_weight(&dense_head(&vb)?, q, "lm_head")?
+                };
+                (FrozenWeight::Quantized(embed), FrozenWeight::Quantized(head))
+            }
+        };
         Ok(LlamaLm {
-            embed: embed_raw.to_dtype(DType::F32)?,
+            embed,
             layers,
             norm: norm(&vb, h, "model.norm.weight")?,
-            lm_head: LoraLinear { name: "lm_head".into(), weight: head_weight.into(), bias: None, adapter: None },
+            lm_head: LoraLinear { name: "lm_head".into(), weight: head_weight, bias: None, adapter: None },
             config,
         })
     }
@@ -781,7 +846,7 @@ impl LlamaLm {
     ) -> std::result::Result<Self, ModelError> {
         let base = base.into();
         let bad_dtype = !matches!(base.dtype, DType::F32 | DType::BF16 | DType::F16);
-        if bad_dtype || (base.quant.is_some() && base.dtype != DType::F32) {
+        if bad_dtype || (base.is_quantized() && base.dtype != DType::F32) {
             return Err(ModelError::Config {
                 path: dir.into(),
                 message: if bad_dtype {
@@ -822,17 +887,25 @@ impl LlamaLm {
         };
         // SAFETY: the files are memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base.dtype, device)? };
-        Self::build(vb, config, lora, init_rng, base.quant, stored)
+        Self::build(vb, config, lora, init_rng, base, stored)
             .map_err(|e| ModelError::Load { file: files[0].clone(), message: e.to_string() })
     }
 
-    /// Every quantized frozen weight replaced by its f32 dequantization (dense): the model a
-    /// quantized one must compute exactly (the slow twin of `model::quant`'s products).
+    /// Every quantized frozen weight (the embedding and head included) replaced by its f32
+    /// dequantization (dense): the model a quantized one must compute exactly (the slow twin of
+    /// `model::quant`'s products, lookups and vocabulary NLL).
     pub fn dequantize_base(&mut self) -> Result<()> {
         for l in self.layers.iter_mut().flat_map(|l| l.linears_mut()) {
             l.weight = FrozenWeight::Dense(l.weight.dequantized()?);
         }
+        self.embed = FrozenWeight::Dense(self.embed.dequantized()?);
+        self.lm_head.weight = FrozenWeight::Dense(self.lm_head.weight.dequantized()?);
         Ok(())
+    }
+
+    /// Bytes of the embedding and the LM head as stored (a tied pair counted once).
+    pub fn vocab_weight_bytes(&self) -> usize {
+        self.embed.storage_bytes() + if self.config.tied() { 0 } else { self.lm_head.weight.storage_bytes() }
     }
 
     /// Bytes of the frozen linear weights of the decoder layers as stored.
@@ -852,7 +925,14 @@ impl LlamaLm {
     /// Gemma scales them by √hidden (in f32, the precision dptrain computes in).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let ids = input_ids.flatten_all()?;
+        let rows = match &self.embed {
+            FrozenWeight::Dense(e) => e.index_select(&ids, 0)?,
+            FrozenWeight::Quantized(q) => {
+                super::quant::gather_rows(q, &ids.to_dtype(DType::U32)?.to_vec1::<u32>()?, self.device())?
+            }
+        };
+        let x = rows.reshape((b, t, self.config.hidden_size))?;
         if self.config.is_gemma() {
             x * (self.config.hidden_size as f32).sqrt() as f64
         } else {
@@ -993,7 +1073,7 @@ impl LlamaLm {
         if self.lm_head.adapter.is_some() || self.lm_head.bias.is_some() {
             candle_core::bail!("the LM head has an adapter or a bias, which the vocabulary NLL does not apply");
         }
-        vocab_nll(&rows, self.lm_head.weight.dense("lm_head")?, &lm.targets, self.config.final_logit_softcapping)
+        super::vocab::vocab_nll_frozen(&rows, &self.lm_head.weight, &lm.targets, self.config.final_logit_softcapping)
     }
 
     /// Greedy continuation of `prompt` by `n` tokens (no sampling; each step re-runs the whole
@@ -1002,7 +1082,7 @@ impl LlamaLm {
         let mut ids = prompt.to_vec();
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let input = Tensor::new(ids.as_slice(), self.embed.device())?.unsqueeze(0)?;
+            let input = Tensor::new(ids.as_slice(), self.device())?.unsqueeze(0)?;
             let mask = input.ones_like()?.to_dtype(DType::F32)?;
             let h = self.hidden(&input, &mask, None)?;
             let last = h.i((0, ids.len() - 1))?.unsqueeze(0)?;
@@ -1061,7 +1141,7 @@ pub fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, ModelError>
 
 impl DpModel for LlamaLm {
     fn device(&self) -> &Device {
-        self.embed.device()
+        self.norm.device()
     }
     fn base_dtype(&self) -> DType {
         self.lm_head.weight.dtype()

@@ -4,7 +4,9 @@
 //! decoder layers in GGML blocks: Q8_0 is 8.5 bits a weight (34 bytes per 32), Q4_K 4.5 bits (144
 //! bytes per 256), against 32 for f32 and 16 for bf16. Each weight is quantized as it is read from
 //! the memory-mapped safetensors, so the whole model never sits in memory unquantized. Norms, the
-//! embedding and the LM head stay dense (f32).
+//! embedding and the LM head stay dense (f32), unless `model.quantize-vocab` quantizes those two
+//! as well: the lookup then dequantizes the rows it reads ([`gather_rows`]), the vocabulary NLL
+//! one slice of head rows at a time ([`dequantize_rows`], `model::vocab`).
 //!
 //! The products: a quantized layer's forward dequantizes its weight to f32 (one layer at a time,
 //! a transient [out, in] buffer freed right after the product) and runs the same frozen f32 GEMM
@@ -19,8 +21,9 @@
 //! the forward differ from the dequantized model and its backward not the forward's gradient.
 //!
 //! A folder written by `dptrain convert --keep-quantized` holds the blocks of a GGUF file as
-//! they were: its decoder linear weights sit in [`STORED_FILE`] (a GGUF file under HF names, Q/K
-//! rows already in HF order), everything else in model.safetensors in f32. Such a folder is
+//! they were: its decoder linear weights, and its token embedding and LM head when the GGUF has
+//! them in blocks, sit in [`STORED_FILE`] (a GGUF file under HF names, Q/K rows already in HF
+//! order), everything else in model.safetensors in f32. Such a folder is
 //! loaded with those blocks as the frozen weights, whatever their GGML type, never re-quantized
 //! ([`read_stored`]); `model.quantize` must then be unset.
 //!
@@ -100,6 +103,17 @@ pub fn stored_formats(dir: &Path) -> Result<Option<Vec<&'static str>>> {
     Ok(Some(names))
 }
 
+/// HF names of the vocabulary tensors a stored-blocks file may hold besides decoder linears.
+pub const STORED_VOCAB: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
+
+/// Whether a folder's [`STORED_FILE`] holds the token embedding or the LM head as blocks (false
+/// without such a file). Reads the file's header only.
+pub fn stored_vocab(dir: &Path) -> Result<bool> {
+    let Some(file) = stored_file(dir) else { return Ok(false) };
+    let (_, content) = read_stored_header(&file)?;
+    Ok(STORED_VOCAB.iter().any(|n| content.tensor_infos.contains_key(*n)))
+}
+
 /// Every tensor of a folder's [`STORED_FILE`] (HF name → blocks on `device`), or an empty map
 /// when it has none. A dense tensor in the file is an error.
 pub fn read_stored(dir: &Path, device: &Device) -> Result<BTreeMap<String, Arc<QTensor>>> {
@@ -152,17 +166,26 @@ impl QuantFormat {
     }
 }
 
-/// How the frozen base weights are stored: a dense dtype, or (linear weights of the decoder
-/// layers) GGML blocks with everything else in f32.
+/// How the frozen base weights are stored: a dense dtype, or GGML blocks for the linear weights
+/// of the decoder layers (`quant`) and for the token embedding and LM head (`quant_vocab`), with
+/// everything else in f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseFormat {
     pub dtype: DType,
     pub quant: Option<QuantFormat>,
+    pub quant_vocab: Option<QuantFormat>,
+}
+
+impl BaseFormat {
+    /// Whether anything is quantized at load (its products then run in f32).
+    pub fn is_quantized(&self) -> bool {
+        self.quant.is_some() || self.quant_vocab.is_some()
+    }
 }
 
 impl From<DType> for BaseFormat {
     fn from(dtype: DType) -> Self {
-        BaseFormat { dtype, quant: None }
+        BaseFormat { dtype, quant: None, quant_vocab: None }
     }
 }
 
@@ -195,32 +218,87 @@ pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Ar
 /// `QTensor::dequantize`, the slow twin, runs on one thread: on 2 cores it made a Llama-3.2-1B
 /// step 37–40% slower than the f32 base, threaded 21%: BENCHMARKS.md); elsewhere candle's own (a GPU kernel).
 pub fn dequantize(q: &QTensor, device: &Device) -> Result<Tensor> {
-    use candle_core::quantized::k_quants::{
-        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
-    };
-    if !device.is_cpu() || !q.device().is_cpu() {
+    if !device.is_cpu() || !q.device().is_cpu() || !threaded_type(q.dtype()) {
         return q.dequantize(device);
     }
     let mut out = vec![0f32; q.shape().elem_count()];
-    let data = q.data()?;
-    match q.dtype() {
-        GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(&data, &mut out)?,
-        GgmlDType::Q4K => par_to_float::<BlockQ4K>(&data, &mut out)?,
-        // The types of stored GGUF blocks (`dptrain convert --keep-quantized`).
-        GgmlDType::Q4_0 => par_to_float::<BlockQ4_0>(&data, &mut out)?,
-        GgmlDType::Q4_1 => par_to_float::<BlockQ4_1>(&data, &mut out)?,
-        GgmlDType::Q5_0 => par_to_float::<BlockQ5_0>(&data, &mut out)?,
-        GgmlDType::Q5_1 => par_to_float::<BlockQ5_1>(&data, &mut out)?,
-        GgmlDType::Q2K => par_to_float::<BlockQ2K>(&data, &mut out)?,
-        GgmlDType::Q3K => par_to_float::<BlockQ3K>(&data, &mut out)?,
-        GgmlDType::Q5K => par_to_float::<BlockQ5K>(&data, &mut out)?,
-        GgmlDType::Q6K => par_to_float::<BlockQ6K>(&data, &mut out)?,
-        _ => return q.dequantize(device),
-    }
+    blocks_to_float(q, 0, &mut out)?;
     Tensor::from_vec(out, q.shape(), device)
 }
 
-/// `T::to_float` over `bytes` (a CPU QTensor's blocks of type T) into `out`, 1,024 blocks a task.
+/// Rows `r0 .. r0 + rows` of deq(W) for a CPU `QTensor` W [R, C] (C a whole number of blocks, as
+/// every quantized weight here is) into `out` ([rows · C], row-major): the same values as those
+/// rows of [`dequantize`], without dequantizing the rest (the vocabulary NLL's head slices).
+pub fn dequantize_rows(q: &QTensor, r0: usize, rows: usize, out: &mut [f32]) -> Result<()> {
+    let (r, c) = q.shape().dims2()?;
+    if r0 + rows > r || out.len() != rows * c || !c.is_multiple_of(q.dtype().block_size()) {
+        candle_core::bail!(
+            "dequantize rows {r0}..{} of a [{r}, {c}] {:?} weight into {} values",
+            r0 + rows,
+            q.dtype(),
+            out.len()
+        );
+    }
+    if !q.device().is_cpu() {
+        candle_core::bail!("dequantize rows: the weight is not on the CPU");
+    }
+    blocks_to_float(q, r0 * c / q.dtype().block_size(), out)
+}
+
+/// deq(W)[ids] [ids.len(), C] on `device` (an embedding lookup in a quantized table [R, C]): each
+/// row dequantized alone on the CPU; elsewhere the whole table dequantized, then indexed.
+pub fn gather_rows(q: &QTensor, ids: &[u32], device: &Device) -> Result<Tensor> {
+    let (r, c) = q.shape().dims2()?;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= r) {
+        candle_core::bail!("embedding lookup: token {bad} outside the vocabulary of {r}");
+    }
+    if !q.device().is_cpu() {
+        let ids = Tensor::new(ids, device)?;
+        return dequantize(q, device)?.index_select(&ids, 0);
+    }
+    use rayon::prelude::*;
+    let mut out = vec![0f32; ids.len() * c];
+    out.par_chunks_mut(c).zip(ids.par_iter()).try_for_each(|(row, &i)| dequantize_rows(q, i as usize, 1, row))?;
+    Tensor::from_vec(out, (ids.len(), c), device)
+}
+
+/// Whether [`blocks_to_float`] handles `t` (every type a quantized weight here can have).
+fn threaded_type(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(t, Q8_0 | Q4K | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q2K | Q3K | Q5K | Q6K)
+}
+
+/// Blocks `b0 ..` of a CPU `QTensor` (as many as `out` holds values) dequantized into `out`.
+fn blocks_to_float(q: &QTensor, b0: usize, out: &mut [f32]) -> Result<()> {
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    };
+    let t = q.dtype();
+    let (bs, size) = (t.block_size(), t.type_size());
+    let data = q.data()?;
+    let n = out.len() / bs;
+    if !out.len().is_multiple_of(bs) || (b0 + n) * size > data.len() {
+        candle_core::bail!("dequantize: blocks {b0}..{} of {:?} are not in its {} bytes", b0 + n, t, data.len());
+    }
+    let bytes = &data[b0 * size..(b0 + n) * size];
+    match t {
+        GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(bytes, out),
+        GgmlDType::Q4K => par_to_float::<BlockQ4K>(bytes, out),
+        // The types of stored GGUF blocks (`dptrain convert --keep-quantized`).
+        GgmlDType::Q4_0 => par_to_float::<BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => par_to_float::<BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => par_to_float::<BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => par_to_float::<BlockQ5_1>(bytes, out),
+        GgmlDType::Q2K => par_to_float::<BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => par_to_float::<BlockQ3K>(bytes, out),
+        GgmlDType::Q5K => par_to_float::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => par_to_float::<BlockQ6K>(bytes, out),
+        _ => candle_core::bail!("dequantize: {t:?} blocks are not handled here"),
+    }
+}
+
+/// `T::to_float` over `bytes` (blocks of type T from a CPU QTensor's storage) into `out`, 1,024
+/// blocks a task.
 fn par_to_float<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
     use rayon::prelude::*;
     let size = std::mem::size_of::<T>();
@@ -231,8 +309,9 @@ fn par_to_float<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f3
     {
         candle_core::bail!("dequantize: {} bytes do not hold {} blocks of {:?}", bytes.len(), blocks, T::DTYPE);
     }
-    // SAFETY: the bytes are the storage of a `Vec<T>` of `blocks` blocks (a CPU QTensor of T's
-    // dtype, borrowed for this call), length and alignment checked above; T is plain data.
+    // SAFETY: the bytes are `blocks` whole blocks of a `Vec<T>` (the storage of a CPU QTensor of
+    // T's dtype, borrowed for this call, cut at block boundaries), length and alignment checked
+    // above; T is plain data.
     let blocks: &[T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, blocks) };
     const CHUNK: usize = 1024;
     out.par_chunks_mut(CHUNK * T::BLCK_SIZE).zip(blocks.par_chunks(CHUNK)).for_each(|(o, b)| T::to_float(b, o));
@@ -271,6 +350,37 @@ mod tests {
             assert_eq!(fast.len(), slow.len());
             let differ = fast.iter().zip(&slow).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             assert_eq!(differ, 0, "{format:?}: {differ} values differ");
+        }
+    }
+
+    #[test]
+    fn dequantized_rows_and_gathered_rows_are_those_rows_of_the_whole_dequantization_bit_for_bit() {
+        // 37 rows of 512: a row is 16 Q8_0 blocks or 2 Q4_K super-blocks, so a row range starts
+        // mid-storage; ranges at the start, the middle, the end and of one row.
+        let w = rand(&[37, 512], 8);
+        use GgmlDType::*;
+        for format in [Q8_0, Q4K, Q4_1, Q6K] {
+            let q = QTensor::quantize(&w, format).unwrap();
+            let whole = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            for (r0, rows) in [(0, 37), (0, 5), (13, 9), (36, 1), (30, 7)] {
+                let mut out = vec![f32::NAN; rows * 512];
+                dequantize_rows(&q, r0, rows, &mut out).unwrap();
+                let want: Vec<f32> = whole[r0..r0 + rows].concat();
+                let differ = out.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differ, 0, "{format:?} rows {r0}..{}: {differ} values differ", r0 + rows);
+            }
+            let ids = [36u32, 0, 7, 7, 21];
+            let got = gather_rows(&q, &ids, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            for (row, &i) in got.iter().zip(&ids) {
+                assert!(
+                    row.iter().zip(&whole[i as usize]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format:?} id {i}"
+                );
+            }
+            let mut out = vec![0f32; 2 * 512];
+            assert!(dequantize_rows(&q, 36, 2, &mut out).is_err(), "{format:?}: rows past the end accepted");
+            let e = gather_rows(&q, &[37], &Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains("37") && e.contains("vocabulary"), "{e}");
         }
     }
 

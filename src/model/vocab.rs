@@ -16,9 +16,11 @@
 //! Rows are independent: no example's loss or gradient depends on another's.
 
 use super::ops::log_softmax_last;
+use crate::lora::FrozenWeight;
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Logit values per chunk: 4 Mi f32 = 16 MiB (below glibc's mmap threshold as dptrain sets it,
 /// so chunks reuse heap memory instead of faulting fresh pages in).
@@ -39,6 +41,32 @@ pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor, cap: Option<f64>) -> 
     if wh != hidden {
         candle_core::bail!("vocabulary NLL: rows of {hidden} against a head of shape [{vocab}, {wh}]");
     }
+    let targets = checked_targets(targets, n, vocab)?;
+    fused(h, Head::Dense(w.contiguous()?), vocab, targets, cap)
+}
+
+/// [`vocab_nll`] for a frozen head that may be quantized (`model.quantize-vocab`): fused on the
+/// CPU with each vocabulary slice of the head dequantized as it is needed (the [V, H] head never
+/// exists in f32), composed of candle ops on the whole dequantized head elsewhere. Either way the
+/// values of the dense NLL on deq(W).
+pub fn vocab_nll_frozen(h: &Tensor, w: &FrozenWeight, targets: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    let q = match w {
+        FrozenWeight::Dense(w) => return vocab_nll(h, w, targets, cap),
+        FrozenWeight::Quantized(q) => q,
+    };
+    if !(h.device().is_cpu() && q.device().is_cpu() && h.dtype() == DType::F32 && h.rank() == 2) {
+        return vocab_nll_composed(h, &super::quant::dequantize(q, h.device())?, targets, cap);
+    }
+    let (n, hidden) = h.dims2()?;
+    let (vocab, wh) = q.shape().dims2()?;
+    if wh != hidden {
+        candle_core::bail!("vocabulary NLL: rows of {hidden} against a head of shape [{vocab}, {wh}]");
+    }
+    let targets = checked_targets(targets, n, vocab)?;
+    fused(h, Head::Blocks(q.clone()), vocab, targets, cap)
+}
+
+fn checked_targets(targets: &Tensor, n: usize, vocab: usize) -> Result<Vec<u32>> {
     let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     if targets.len() != n {
         candle_core::bail!("vocabulary NLL: {} targets for {n} rows", targets.len());
@@ -46,9 +74,13 @@ pub fn vocab_nll(h: &Tensor, w: &Tensor, targets: &Tensor, cap: Option<f64>) -> 
     if let Some(bad) = targets.iter().find(|&&y| y as usize >= vocab) {
         candle_core::bail!("vocabulary NLL: target token {bad} outside the vocabulary of {vocab}");
     }
+    Ok(targets)
+}
+
+fn fused(h: &Tensor, w: Head, vocab: usize, targets: Vec<u32>, cap: Option<f64>) -> Result<Tensor> {
     let keep = h.track_op();
     let cap = cap.map(|c| c as f32);
-    h.contiguous()?.apply_op1(VocabNll { w: w.contiguous()?, targets, cap, keep, grad_unit: Mutex::new(None) })
+    h.contiguous()?.apply_op1(VocabNll { w, vocab, targets, cap, keep, grad_unit: Mutex::new(None) })
 }
 
 /// The same NLL from candle's differentiable ops: the head product (`lora::frozen_linear`), the
@@ -63,9 +95,54 @@ pub fn vocab_nll_composed(h: &Tensor, w: &Tensor, targets: &Tensor, cap: Option<
     logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
+/// The head W [V, H] of the fused op.
+enum Head {
+    /// f32, contiguous, on the CPU.
+    Dense(Tensor),
+    /// GGML blocks on the CPU, each row a whole number of blocks.
+    Blocks(Arc<QTensor>),
+}
+
+/// The head's values as the fused op reads them.
+enum HeadRows<'a> {
+    Dense(&'a [f32]),
+    Blocks(&'a QTensor),
+}
+
+impl HeadRows<'_> {
+    /// Rows v0 .. v0 + cols of W ([cols, H] row-major): borrowed from a dense head, dequantized
+    /// into `buf` from blocks.
+    fn rows<'b>(&'b self, v0: usize, cols: usize, hidden: usize, buf: &'b mut Vec<f32>) -> Result<&'b [f32]> {
+        match self {
+            HeadRows::Dense(w) => {
+                if w.len() < (v0 + cols) * hidden {
+                    candle_core::bail!("vocabulary NLL: head rows {v0}..{} out of bounds", v0 + cols);
+                }
+                Ok(&w[v0 * hidden..(v0 + cols) * hidden])
+            }
+            HeadRows::Blocks(q) => {
+                buf.resize(cols * hidden, 0.0);
+                super::quant::dequantize_rows(q, v0, cols, &mut buf[..cols * hidden])?;
+                Ok(&buf[..cols * hidden])
+            }
+        }
+    }
+
+    /// Vocabulary entries per slice for `n` rows of `hidden`: [`slice_width`], and for a
+    /// quantized head also at most what a [`CHUNK_VALUES`] buffer of dequantized rows holds
+    /// (never fewer than 256), so the head is never dequantized whole.
+    fn width(&self, n: usize, hidden: usize) -> usize {
+        match self {
+            HeadRows::Dense(_) => slice_width(n),
+            HeadRows::Blocks(_) => slice_width(n).min((CHUNK_VALUES / hidden.max(1)).max(256)),
+        }
+    }
+}
+
 struct VocabNll {
-    /// [V, H], f32, contiguous.
-    w: Tensor,
+    w: Head,
+    /// V, the head's rows.
+    vocab: usize,
     targets: Vec<u32>,
     /// The soft cap c of the logits (z → c · tanh(z / c)), if any.
     cap: Option<f32>,
@@ -80,13 +157,13 @@ fn slice_width(n: usize) -> usize {
     (CHUNK_VALUES / n.max(1)).max(256)
 }
 
-/// out [n, cols] = h [n, H] · W[v0 .. v0 + cols]ᵀ, the GEMM split across the thread pool
-/// (`accumulate`: out += instead).
-fn slice_logits(h: &[f32], w: &[f32], hidden: usize, v0: usize, cols: usize, out: &mut [f32]) {
+/// out [n, cols] = h [n, H] · wsᵀ for ws = W[v0 .. v0 + cols] ([cols, H]), the GEMM split across
+/// the thread pool.
+fn slice_logits(h: &[f32], ws: &[f32], hidden: usize, cols: usize, out: &mut [f32]) {
     let n = h.len() / hidden;
-    assert!(out.len() == n * cols && w.len() >= (v0 + cols) * hidden, "vocabulary NLL: slice bounds");
-    // SAFETY: h is [n, H] and out [n, cols] row-major (asserted); W's rows v0 .. v0 + cols exist
-    // (asserted) and are read as Wᵀ: column j of the slice's Wᵀ is row v0 + j of W.
+    assert!(out.len() == n * cols && ws.len() == cols * hidden, "vocabulary NLL: slice bounds");
+    // SAFETY: h is [n, H], out [n, cols] and ws [cols, H] row-major (asserted); ws is read as
+    // its transpose: column j of wsᵀ is row j of ws.
     unsafe {
         gemm::gemm(
             n,
@@ -99,7 +176,7 @@ fn slice_logits(h: &[f32], w: &[f32], hidden: usize, v0: usize, cols: usize, out
             h.as_ptr(),
             1,
             hidden as isize,
-            w.as_ptr().add(v0 * hidden),
+            ws.as_ptr(),
             hidden as isize,
             1,
             0.0,
@@ -143,11 +220,16 @@ fn f32_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
 }
 
 impl VocabNll {
-    fn with_w<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        let (s, l) = self.w.storage_and_layout();
-        match &*s {
-            Storage::Cpu(s) => f(super::fused::f32_contiguous(s, l, "vocabulary NLL head")?),
-            _ => candle_core::bail!("vocabulary NLL: the head is not on the CPU"),
+    fn with_w<R>(&self, f: impl FnOnce(HeadRows<'_>) -> Result<R>) -> Result<R> {
+        match &self.w {
+            Head::Dense(w) => {
+                let (s, l) = w.storage_and_layout();
+                match &*s {
+                    Storage::Cpu(s) => f(HeadRows::Dense(super::fused::f32_contiguous(s, l, "vocabulary NLL head")?)),
+                    _ => candle_core::bail!("vocabulary NLL: the head is not on the CPU"),
+                }
+            }
+            Head::Blocks(q) => f(HeadRows::Blocks(q)),
         }
     }
 }
@@ -160,24 +242,26 @@ impl CustomOp1 for VocabNll {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let h = super::fused::f32_contiguous(s, l, "vocabulary NLL")?;
         let (n, hidden) = l.shape().dims2()?;
-        let vocab = self.w.dim(0)?;
-        let width = slice_width(n).min(vocab);
+        let vocab = self.vocab;
         // Per row: running max, Σ exp(logit − max), the target's logit, and (for the backward)
         // acc = Σ_v exp(logit_v − max) W_v, all rescaled together when the max grows.
         let mut state = vec![(f32::NEG_INFINITY, 0f64); n];
         let mut target_logit = vec![0f32; n];
         let mut acc = vec![0f32; if self.keep { n * hidden } else { 0 }];
-        let mut logits = vec![0f32; n * width];
         // With a cap: the derivative 1 − tanh²(z / c) of each capped logit (for the backward's
         // accumulation) and of each row's target.
         let capped_grad = self.keep && self.cap.is_some();
-        let mut deriv = vec![0f32; if capped_grad { n * width } else { 0 }];
         let mut target_deriv = vec![1f32; n];
         self.with_w(|w| {
+            let width = w.width(n, hidden).min(vocab);
+            let mut logits = vec![0f32; n * width];
+            let mut deriv = vec![0f32; if capped_grad { n * width } else { 0 }];
+            let mut buf = Vec::new();
             for v0 in (0..vocab).step_by(width) {
                 let cols = width.min(vocab - v0);
                 let logits = &mut logits[..n * cols];
-                slice_logits(h, w, hidden, v0, cols, logits);
+                let ws = w.rows(v0, cols, hidden, &mut buf)?;
+                slice_logits(h, ws, hidden, cols, logits);
                 if let Some(c) = self.cap {
                     // z → c · tanh(z / c), as transformers computes it (f32: divide, tanh, multiply).
                     let cap_row = |i: usize, row: &mut [f32], mut d: Option<&mut [f32]>, td: &mut f32| {
@@ -226,8 +310,8 @@ impl CustomOp1 for VocabNll {
                         }
                     });
                     // acc += exp(logits − max) · W[v0 .. v0 + cols].
-                    // SAFETY: logits now holds the [n, cols] exponentials, W's rows v0 .. v0 +
-                    // cols are [cols, H] (checked by `slice_logits`), acc is [n, H].
+                    // SAFETY: logits now holds the [n, cols] exponentials, ws (W's rows v0 ..
+                    // v0 + cols) is [cols, H] (checked by `slice_logits`), acc is [n, H].
                     unsafe {
                         gemm::gemm(
                             n,
@@ -240,7 +324,7 @@ impl CustomOp1 for VocabNll {
                             logits.as_ptr(),
                             1,
                             cols as isize,
-                            w.as_ptr().add(v0 * hidden),
+                            ws.as_ptr(),
                             1,
                             hidden as isize,
                             1.0,
@@ -259,14 +343,18 @@ impl CustomOp1 for VocabNll {
             }
             // d nll_r / d h_r = softmax_r · W − W[y_r] = acc_r / Σ_r − W[y_r] (capped: each term
             // times the derivative of its capped logit, the target's d_y).
-            acc.par_chunks_mut(hidden).zip(&state).zip(self.targets.par_iter().zip(&target_deriv)).for_each(
-                |((acc, &(_, sum)), (&y, &dy))| {
-                    let wy = &w[y as usize * hidden..(y as usize + 1) * hidden];
-                    for (a, &wy) in acc.iter_mut().zip(wy) {
-                        *a = (*a as f64 / sum - dy as f64 * wy as f64) as f32;
-                    }
-                },
-            );
+            if self.keep {
+                acc.par_chunks_mut(hidden).zip(&state).zip(self.targets.par_iter().zip(&target_deriv)).try_for_each(
+                    |((acc, &(_, sum)), (&y, &dy))| -> Result<()> {
+                        let mut buf = Vec::new();
+                        let wy = w.rows(y as usize, 1, hidden, &mut buf)?;
+                        for (a, &wy) in acc.iter_mut().zip(wy) {
+                            *a = (*a as f64 / sum - dy as f64 * wy as f64) as f32;
+                        }
+                        Ok(())
+                    },
+                )?;
+            }
             Ok(())
         })?;
         let lse: Vec<f64> = state.iter().map(|&(max, sum)| max as f64 + sum.ln()).collect();
@@ -298,6 +386,7 @@ impl CustomOp1 for VocabNll {
 mod tests {
     use super::*;
     use crate::test_util::rand;
+    use candle_core::quantized::GgmlDType;
     use candle_core::{Device, Var};
 
     /// NLL and dL/dh for L = Σ c · nll: the fused op and the composed fallback (both f32)
@@ -365,6 +454,55 @@ mod tests {
         let plain = vocab_nll(&h, &w, &y, None).unwrap().to_vec1::<f32>().unwrap();
         let capped = vocab_nll(&h, &w, &y, Some(1.0)).unwrap().to_vec1::<f32>().unwrap();
         assert!(plain.iter().zip(&capped).all(|(a, b)| (a - b).abs() > 1e-3), "{plain:?} vs {capped:?}");
+    }
+
+    /// NLL and dL/dh (L = Σ c · nll) with the head in `format` blocks: the fused op on the blocks
+    /// against the fused op on the dense deq(W) and the composed form on deq(W).
+    fn check_blocks(n: usize, hidden: usize, vocab: usize, format: GgmlDType, seed: u64, cap: Option<f64>) {
+        let h = (rand(&[n, hidden], seed) * 2.0).unwrap();
+        let q = Arc::new(QTensor::quantize(&rand(&[vocab, hidden], seed + 1), format).unwrap());
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let ys: Vec<u32> = (0..n).map(|i| ((i * 7919 + 31 * seed as usize) % vocab) as u32).collect();
+        let y = Tensor::from_vec(ys, n, &Device::Cpu).unwrap();
+        let c = rand(&[n], seed + 2);
+        let run = |how: u8| {
+            let hv = Var::from_tensor(&h).unwrap();
+            let nll = match how {
+                0 => vocab_nll_frozen(hv.as_tensor(), &FrozenWeight::Quantized(q.clone()), &y, cap).unwrap(),
+                1 => vocab_nll(hv.as_tensor(), &deq, &y, cap).unwrap(),
+                _ => vocab_nll_composed(hv.as_tensor(), &deq, &y, cap).unwrap(),
+            };
+            let g = (&nll * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(&nll), flat(g.get(hv.as_tensor()).unwrap()))
+        };
+        let (qy, qg) = run(0);
+        for how in [1, 2] {
+            let (ty, tg) = run(how);
+            let worst = |a: &[f32], b: &[f32]| {
+                let top = b.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+                a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / top
+            };
+            // The fused op on the dense deq(W) runs the same slices (up to the slice width) and
+            // so agrees to f32 rounding; the composed form sums in another order (1e-5, as for
+            // the dense op's own twin test above).
+            let tol = if how == 1 { 1e-6 } else { 1e-5 };
+            let at = format!("{format:?} against {how}, {n}x{hidden}x{vocab} cap {cap:?}");
+            assert!(worst(&qy, &ty) < tol, "{at}: NLL differs by {}", worst(&qy, &ty));
+            assert!(worst(&qg, &tg) < tol, "{at}: gradient differs by {}", worst(&qg, &tg));
+        }
+    }
+
+    #[test]
+    fn a_quantized_head_gives_the_nll_and_gradient_of_its_dequantization() {
+        use GgmlDType::*;
+        // Several 4,096-wide slices for 1,024 rows, the last partial, with and without a cap.
+        check_blocks(1024, 64, 3 * 4096 + 100, Q8_0, 1, None);
+        check_blocks(1024, 256, 2 * 4096 + 7, Q4K, 2, Some(3.0));
+        // Few rows of a wide head: slices capped at 1,024 head rows (16 MiB dequantized), so the
+        // head is dequantized in three slices instead of at once.
+        assert_eq!(HeadRows::Blocks(&QTensor::quantize(&rand(&[8, 32], 0), Q8_0).unwrap()).width(3, 4096), 1024);
+        check_blocks(3, 4096, 2600, Q8_0, 3, None);
     }
 
     #[test]

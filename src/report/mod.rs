@@ -266,22 +266,49 @@ pub fn guarantee_sentence(private: bool, seeded: bool, epsilon: Option<f64>, del
 /// How the base was quantized for training, or null: an adapter trained on a quantized base is
 /// meant for that quantized base.
 fn base_quantization_statement(plan: &Plan) -> serde_json::Value {
+    let mut parts = Vec::new();
     if let Some(formats) = &plan.model_stored_quant {
-        return format!(
-            "{} as stored: the frozen linear weights of the decoder layers are the GGML blocks of {} (copied from the GGUF file by dptrain convert --keep-quantized; the sha256 covers that file); the adapter was trained for, and is to be deployed on, this quantized base",
+        parts.push(format!(
+            "{} as stored: the frozen linear weights of the decoder layers{} are the GGML blocks of {} (copied from the GGUF file by dptrain convert --keep-quantized; the sha256 covers that file)",
             formats.join(", "),
+            if plan.model_stored_vocab { " and the token embedding / LM head" } else { "" },
             crate::model::quant::STORED_FILE
-        )
-        .into();
+        ));
     }
-    match plan.model_quant {
-        None => serde_json::Value::Null,
-        Some(q) => format!(
-            "{}: the frozen linear weights of the decoder layers were quantized to GGML {} blocks at load (the sha256 is of the unquantized files); the adapter was trained for, and is to be deployed on, this quantized base",
+    if let Some(q) = plan.model_quant {
+        parts.push(format!(
+            "{}: the frozen linear weights of the decoder layers were quantized to GGML {} blocks at load (the sha256 is of the unquantized files)",
             q.name(),
             q.name()
-        )
-        .into(),
+        ));
+    }
+    if let Some(q) = plan.model_quant_vocab {
+        parts.push(format!(
+            "vocabulary {}: the token embedding and the LM head were quantized to GGML {} blocks at load (the sha256 is of the unquantized files)",
+            q.name(),
+            q.name()
+        ));
+    }
+    if parts.is_empty() {
+        return serde_json::Value::Null;
+    }
+    format!("{}; the adapter was trained for, and is to be deployed on, this quantized base", parts.join("; ")).into()
+}
+
+/// The base's quantization in a few words ("stored q4_1", "q8_0; vocabulary q8_0"), or None.
+fn base_quantization_short(plan: &Plan) -> Option<String> {
+    let parts: Vec<String> = [
+        plan.model_stored_quant.as_ref().map(|f| format!("stored {}", f.join(", "))),
+        plan.model_quant.map(|q| q.name().to_string()),
+        plan.model_quant_vocab.map(|q| format!("vocabulary {}", q.name())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        None
+    } else {
+        Some(parts.join("; "))
     }
 }
 
@@ -544,10 +571,7 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "compute": {
             "device": plan.device.name(),
             "base_weights_dtype": format!("{:?}", plan.base_dtype()).to_lowercase(),
-            "base_weights_quantization": match &plan.model_stored_quant {
-                Some(formats) => Some(format!("stored {}", formats.join(", "))),
-                None => plan.model_quant.map(|q| q.name().to_string()),
-            },
+            "base_weights_quantization": base_quantization_short(plan),
             "gradient_dtype": gradient_dtype_statement(plan.base_dtype()),
         },
         "metrics": {

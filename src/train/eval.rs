@@ -98,9 +98,9 @@ pub fn eval_command(opts: &EvalOptions, device: &candle_core::Device) -> std::re
             let labels = adapter_labels(&adapter.dir, num_labels)?;
             let tokenizer = load_tokenizer(&opts.model_dir, Some(opts.max_seq_len))?;
             let data = crate::data::load_classification(&opts.data, &tokenizer, Some(&labels))?;
-            if let Some(q) = opts.base.quant {
+            if let Some(q) = opts.base.quant.or(opts.base.quant_vocab) {
                 return Err(RunError::Plan(format!(
-                    "--quantize {}: quantized base weights are implemented for the Llama family only",
+                    "--quantize/--quantize-vocab {}: quantized base weights are implemented for the Llama family only",
                     q.name()
                 )));
             }

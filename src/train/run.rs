@@ -299,9 +299,9 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     };
     let in_use_before_model = crate::memory::in_use(&device)?;
     let mut model: Box<dyn DpModel> = match arch {
-        Architecture::Bert if plan.model_quant.is_some() => {
+        Architecture::Bert if plan.base_format().is_quantized() => {
             return Err(RunError::Plan(
-                "model.quantize: quantized base weights are implemented for the Llama family only (this is a BERT-family model)"
+                "model.quantize, model.quantize-vocab: quantized base weights are implemented for the Llama family only (this is a BERT-family model)"
                     .into(),
             ))
         }
