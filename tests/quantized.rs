@@ -190,34 +190,45 @@ fn quantizing_a_weight_whose_rows_are_not_whole_blocks_is_refused_naming_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// 40 short records over the tiny vocabulary (word i · a + j · b), 32 to `root`/train.jsonl, 8 to
+/// test.jsonl.
+fn write_lm_data(root: &Path, (a, b): (usize, usize)) {
+    let words = common::tiny_words();
+    let text: Vec<String> = (0..40)
+        .map(|i| {
+            let s: Vec<&str> = (0..4 + i % 7).map(|j| words[(i * a + j * b) % words.len()].as_str()).collect();
+            serde_json::json!({ "text": s.join(" ") }).to_string()
+        })
+        .collect();
+    std::fs::write(root.join("train.jsonl"), text[..32].join("\n") + "\n").unwrap();
+    std::fs::write(root.join("test.jsonl"), text[32..].join("\n") + "\n").unwrap();
+}
+
+/// A seeded 4-step DP-LoRA config on `root`/`model` (with `model_extra` lines in [model]) and the
+/// data of `write_lm_data`, writing to `root`/`out`; saved as `root`/`out`.toml.
+fn lm_config(root: &Path, model: &str, model_extra: &str, out: &str) -> PathBuf {
+    let d = root.display();
+    let text = format!(
+        "[model]\npath = \"{d}/{model}\"\nmax-seq-len = 10\n{model_extra}\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
+         [lora]\nrank = 2\nalpha = 4\ntarget-modules = [\"q_proj\", \"down_proj\"]\n\n\
+         [privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
+         [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.05\nseed = 7\n\n\
+         [output]\ndir = \"{d}/{out}\"\n"
+    );
+    let path = root.join(format!("{out}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[test]
 fn a_run_on_a_q8_0_base_names_it_in_the_report_and_eval_on_that_base_reproduces_its_perplexity() {
     let root = std::env::temp_dir().join(format!("dptrain-quant-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let model = root.join("model");
     common::write_tiny_llama_dir_sized(&model, 5, 64, 96);
-    let words = common::tiny_words();
-    let text: Vec<String> = (0..40)
-        .map(|i| {
-            let s: Vec<&str> = (0..4 + i % 7).map(|j| words[(i * 5 + j * 3) % words.len()].as_str()).collect();
-            serde_json::json!({ "text": s.join(" ") }).to_string()
-        })
-        .collect();
-    std::fs::write(root.join("train.jsonl"), text[..32].join("\n") + "\n").unwrap();
-    std::fs::write(root.join("test.jsonl"), text[32..].join("\n") + "\n").unwrap();
+    write_lm_data(&root, (5, 3));
     let d = root.display();
-    let config = |quantize: &str, out: &str| {
-        let text = format!(
-            "[model]\npath = \"{d}/model\"\nmax-seq-len = 10\n{quantize}\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\ntarget-modules = [\"q_proj\", \"down_proj\"]\n\n\
-             [privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
-             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.05\nseed = 7\n\n\
-             [output]\ndir = \"{d}/{out}\"\n"
-        );
-        let path = root.join(format!("{out}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let config = |quantize: &str, out: &str| lm_config(&root, "model", quantize, out);
     let cfg = config("quantize = \"q8_0\"", "run");
     let (ok, log) = common::dptrain(&["--config", cfg.to_str().unwrap()]);
     assert!(ok, "{log}");
@@ -319,28 +330,9 @@ fn a_folder_of_stored_q8_0_blocks_trains_the_same_adapter_as_quantizing_at_load_
     common::write_tiny_llama_dir_sized(&plain, 5, 64, 96);
     common::write_tiny_llama_dir_sized(&stored, 5, 64, 96);
     store_linear_weights_as_q8_0(&stored);
-    let words = common::tiny_words();
-    let text: Vec<String> = (0..40)
-        .map(|i| {
-            let s: Vec<&str> = (0..4 + i % 7).map(|j| words[(i * 3 + j * 5) % words.len()].as_str()).collect();
-            serde_json::json!({ "text": s.join(" ") }).to_string()
-        })
-        .collect();
-    std::fs::write(root.join("train.jsonl"), text[..32].join("\n") + "\n").unwrap();
-    std::fs::write(root.join("test.jsonl"), text[32..].join("\n") + "\n").unwrap();
+    write_lm_data(&root, (3, 5));
     let d = root.display();
-    let config = |model: &str, quantize: &str, out: &str| {
-        let text = format!(
-            "[model]\npath = \"{d}/{model}\"\nmax-seq-len = 10\n{quantize}\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"\n\n\
-             [lora]\nrank = 2\nalpha = 4\ntarget-modules = [\"q_proj\", \"down_proj\"]\n\n\
-             [privacy]\ntarget-epsilon = 8.0\ndelta = 1e-3\nclip-norm = 1.0\nhyperparameters-tuned-on-private-data = false\n\n\
-             [training]\nexpected-batch-size = 8\nmax-physical-batch = 3\nsteps = 4\nlearning-rate = 0.05\nseed = 7\n\n\
-             [output]\ndir = \"{d}/{out}\"\n"
-        );
-        let path = root.join(format!("{out}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let config = |model: &str, quantize: &str, out: &str| lm_config(&root, model, quantize, out);
     let run = |cfg: &Path| {
         let (ok, log) = common::dptrain(&["--config", cfg.to_str().unwrap()]);
         assert!(ok, "{log}");

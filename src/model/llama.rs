@@ -609,20 +609,7 @@ impl LlamaLm {
         lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
     ) -> Result<Self> {
-        Self::new_quantized(vb, config, lora, init_rng, None)
-    }
-
-    /// `new`, with every linear weight of the decoder layers quantized to `quant` as it is read
-    /// (`model::quant`; norms, embedding and head stay as `vb` gives them).
-    pub fn new_quantized(
-        vb: VarBuilder,
-        config: LlamaConfig,
-        lora: Option<&crate::lora::LoraSpec>,
-        init_rng: &mut ChaCha20Rng,
-        quant: Option<super::quant::QuantFormat>,
-    ) -> Result<Self> {
-        let base = super::quant::BaseFormat { dtype: DType::F32, quant, quant_vocab: None };
-        Self::new_with_base(vb, config, lora, init_rng, base)
+        Self::new_with_base(vb, config, lora, init_rng, DType::F32.into())
     }
 
     /// `new`, with the decoder's linear weights quantized to `base.quant` and the embedding and
@@ -637,7 +624,7 @@ impl LlamaLm {
         Self::build(vb, config, lora, init_rng, base, Default::default())
     }
 
-    /// `new_quantized` (`base.quant` for the decoder's linear weights, `base.quant_vocab` for the
+    /// `new_with_base` (`base.quant` for the decoder's linear weights, `base.quant_vocab` for the
     /// embedding and head; `base.dtype` is `vb`'s), with the linear weights named in `stored` (HF
     /// name → GGML blocks, from a folder's `model::quant::STORED_FILE`) taken as they are; every
     /// stored tensor must be used.
