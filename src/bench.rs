@@ -188,11 +188,18 @@ pub struct BenchReport {
     pub gemm_peak_gflops: f64,
     /// The dtype of that probe.
     pub peak_dtype: String,
+    /// Llama family: bytes of the frozen weight matrices (decoder linears, embedding, untied
+    /// head) as the model holds them (f32/bf16, or GGML blocks with `--quantize`, `--quantize-vocab`).
+    pub frozen_weight_bytes: Option<u64>,
+    /// Peak bytes (the same kind as the variants' `peak_memory_bytes`) while the model was built
+    /// or loaded, before any step.
+    pub load_peak_bytes: Option<u64>,
     pub results: Vec<VariantResult>,
 }
 
-/// The model under test, its name, vocabulary size, position limit, LoRA targets and FLOP shape.
-type Built = (Box<dyn DpModel>, String, usize, usize, Vec<String>, crate::flops::FlopShape);
+/// The model under test, its name, vocabulary size, position limit, LoRA targets, FLOP shape and
+/// (Llama family) the bytes of its frozen weight matrices as stored.
+type Built = (Box<dyn DpModel>, String, usize, usize, Vec<String>, crate::flops::FlopShape, Option<u64>);
 
 fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
@@ -219,7 +226,8 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
     };
     let base =
         crate::model::quant::BaseFormat { dtype: opts.base_dtype, quant: opts.quant, quant_vocab: opts.quant_vocab };
-    let (mut model, vocab, positions, shape): (Box<dyn DpModel>, usize, usize, FlopShape) =
+    let llama_bytes = |m: &LlamaLm| Some((m.layer_weight_bytes() + m.vocab_weight_bytes()) as u64);
+    let (mut model, vocab, positions, shape, frozen_bytes): (Box<dyn DpModel>, usize, usize, FlopShape, Option<u64>) =
         match (arch, &opts.model_dir) {
             (Architecture::Bert, _) if base.is_quantized() => {
                 candle_core::bail!(
@@ -244,22 +252,27 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
                 .with_base_dtype(opts.base_dtype)?;
                 let (v, p) = (m.config.vocab_size, m.config.max_position_embeddings);
                 let shape = FlopShape::bert(&m.config, 2);
-                (Box::new(m), v, p, shape)
+                (Box::new(m), v, p, shape, None)
             }
             (Architecture::Llama, Some(dir)) => {
                 let m = LlamaLm::load(dir, Some(&spec), &mut rng, device, base).map_err(err)?;
-                let v = m.config.vocab_size;
-                let shape = FlopShape::llama(&m.config);
-                (Box::new(m), v, usize::MAX, shape)
+                let (v, shape, bytes) = (m.config.vocab_size, FlopShape::llama(&m.config), llama_bytes(&m));
+                (Box::new(m), v, usize::MAX, shape, bytes)
             }
             (Architecture::Llama, None) => {
+                // Each weight is made when the model reads it, and those to be quantized on the
+                // CPU: no f32 copy of the whole model exists at any time, on the host or the device.
                 let cfg = llama_shape_config(&opts.shape)?.expect("a llama shape");
-                let w = crate::model::llama::random_weights(&cfg, &mut rng, device)?;
-                let vb = VarBuilder::from_tensors(w, opts.base_dtype, device);
-                let m = LlamaLm::new_with_base(vb, cfg, Some(&spec), &mut rng, base)?;
-                let v = m.config.vocab_size;
-                let shape = FlopShape::llama(&m.config);
-                (Box::new(m), v, usize::MAX, shape)
+                let seed = rng.random::<u64>();
+                let weights = |dev: &Device| {
+                    let lazy = crate::model::llama::LazyRandomWeights::new(&cfg, seed);
+                    VarBuilder::from_backend(Box::new(lazy), opts.base_dtype, dev.clone())
+                };
+                let source = weights(&Device::Cpu);
+                let m =
+                    LlamaLm::new_with_quant_source(weights(device), &source, cfg.clone(), Some(&spec), &mut rng, base)?;
+                let (v, shape, bytes) = (m.config.vocab_size, FlopShape::llama(&m.config), llama_bytes(&m));
+                (Box::new(m), v, usize::MAX, shape, bytes)
             }
         };
     // Non-zero LoRA B and head, as after some training (B = 0 would make A's gradient zero).
@@ -269,7 +282,7 @@ fn build_model(opts: &BenchOptions, device: &Device) -> Result<Built> {
         .map(|(_, t)| crate::model::bert::uniform_tensor(&mut rng, t.dims(), 0.05, device))
         .collect::<Result<Vec<_>>>()?;
     model.set_trainable(&init)?;
-    Ok((model, name, vocab, positions, targets, shape))
+    Ok((model, name, vocab, positions, targets, shape, frozen_bytes))
 }
 
 /// One variant's state across the interleaved rounds.
@@ -350,7 +363,9 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
             candle_core::bail!("bench: unknown variant `{v}` (expected some of {VARIANTS:?})");
         }
     }
-    let (mut model, model_name, vocab, positions, targets, shape) = build_model(opts, device)?;
+    memory::reset_peak(device, false)?;
+    let (mut model, model_name, vocab, positions, targets, shape, frozen_weight_bytes) = build_model(opts, device)?;
+    let load_peak_bytes = memory::peak(device)?;
     let lm = model.task() == Task::CausalLm;
     let examples: Vec<Example> = match &opts.examples {
         Some(real) => {
@@ -491,6 +506,8 @@ pub fn run(opts: &BenchOptions, device: &Device, device_name: &str) -> Result<Be
         step_gflop: step_flops / 1e9,
         gemm_peak_gflops: gemm_peak_flops / 1e9,
         peak_dtype: format!("{peak_dtype:?}").to_lowercase(),
+        frozen_weight_bytes,
+        load_peak_bytes,
         results,
     })
 }

@@ -49,11 +49,56 @@ fn check(shape: &str, targets: &[&str], batch: usize, seq_len: usize) {
     assert!(extra <= 0.0, "{shape} {targets:?}: DP step peak {dp} B is {:+.1}% over non-private {np} B", 100.0 * extra);
 }
 
-// One test function: the counters are process-wide, so the cases must not run concurrently.
+/// The counters are process-wide: each test holds this while it measures.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn dp_step_peak_heap_is_at_most_the_non_private_lora_peak_on_the_cpu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     check("tiny", &["query", "value"], 16, 64);
     check("tiny", &["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"], 16, 64);
     check("llama-tiny", &["q_proj", "v_proj"], 16, 32);
     check("llama-tiny", &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16, 32);
+}
+
+/// `dptrain bench --shape … --quantize q8_0 --quantize-vocab q8_0` builds the quantized model
+/// without ever holding its f32 weights: the weights are made when read
+/// (`llama::LazyRandomWeights`) and quantized a chunk of rows at a time, so the heap peak while
+/// building is at most the blocks, the largest f32 weight (SmolLM2's embedding, 113 MB), one
+/// 16 MiB chunk per thread and 16 MiB more — well under the 538 MB f32 model.
+#[test]
+fn a_quantized_bench_shape_is_built_without_its_f32_weights_in_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let q8 = Some(dptrain::model::quant::QuantFormat::Q8_0);
+    let opts = BenchOptions {
+        model_dir: None,
+        shape: "smollm2-135m".into(),
+        base_dtype: DType::F32,
+        quant: q8,
+        quant_vocab: q8,
+        batch: 1,
+        seq_len: 8,
+        steps: 1,
+        warmup: 0,
+        lora_rank: 8,
+        lora_alpha: None,
+        lora_layers: Some(vec![29]),
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        variants: vec!["non-private".into()],
+        examples: None,
+        profile_steps: 0,
+    };
+    let r = run(&opts, &Device::Cpu, "cpu").unwrap();
+    let cfg = dptrain::bench::llama_shape_config("smollm2-135m").unwrap().unwrap();
+    let (v, h, f, l) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let weights = (l * (2 * h * h + 2 * h * kv + 3 * h * f) + v * h) as u64;
+    let blocks = r.frozen_weight_bytes.unwrap();
+    assert_eq!(blocks, weights / 32 * 34, "not every weight matrix is in Q8_0 blocks");
+    let largest_f32 = (v * h * 4) as u64;
+    let bound = blocks + largest_f32 + (rayon::current_num_threads() as u64 + 1) * (16 << 20);
+    let peak = r.load_peak_bytes.unwrap();
+    eprintln!("blocks {blocks} B, f32 model {} B, build peak {peak} B, bound {bound} B", weights * 4);
+    assert!(bound < weights * 4, "the bound would not tell the two apart");
+    assert!(peak <= bound, "building peaked at {peak} B, over {bound} B: f32 weights were held");
 }

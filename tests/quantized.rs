@@ -20,6 +20,7 @@ use dptrain::model::quant::{BaseFormat, QuantFormat};
 use dptrain::model::{DpModel, LlamaLm};
 use dptrain::privacy::per_example_grads;
 use rand::SeedableRng;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn examples() -> Vec<Example> {
@@ -45,17 +46,25 @@ fn model_dir(name: &str, hidden: usize, intermediate: usize) -> PathBuf {
     dir
 }
 
-/// The model in `dir` with LoRA on every module, its LoRA tensors set to the same random values
-/// whatever the base format (so that every per-example gradient is non-zero).
-fn load(dir: &Path, base: BaseFormat) -> LlamaLm {
-    let spec = LoraSpec {
+/// LoRA on every module.
+fn every_module() -> LoraSpec {
+    LoraSpec {
         rank: 2,
         alpha: 4.0,
         targets: dptrain::model::llama::LLAMA_LORA_MODULES.iter().map(|s| s.to_string()).collect(),
         layers: None,
-    };
+    }
+}
+
+/// The model in `dir` with LoRA on every module, its LoRA tensors set to the same random values
+/// whatever the base format (so that every per-example gradient is non-zero).
+fn load(dir: &Path, base: BaseFormat) -> LlamaLm {
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
-    let mut model = LlamaLm::load(dir, Some(&spec), &mut rng, &Device::Cpu, base).unwrap();
+    with_random_lora(LlamaLm::load(dir, Some(&every_module()), &mut rng, &Device::Cpu, base).unwrap())
+}
+
+/// `model` with its LoRA tensors set as in `load`.
+fn with_random_lora(mut model: LlamaLm) -> LlamaLm {
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
     let random: Vec<Tensor> =
         model.trainable().iter().map(|(_, t)| common::rand_tensor(&mut rng, t.dims(), 0.5)).collect();
@@ -132,15 +141,7 @@ fn a_q4_k_base_computes_exactly_the_dequantized_model_in_a_seventh_of_the_bytes(
 fn check_vocab(tied: bool) {
     let dir = model_dir(if tied { "vocab-tied" } else { "vocab-untied" }, 64, 96);
     if !tied {
-        let path = dir.join("config.json");
-        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        cfg["tie_word_embeddings"] = false.into();
-        std::fs::write(&path, cfg.to_string()).unwrap();
-        let parsed = dptrain::model::LlamaConfig::from_json(&cfg.to_string()).unwrap();
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
-        let w = dptrain::model::llama::random_weights(&parsed, &mut rng, &Device::Cpu).unwrap();
-        assert!(w.contains_key("lm_head.weight"));
-        candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+        untie(&dir, DType::F32);
     }
     let q8 = Some(QuantFormat::Q8_0);
     let both = BaseFormat { dtype: DType::F32, quant: q8, quant_vocab: q8 };
@@ -174,6 +175,50 @@ fn check_vocab(tied: bool) {
 fn a_q8_0_embedding_and_head_compute_exactly_the_dequantized_model_tied_or_not() {
     check_vocab(true);
     check_vocab(false);
+}
+
+/// `dir`'s model made untied (its own LM head) with new random weights saved in `dtype`; returns
+/// the weights as saved and the config.
+fn untie(dir: &Path, dtype: DType) -> (HashMap<String, Tensor>, dptrain::model::LlamaConfig) {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = false.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let parsed = dptrain::model::LlamaConfig::from_json(&cfg.to_string()).unwrap();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+    let w = dptrain::model::llama::random_weights(&parsed, &mut rng, &Device::Cpu).unwrap();
+    assert!(w.contains_key("lm_head.weight"));
+    let w: HashMap<String, Tensor> = w.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    (w, parsed)
+}
+
+/// Quantizing at load reads the weights in their stored dtype a chunk of rows at a time
+/// (`quant::as_stored_source`, `quant::quantize_weight`): from a bf16 folder every frozen weight
+/// (linears, untied embedding and head) holds exactly the blocks candle's `QTensor::quantize`
+/// makes of the whole weight converted to f32 (compared through their dequantizations, bit for
+/// bit).
+#[test]
+fn a_bf16_folder_quantized_at_load_holds_candles_blocks_of_its_weights_bit_for_bit() {
+    let dir = model_dir("bf16", 256, 512);
+    let (w, _) = untie(&dir, DType::BF16);
+    for format in [QuantFormat::Q8_0, QuantFormat::Q4K] {
+        let base = BaseFormat { dtype: DType::F32, quant: Some(format), quant_vocab: Some(format) };
+        let model = load(&dir, base);
+        let frozen = model.frozen_weights();
+        assert_eq!(frozen.len(), 2 * 7 + 2);
+        for (name, weight) in frozen {
+            let whole = w[&name].to_dtype(DType::F32).unwrap();
+            let want = candle_core::quantized::QTensor::quantize(&whole, format.ggml()).unwrap();
+            let want = want.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = weight.dequantized().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), want.len(), "{name}");
+            let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{format:?} {name}: {differ} values differ from candle's quantization");
+            assert_ne!(got, whole.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}: not quantized");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

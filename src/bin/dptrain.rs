@@ -681,6 +681,13 @@ fn bench(cmd: &Command) -> Result<()> {
     if let Some(v) = r.results.first() {
         println!("peak memory: {}", v.memory_kind);
     }
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    if let Some(b) = r.frozen_weight_bytes {
+        println!("frozen weight matrices: {} as held ({})", mib(b), r.base_dtype);
+    }
+    if let Some(b) = r.load_peak_bytes {
+        println!("peak while the model was built: {}", mib(b));
+    }
     if r.results.iter().any(|v| !v.time_split_ms.is_empty()) {
         println!(
             "time split, ms per step ({} profiled steps each; every phase mark synchronises the device):",

@@ -11,7 +11,6 @@
 use super::attention::{attention, attention_capped, Heads};
 pub use super::fused_llama::{rms_norm, rope, swiglu};
 use super::ops::add_const;
-
 use super::{DpModel, ModelError, Task};
 use crate::data::Batch;
 use crate::lora::{FrozenWeight, LoraAdapter, LoraLinear, Tape};
@@ -621,15 +620,31 @@ impl LlamaLm {
         init_rng: &mut ChaCha20Rng,
         base: super::quant::BaseFormat,
     ) -> Result<Self> {
-        Self::build(vb, config, lora, init_rng, base, Default::default())
+        let source = vb.clone();
+        Self::build(vb, &source, config, lora, init_rng, base, Default::default())
+    }
+
+    /// `new_with_base`, with the weights to be quantized read from `source` instead of `vb` (e.g.
+    /// a CPU source for a GPU model, so that no f32 copy of them is ever made on the device).
+    pub fn new_with_quant_source(
+        vb: VarBuilder,
+        source: &VarBuilder,
+        config: LlamaConfig,
+        lora: Option<&crate::lora::LoraSpec>,
+        init_rng: &mut ChaCha20Rng,
+        base: super::quant::BaseFormat,
+    ) -> Result<Self> {
+        Self::build(vb, source, config, lora, init_rng, base, Default::default())
     }
 
     /// `new_with_base` (`base.quant` for the decoder's linear weights, `base.quant_vocab` for the
     /// embedding and head; `base.dtype` is `vb`'s), with the linear weights named in `stored` (HF
     /// name → GGML blocks, from a folder's `model::quant::STORED_FILE`) taken as they are; every
-    /// stored tensor must be used.
+    /// stored tensor must be used. The weights to be quantized are read from `source` (any device,
+    /// any dtype: `quant::quantize_weight` converts a chunk of rows at a time), the rest from `vb`.
     fn build(
         vb: VarBuilder,
+        source: &VarBuilder,
         config: LlamaConfig,
         lora: Option<&crate::lora::LoraSpec>,
         init_rng: &mut ChaCha20Rng,
@@ -686,10 +701,12 @@ impl LlamaLm {
                 }
                 FrozenWeight::Quantized(q)
             } else {
-                let weight = v.get((out, inp), "weight")?;
                 match base.quant {
-                    None => weight.into(),
-                    Some(q) => FrozenWeight::Quantized(super::quant::quantize_weight(&weight, q, &name)?),
+                    None => v.get((out, inp), "weight")?.into(),
+                    Some(q) => {
+                        let weight = source.get((out, inp), &format!("{name}.weight"))?;
+                        FrozenWeight::Quantized(super::quant::quantize_weight(&weight, q, &name, vb.device())?)
+                    }
                 }
             };
             Ok(LoraLinear { name, weight, bias: if bias { Some(f32_get(&v, &[out], "bias")?) } else { None }, adapter })
@@ -801,14 +818,11 @@ impl LlamaLm {
             }
             // One set of blocks for a tied pair: the lookup and the head read the same values.
             (None, Some(q)) => {
-                let embed_raw = vb.get((v, h), "model.embed_tokens.weight")?;
-                let embed = super::quant::quantize_weight(&embed_raw, q, "model.embed_tokens")?;
-                drop(embed_raw);
-                let head = if config.tied() {
-                    embed.clone()
-                } else {
-                    super::quant::quantize_weight(&dense_head(&vb)?, q, "lm_head")?
+                let quantize = |name: &str, what: &str| -> Result<std::sync::Arc<candle_core::quantized::QTensor>> {
+                    super::quant::quantize_weight(&source.get((v, h), name)?, q, what, vb.device())
                 };
+                let embed = quantize("model.embed_tokens.weight", "model.embed_tokens")?;
+                let head = if config.tied() { embed.clone() } else { quantize("lm_head.weight", "lm_head")? };
                 (FrozenWeight::Quantized(embed), FrozenWeight::Quantized(head))
             }
         };
@@ -874,7 +888,10 @@ impl LlamaLm {
         };
         // SAFETY: the files are memory-mapped read-only; dptrain never writes to a model folder.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, base.dtype, device)? };
-        Self::build(vb, config, lora, init_rng, base, stored)
+        // The weights to be quantized are read on the CPU in their stored dtype, so neither a
+        // whole f32 copy nor (on a GPU) a device copy of them is ever made.
+        let source = if base.is_quantized() { unsafe { super::quant::as_stored_source(&files)? } } else { vb.clone() };
+        Self::build(vb, &source, config, lora, init_rng, base, stored)
             .map_err(|e| ModelError::Load { file: files[0].clone(), message: e.to_string() })
     }
 
@@ -902,6 +919,18 @@ impl LlamaLm {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Every frozen weight matrix with its checkpoint name: the decoder's linear weights, the
+    /// embedding and (untied) the LM head.
+    pub fn frozen_weights(&self) -> Vec<(String, &FrozenWeight)> {
+        let mut w: Vec<(String, &FrozenWeight)> =
+            self.all_linears().into_iter().map(|l| (format!("{}.weight", l.name), &l.weight)).collect();
+        w.push(("model.embed_tokens.weight".into(), &self.embed));
+        if !self.config.tied() {
+            w.push(("lm_head.weight".into(), &self.lm_head.weight));
+        }
+        w
     }
 
     fn all_linears(&self) -> Vec<&LoraLinear> {
@@ -1218,26 +1247,18 @@ fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     causal.broadcast_add(&keys)
 }
 
-/// Random weights for a Llama of shape `cfg`, named as in a Hugging Face checkpoint (tests and
-/// benchmarks).
-pub fn random_weights(
-    cfg: &LlamaConfig,
-    rng: &mut ChaCha20Rng,
-    device: &Device,
-) -> Result<std::collections::HashMap<String, Tensor>> {
-    use super::bert::uniform_tensor;
+/// The tensors of a Llama checkpoint of shape `cfg` (Hugging Face names), each with the scale of
+/// its uniform random values, in the order `random_weights` draws them.
+fn random_weight_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, f32)> {
     let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
-    let mut w = std::collections::HashMap::new();
-    let mut put = |name: String, shape: &[usize], scale: f32, rng: &mut ChaCha20Rng| -> Result<()> {
-        w.insert(name, uniform_tensor(rng, shape, scale, device)?);
-        Ok(())
-    };
-    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], 1.0, rng)?;
+    let mut w = Vec::new();
+    let mut put = |name: String, shape: &[usize], scale: f32| w.push((name, shape.to_vec(), scale));
+    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], 1.0);
     if !cfg.tied() {
-        put("lm_head.weight".into(), &[cfg.vocab_size, h], 0.5, rng)?;
+        put("lm_head.weight".into(), &[cfg.vocab_size, h], 0.5);
     }
-    put("model.norm.weight".into(), &[h], 1.0, rng)?;
+    put("model.norm.weight".into(), &[h], 1.0);
     let s = 1.7 / (h as f32).sqrt();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -1258,28 +1279,89 @@ pub fn random_weights(
         ];
         let linears: &[(&str, usize, usize)] = if cfg.fused_projections() { &fused } else { &separate };
         for &(m, o, inp) in linears {
-            put(format!("{p}.{m}.weight"), &[o, inp], s, rng)?;
+            put(format!("{p}.{m}.weight"), &[o, inp], s);
         }
         if cfg.qkv_bias() {
             for (m, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                put(format!("{p}.self_attn.{m}.bias"), &[o], 0.1, rng)?;
+                put(format!("{p}.self_attn.{m}.bias"), &[o], 0.1);
             }
         }
         if cfg.o_bias() {
-            put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.1, rng)?;
+            put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.1);
         }
-        put(format!("{p}.input_layernorm.weight"), &[h], 1.0, rng)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, rng)?;
+        put(format!("{p}.input_layernorm.weight"), &[h], 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0);
         if cfg.is_gemma() {
-            put(format!("{p}.pre_feedforward_layernorm.weight"), &[h], 1.0, rng)?;
-            put(format!("{p}.post_feedforward_layernorm.weight"), &[h], 1.0, rng)?;
+            put(format!("{p}.pre_feedforward_layernorm.weight"), &[h], 1.0);
+            put(format!("{p}.post_feedforward_layernorm.weight"), &[h], 1.0);
         }
         if cfg.qk_norm() {
-            put(format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim()], 1.0, rng)?;
-            put(format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim()], 1.0, rng)?;
+            put(format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim()], 1.0);
+            put(format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim()], 1.0);
         }
     }
-    Ok(w)
+    w
+}
+
+/// Random weights for a Llama of shape `cfg`, named as in a Hugging Face checkpoint (tests and
+/// benchmarks).
+pub fn random_weights(
+    cfg: &LlamaConfig,
+    rng: &mut ChaCha20Rng,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    random_weight_specs(cfg)
+        .into_iter()
+        .map(|(name, shape, scale)| Ok((name, super::bert::uniform_tensor(rng, &shape, scale, device)?)))
+        .collect()
+}
+
+/// Random weights for a Llama of shape `cfg` made only when the model reads them (each tensor
+/// from its own ChaCha20 stream of `seed`, the same values on every read and on every device), so
+/// that nothing holds the whole f32 model while a quantized one is built (`dptrain bench --shape
+/// … --quantize`: an 8B-shaped f32 model is 32 GB, its q4_k blocks 4 GB).
+pub struct LazyRandomWeights {
+    specs: std::collections::HashMap<String, (Vec<usize>, f32, u64)>,
+    seed: u64,
+}
+
+impl LazyRandomWeights {
+    pub fn new(cfg: &LlamaConfig, seed: u64) -> Self {
+        let specs = random_weight_specs(cfg)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape, scale))| (name, (shape, scale, i as u64)))
+            .collect();
+        LazyRandomWeights { specs, seed }
+    }
+
+    fn make(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        use rand::SeedableRng;
+        let Some((shape, scale, stream)) = self.specs.get(name) else {
+            candle_core::bail!("random weights: a Llama of this shape has no tensor {name}")
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
+        rng.set_stream(*stream);
+        super::bert::uniform_tensor(&mut rng, shape, *scale, dev)?.to_dtype(dtype)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for LazyRandomWeights {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.make(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("random weights: {name} has shape {:?}, asked for {:?}", t.shape(), s);
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.make(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.specs.contains_key(name)
+    }
 }
 
 /// gemma-2-2b's config.json as the Hub has it (older layout, no `layer_types`): the

@@ -31,7 +31,7 @@
 //! and per-example gradients, clipping and noise are computed as for any base.
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,9 +189,15 @@ impl From<DType> for BaseFormat {
     }
 }
 
-/// Quantize one frozen weight [out, in] (any dtype, any device) to `format` on its device.
+/// Quantize one frozen weight [out, in] (any dtype, on any device) to `format` on `device`.
 /// `name` names the weight in the error when its rows do not split into whole blocks.
-pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Arc<QTensor>> {
+///
+/// The weight is read a few rows at a time (at most `QUANT_CHUNK_VALUES` values converted to f32
+/// on the CPU at once, per thread) and the chunks are quantized in parallel into one block buffer:
+/// so a bf16 8B embedding (525M weights) never exists in f32 (2.1 GB), and a weight on a GPU is
+/// brought to the CPU one chunk at a time. Every block is quantized from its own values only, so
+/// this is bit for bit candle's `QTensor::quantize` of the whole weight (the slow twin; test).
+pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str, device: &Device) -> Result<Arc<QTensor>> {
     let (out, inp) = w.dims2()?;
     let block = format.block_size();
     if inp % block != 0 {
@@ -206,12 +212,84 @@ pub fn quantize_weight(w: &Tensor, format: QuantFormat, name: &str) -> Result<Ar
             }
         );
     }
-    let w32 = w.to_dtype(DType::F32)?;
-    let q = match w.device() {
-        Device::Cpu => QTensor::quantize(&w32, format.ggml())?,
-        dev => QTensor::quantize_onto(&w32.to_device(&Device::Cpu)?, format.ggml(), dev)?,
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
+    let storage = match format {
+        QuantFormat::Q8_0 => blocks_storage::<BlockQ8_0>(w, device, QUANT_CHUNK_VALUES)?,
+        QuantFormat::Q4K => blocks_storage::<BlockQ4K>(w, device, QUANT_CHUNK_VALUES)?,
     };
-    Ok(Arc::new(q))
+    Ok(Arc::new(QTensor::new(storage, (out, inp))?))
+}
+
+/// Safetensors tensors as stored: the dtype asked for is ignored (see `as_stored_source`).
+struct AsStored(candle_core::safetensors::MmapedSafetensors);
+
+impl candle_nn::var_builder::SimpleBackend for AsStored {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, _: DType, _: &Device) -> Result<Tensor> {
+        let t = self.0.load(name, &Device::Cpu)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        self.0.load(name, &Device::Cpu)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
+}
+
+/// A CPU weight source over safetensors `files` that gives each tensor in its stored dtype (a
+/// bf16 weight stays bf16 until `quantize_weight` converts it a chunk at a time).
+///
+/// # Safety
+/// The files are memory-mapped: they must not be modified while the source lives (as for
+/// `VarBuilder::from_mmaped_safetensors`).
+pub unsafe fn as_stored_source(files: &[PathBuf]) -> Result<candle_nn::VarBuilder<'static>> {
+    let mm = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
+    Ok(candle_nn::VarBuilder::from_backend(Box::new(AsStored(mm)), DType::F32, Device::Cpu))
+}
+
+/// Values converted to f32 at once per thread while quantizing (16 MiB of f32).
+pub const QUANT_CHUNK_VALUES: usize = 1 << 22;
+
+/// `w` [out, in] (rows whole blocks of T) quantized to T's blocks, chunks of whole rows (about
+/// `chunk_values` values, at least one row) in parallel, as storage on `device`.
+fn blocks_storage<T: candle_core::quantized::GgmlType + 'static>(
+    w: &Tensor,
+    device: &Device,
+    chunk_values: usize,
+) -> Result<candle_core::quantized::QStorage> {
+    use candle_core::quantized::QStorage;
+    use rayon::prelude::*;
+    let (out, inp) = w.dims2()?;
+    let per_row = inp / T::BLCK_SIZE;
+    let rows = (chunk_values / inp).max(1);
+    let mut blocks = vec![T::zeros(); out * per_row];
+    blocks.par_chunks_mut(rows * per_row).enumerate().try_for_each(|(i, dst)| -> Result<()> {
+        let n = dst.len() / per_row;
+        let xs = w.narrow(0, i * rows, n)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        T::from_float(&xs.flatten_all()?.to_vec1::<f32>()?, dst);
+        Ok(())
+    })?;
+    match device {
+        Device::Cpu => Ok(QStorage::Cpu(Box::new(blocks))),
+        dev => {
+            // SAFETY: T is plain data (GGML blocks of integers and halves); the slice covers
+            // exactly the vector's initialised elements.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks.as_slice()))
+            };
+            QStorage::from_data(std::borrow::Cow::Borrowed(bytes), dev, T::DTYPE)
+        }
+    }
 }
 
 /// deq(W) in f32 on `device`: on the CPU with the blocks split across rayon's threads (candle's
@@ -329,7 +407,7 @@ mod tests {
         let dense = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = dense.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (format, bytes_per_block, tol) in [(QuantFormat::Q8_0, 34usize, 0.01f32), (QuantFormat::Q4K, 144, 0.1)] {
-            let q = quantize_weight(&w, format, "w").unwrap();
+            let q = quantize_weight(&w, format, "w", &Device::Cpu).unwrap();
             assert_eq!(q.storage_size_in_bytes(), 8 * 512 / format.block_size() * bytes_per_block, "{format:?}");
             let back = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let err = back.iter().zip(&dense).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -385,12 +463,41 @@ mod tests {
     }
 
     #[test]
+    fn chunked_threaded_quantization_is_candles_whole_quantization_bit_for_bit() {
+        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
+        // 23 rows of 768 (3 Q4_K super-blocks, 24 Q8_0 blocks a row), f32 and bf16 sources; chunks
+        // of 1, 2 and 5 rows (the last one short) and one chunk for the whole weight.
+        let w32 = rand(&[23, 768], 11);
+        for w in [w32.clone(), w32.to_dtype(DType::BF16).unwrap()] {
+            for format in [QuantFormat::Q8_0, QuantFormat::Q4K] {
+                let want = QTensor::quantize(&w.to_dtype(DType::F32).unwrap(), format.ggml()).unwrap();
+                let want = want.data().unwrap().to_vec();
+                for chunk in [768, 2 * 768, 5 * 768 + 100, 1 << 20] {
+                    let storage = match format {
+                        QuantFormat::Q8_0 => blocks_storage::<BlockQ8_0>(&w, &Device::Cpu, chunk),
+                        QuantFormat::Q4K => blocks_storage::<BlockQ4K>(&w, &Device::Cpu, chunk),
+                    };
+                    let q = QTensor::new(storage.unwrap(), (23, 768)).unwrap();
+                    let got = q.data().unwrap();
+                    assert_eq!(got.len(), want.len(), "{format:?} chunk {chunk}");
+                    let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                    assert_eq!(differ, 0, "{format:?} {:?} chunk {chunk}: {differ} bytes differ", w.dtype());
+                }
+                let q = quantize_weight(&w, format, "w", &Device::Cpu).unwrap();
+                assert_eq!(q.data().unwrap().as_ref(), want.as_slice(), "{format:?}");
+            }
+        }
+    }
+
+    #[test]
     fn a_weight_whose_rows_are_not_whole_blocks_is_refused_naming_it() {
         let w = rand(&[4, 96], 4);
-        let e = quantize_weight(&w, QuantFormat::Q4K, "model.layers.0.mlp.down_proj").unwrap_err().to_string();
+        let e = quantize_weight(&w, QuantFormat::Q4K, "model.layers.0.mlp.down_proj", &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.layers.0.mlp.down_proj") && e.contains("96") && e.contains("256"), "{e}");
         assert!(e.contains("use q8_0"), "{e}");
-        assert!(quantize_weight(&w, QuantFormat::Q8_0, "w").is_ok());
+        assert!(quantize_weight(&w, QuantFormat::Q8_0, "w", &Device::Cpu).is_ok());
         assert!(QuantFormat::parse("q4_0").unwrap_err().contains("q8_0 or q4_k"));
     }
 }
