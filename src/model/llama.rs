@@ -621,7 +621,7 @@ impl LlamaLm {
         base: super::quant::BaseFormat,
     ) -> Result<Self> {
         let source = vb.clone();
-        Self::build(vb, &source, config, lora, init_rng, base, Default::default())
+        Self::new_with_quant_source(vb, &source, config, lora, init_rng, base)
     }
 
     /// `new_with_base`, with the weights to be quantized read from `source` instead of `vb` (e.g.
