@@ -400,3 +400,114 @@ fn sigint_stops_after_the_current_step_with_a_checkpoint_and_resume_completes_th
     assert!(ok, "{log}");
     assert_eq!(tensors(&f.out("sig")), tensors(&f.out("full")));
 }
+
+/// The named f64 vectors and the f32 parameters of one checkpoint folder's tensors file.
+fn checkpoint_vectors(ck: &Path) -> (Vec<f32>, std::collections::HashMap<String, Vec<f64>>) {
+    let bytes = std::fs::read(ck.join("tensors.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut params = Vec::new();
+    let mut vectors = std::collections::HashMap::new();
+    for (name, t) in st.tensors() {
+        if name == "params" {
+            params = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        } else {
+            vectors.insert(name, t.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect());
+        }
+    }
+    (params, vectors)
+}
+
+#[test]
+fn an_averaged_run_releases_the_moving_average_of_its_lora_iterates_and_resumes_to_it_bit_for_bit() {
+    let f = Fixture::new("ema");
+    // 3 probe steps (0.5 epoch of 48 records at L = 8), then 9 LoRA steps; every checkpoint kept.
+    let probe = "linear-probe-epochs = 0.5\nlinear-probe-learning-rate = 0.1\nkeep-final-checkpoint = true\n";
+    let config = |out: &str, extra: &str| {
+        let path = f.config_with(out, 1, "0.05", &format!("{probe}{extra}"));
+        let text = std::fs::read_to_string(&path).unwrap().replace("keep-checkpoints = 2", "keep-checkpoints = 20");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let plain = config("plain", "");
+    let (ok, log) = dptrain(&["--config", &plain]);
+    assert!(ok, "{log}");
+    let decay = 0.8;
+    let averaged = config("avg", &format!("ema-decay = {decay}\n"));
+    let (ok, log) = dptrain(&["--config", &averaged]);
+    assert!(ok, "{log}");
+
+    // The plain run's iterates, from its checkpoints after the probe (step 3) to the last (12).
+    let ck = |run: &str, step: u64| f.out(run).join(format!("private/checkpoints/step-{step:08}"));
+    let iterates: Vec<Vec<f32>> = (3..=12).map(|s| checkpoint_vectors(&ck("plain", s)).0).collect();
+    // Averaging changes nothing about training: the averaged run's last iterate is the plain one's.
+    let (last, vectors) = checkpoint_vectors(&ck("avg", 12));
+    assert_eq!(&last, iterates.last().unwrap());
+    // Slow twin: the recurrence over the iterates, from the parameters the LoRA phase starts with.
+    let mut want: Vec<f64> = iterates[0].iter().map(|&x| x as f64).collect();
+    for (k, it) in iterates[1..].iter().enumerate() {
+        let b = f64::min(decay, (1 + k) as f64 / (10 + k) as f64);
+        for (w, &x) in want.iter_mut().zip(it) {
+            *w = b * *w + (1.0 - b) * x as f64;
+        }
+    }
+    let got = &vectors["ema"];
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-9 * w.abs().max(1e-3), "{g} vs {w}");
+    }
+    // The adapter holds the average (as f32), not the last iterate: compared as sorted values,
+    // since the adapter file orders and names tensors its own way.
+    let sorted_adapter = |run: &str| {
+        let mut v: Vec<f32> = tensors(&f.out(run))
+            .iter()
+            .flat_map(|(_, b)| b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>())
+            .collect();
+        v.sort_by(f32::total_cmp);
+        v
+    };
+    let sorted = |v: Vec<f32>| {
+        let mut v = v;
+        v.sort_by(f32::total_cmp);
+        v
+    };
+    assert!(
+        sorted_adapter("avg") == sorted(want.iter().map(|&w| w as f32).collect()),
+        "the adapter is not the average"
+    );
+    assert!(
+        sorted_adapter("plain") == sorted(iterates.last().unwrap().clone()),
+        "the plain adapter is not the last iterate"
+    );
+    assert!(sorted_adapter("avg") != sorted_adapter("plain"), "averaging changed nothing");
+    let (a, p) = (report(&f.out("avg")), report(&f.out("plain")));
+    assert!(
+        a["released_parameters"]
+            .as_str()
+            .unwrap()
+            .contains("moving average of the parameters over the 9 LoRA-phase steps"),
+        "{a}"
+    );
+    assert_eq!(p["released_parameters"], "the parameters after the last step");
+    assert_eq!(a["epsilon"], p["epsilon"], "averaging is post-processing: the same ε");
+    // The private record keeps the last iterate's test metric: the plain run's released one.
+    let record = |run: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(f.out(run).join("private/run.json")).unwrap()).unwrap()
+    };
+    let (ra, rp) = (record("avg"), record("plain"));
+    assert_eq!(ra["metrics"]["test_last_iterate"], rp["metrics"]["test"], "{ra}");
+    assert!(rp["metrics"]["test_last_iterate"].is_null());
+    // The average is checkpointed from the first LoRA step on, and a run stopped at the end of
+    // the probe (no average yet) and again inside the LoRA phase resumes to the same adapter.
+    assert!(!checkpoint_vectors(&ck("avg", 3)).1.contains_key("ema"));
+    assert!(checkpoint_vectors(&ck("avg", 4)).1.contains_key("ema"));
+    let out = f.out("avg-parts").display().to_string();
+    let (ok, log) = dptrain(&["--config", &averaged, "--out", &out, "--stop-after-step", "3"]);
+    assert!(!ok && log.contains("after step 3 of 12"), "{log}");
+    let stop: u64 = rand::rng().random_range(4..12);
+    let (ok, log) =
+        dptrain(&["--config", &averaged, "--out", &out, "--resume", &out, "--stop-after-step", &stop.to_string()]);
+    assert!(!ok && log.contains(&format!("after step {stop} of 12")), "{log}");
+    let (ok, log) = dptrain(&["--config", &averaged, "--out", &out, "--resume", &out]);
+    assert!(ok, "stop at {stop}: {log}");
+    assert_eq!(adapter_sha(&f.out("avg-parts")), adapter_sha(&f.out("avg")), "stops at 3 and {stop}");
+}

@@ -141,6 +141,9 @@ pub struct Plan {
     pub weight_decay: f64,
     pub warmup_steps: u64,
     pub lr_schedule: LrSchedule,
+    /// `training.ema-decay`: release the moving average of the LoRA-phase iterates (None: the
+    /// last step's parameters).
+    pub ema_decay: Option<f64>,
     pub seed: Option<u64>,
     pub device: DeviceSpec,
     /// dtype of the frozen linear weights as configured (`model.dtype`); see `base_dtype()`.
@@ -392,6 +395,11 @@ impl Plan {
                     .into(),
             ));
         }
+        if let Some(d) = t.ema_decay {
+            if !(d > 0.0 && d < 1.0) {
+                return Err(bad("training.ema-decay", format!("must be in (0, 1), got {d}")));
+            }
+        }
         if t.adam_eps.is_some() && t.optimizer.as_deref() == Some("sgd") {
             return Err(bad("training.adam-eps", "only applies to optimizer = \"adamw\"".into()));
         }
@@ -536,6 +544,7 @@ impl Plan {
             learning_rate,
             weight_decay,
             warmup_steps: t.warmup_steps.unwrap_or(0),
+            ema_decay: t.ema_decay,
             lr_schedule,
             seed: t.seed,
             device,
@@ -699,6 +708,12 @@ dir = "out"
         assert_eq!((gpu.device, gpu.base_dtype()), (DeviceSpec::Cuda(1), candle_core::DType::BF16));
         assert_eq!(plan(BASE).unwrap().base_dtype(), candle_core::DType::F32);
         assert!(err(&BASE.replace("steps = 3", "steps = 3\nlr-schedule = \"cosine\"")).contains("training.lr-schedule"));
+        for d in ["0.0", "1.0", "1.5", "-0.5"] {
+            let e = err(&BASE.replace("steps = 3", &format!("steps = 3\nema-decay = {d}")));
+            assert!(e.contains("training.ema-decay") && e.contains("(0, 1)"), "{d}: {e}");
+        }
+        assert_eq!(plan(&BASE.replace("steps = 3", "steps = 3\nema-decay = 0.9")).unwrap().ema_decay, Some(0.9));
+        assert_eq!(plan(BASE).unwrap().ema_decay, None);
     }
 
     #[test]

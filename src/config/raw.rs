@@ -163,6 +163,13 @@ pub struct RawTraining {
     /// Learning-rate schedule after warm-up: "constant" or "linear" (linear decay to 0 at the
     /// last planned step). Default "constant".
     pub lr_schedule: Option<String>,
+    /// Release an exponential moving average of the parameters over the LoRA-phase steps instead
+    /// of the last step's parameters: after LoRA step k (0-based) the average becomes
+    /// β·average + (1 − β)·parameters with β = min(ema-decay, (1 + k)/(10 + k)), starting from
+    /// the parameters the LoRA phase starts from (after any linear probe). The average is a
+    /// function of the privatised updates only, so it is post-processing and costs no privacy.
+    /// The test metric is the averaged model's. A number in (0, 1), e.g. 0.95; default: off.
+    pub ema_decay: Option<f64>,
     /// Fixed seed for every random stream (sampling, noise, init). For experiments only: the
     /// certificate then says "seeded: not for release". Default: fresh OS entropy.
     pub seed: Option<u64>,

@@ -165,6 +165,7 @@ pub fn render(r: &Value) -> String {
         );
     }
     row(&mut o, "epochs (steps · q)", &num(&r["epochs"]));
+    row(&mut o, "released parameters", &text(&r["released_parameters"]));
     row(&mut o, "stopped early", &text(&r["stopped_early"]));
     row(&mut o, "sampler", &text(&r["sampler"]));
     row(&mut o, "noise generator", &text(&r["noise_generator"]));

@@ -110,6 +110,9 @@ pub struct RunSummary {
     pub planned_steps: u64,
     /// The first steps of the plan that trained the head alone (linear probe; 0 without one).
     pub linear_probe_steps: u64,
+    /// `training.ema-decay` when the released parameters are the average of the LoRA-phase
+    /// iterates (None: the last step's parameters, also when no LoRA step was taken).
+    pub ema_decay: Option<f64>,
     pub clip_norm: Option<f64>,
     pub seeded: bool,
     pub dataset_size: usize,
@@ -124,6 +127,9 @@ pub struct RunSummary {
     pub adapted_modules: Vec<String>,
     /// Held-out metric after training: accuracy (classification) or perplexity (LM).
     pub test_metric: EvalResult,
+    /// With `training.ema-decay`: the same metric of the last iterate, which is not released
+    /// (private part only).
+    pub last_iterate_test_metric: Option<EvalResult>,
     /// The same metric of the base model before training (LM runs; B = 0 is the base model).
     pub base_test_metric: Option<EvalResult>,
     /// The held-out metric per `group` of the test records (empty when they have none).
@@ -369,6 +375,18 @@ pub const COMMITMENT: &str =
     "HMAC-SHA256 of the file's bytes under a fresh 256-bit key kept in the run's private part (private/run.json)";
 pub const CLIPPING: &str = "flat (total L2 norm over all trainable tensors), to C·(1 − 2⁻²⁰) so that the f32 rounding of the clip factor and of the scaled values keeps every clipped norm ≤ C";
 
+/// Which parameters the adapter holds: the last step's, or the moving average of the LoRA-phase
+/// iterates (post-processing of the privatised updates, so inside ε like the last iterate).
+pub fn released_parameters_statement(s: &RunSummary) -> String {
+    match s.ema_decay {
+        None => "the parameters after the last step".into(),
+        Some(d) => format!(
+            "an exponential moving average of the parameters over the {} LoRA-phase steps (decay min({d}, (1 + k)/(10 + k)) after step k), started from the parameters the LoRA phase began with; a function of the privatised updates only (post-processing), so covered by the same ε",
+            s.steps.saturating_sub(s.linear_probe_steps)
+        ),
+    }
+}
+
 /// The clipping statement of the report for the run's kind.
 pub fn clipping_statement(kind: crate::privacy::ClipKind) -> String {
     match kind {
@@ -517,7 +535,7 @@ pub fn run_record(
         "train_seconds": s.train_seconds,
         "examples_per_second": s.examples_per_second,
         "non_private_reference": s.reference,
-        "metrics": { "test": s.test_metric, "test_groups": s.test_groups },
+        "metrics": { "test": s.test_metric, "test_groups": s.test_groups, "test_last_iterate": s.last_iterate_test_metric },
         "memory": s.memory,
     })
 }
@@ -525,7 +543,7 @@ pub fn run_record(
 /// The release report (`privacy_report.json`, rendered as `privacy_report.md`).
 fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter_hash: &str) -> serde_json::Value {
     let eps_json = |e: &Option<Epsilon>| e.as_ref().map(Epsilon::to_json).unwrap_or(serde_json::Value::Null);
-    serde_json::json!({
+    let mut report = serde_json::json!({
         "epsilon": s.epsilon.map(json_number).unwrap_or(serde_json::Value::Null),
         "delta": s.delta,
         "noise_multiplier": s.noise_multiplier,
@@ -592,7 +610,10 @@ fn release_report(plan: &Plan, s: &RunSummary, cert: &serde_json::Value, adapter
         "certificate": cert,
         "ledger": s.ledger,
         "config": if s.seeded { serde_json::Value::Null } else { serde_json::Value::String(plan.config_text.clone()) },
-    })
+    });
+    // Outside the macro: one more key would pass serde_json's recursion limit.
+    report["released_parameters"] = released_parameters_statement(s).into();
+    report
 }
 
 /// Writes a finished run: the private part first (run record, metrics, private plots), then the

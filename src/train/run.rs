@@ -3,7 +3,7 @@
 
 use super::checkpoint::{self, Checkpoint, CheckpointError, Fingerprint, OptimizerState, RngState, State};
 use super::eval::feature_cache;
-use super::optimizer::{learning_rate, Optimizer, SgdMomentum};
+use super::optimizer::{learning_rate, Optimizer, ParamEma, SgdMomentum};
 use super::params::FlatParams;
 use super::step::{private_gradient_audited, ClipImpl, Mechanism};
 use crate::accounting::event::Ledger;
@@ -169,6 +169,9 @@ struct Prepared {
     params: candle_core::Tensor,
     cache: Option<crate::data::FeatureCache>,
     opt: Optimizer,
+    /// `training.ema-decay`: the moving average of the LoRA-phase iterates, released instead of
+    /// the last step's parameters.
+    ema: Option<ParamEma>,
     sampler: PoissonSampler,
     noise: GaussianNoise,
     ledger: Ledger,
@@ -377,6 +380,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
     // Frozen lower layers: computed once per record (a function of that record alone).
     let cache = feature_cache(model.as_ref(), &train.examples, micro)?;
     let mut opt = new_optimizer(plan);
+    let mut ema = plan.ema_decay.map(ParamEma::new);
     let (sampler, noise, ledger, metrics, start, prior_seconds, examples_seen) = match resumed {
         None => (
             PoissonSampler::new(q, streams.sampling.clone()),
@@ -404,6 +408,19 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
                     o.restore(vectors.remove("sgd_velocity"), model.device())?
                 }
                 _ => return Err(bad("the optimiser differs from the config's".into()).into()),
+            }
+            // The average exists exactly when the config asks for one and a LoRA step was taken.
+            let average = vectors.remove("ema");
+            match (&mut ema, average) {
+                (Some(e), a) if a.is_some() == (c.state.step > probe_steps) => e.restore(a, model.device())?,
+                (None, None) => {}
+                (e, a) => return Err(bad(format!(
+                    "the checkpoint {} a parameter average at step {} (probe steps {probe_steps}); the config {} one",
+                    if a.is_some() { "holds" } else { "lacks" },
+                    c.state.step,
+                    if e.is_some() { "asks for" } else { "does not ask for" }
+                ))
+                .into()),
             }
             (
                 PoissonSampler::new(q, rng),
@@ -465,6 +482,7 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
         params,
         cache,
         opt,
+        ema,
         sampler,
         noise,
         ledger,
@@ -726,6 +744,9 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
                 OptimizerState::Sgd
             }
         };
+        if let Some(v) = p.ema.as_ref().map(|e| e.state()).transpose()?.flatten() {
+            vectors.insert("ema".to_string(), v);
+        }
         let mut c = Checkpoint {
             state: State {
                 format: checkpoint::FORMAT,
@@ -810,7 +831,13 @@ fn train(plan: &Plan, opts: &RunOptions, dir: &RunDir, p: &mut Prepared) -> Resu
             let lora_t = t - p.probe_steps;
             let lr =
                 learning_rate(plan.learning_rate, lora_t, plan.warmup_steps, steps - p.probe_steps, plan.lr_schedule);
+            if let (Some(e), 0) = (p.ema.as_mut(), lora_t) {
+                e.start(&p.params)?;
+            }
             p.opt.step(&p.params, &grad, lr)?;
+            if let Some(e) = p.ema.as_mut() {
+                e.update(&p.params, lora_t)?;
+            }
             p.model.set_trainable(&p.layout.split(&p.params)?)?;
             (rep, lr, canary_grad)
         };
@@ -890,6 +917,20 @@ fn release(
     trained: Trained,
 ) -> Result<RunOutcome, RunError> {
     let canaries = p.canaries.take();
+    // The parameter average (when configured and a LoRA step was taken) is what is released and
+    // evaluated; the last step's parameters stay in the final checkpoint.
+    let mut last_iterate_test_metric = None;
+    let averaged = match p.ema.as_ref().map(|e| e.average()).transpose()?.flatten() {
+        Some(avg) => {
+            // The last iterate's metric too (private part only), so a user sees what averaging did.
+            let scores = p.model.score_examples(&p.test.examples, p.micro.examples.max(1))?;
+            last_iterate_test_metric = Some(crate::model::EvalResult::aggregate(scores.iter().copied()));
+            p.model.set_trainable(&p.layout.split(&avg)?)?;
+            p.params = avg;
+            true
+        }
+        None => false,
+    };
     let eval_batch = p.micro.examples.max(1);
     let eval_started = Instant::now();
     let scores = p.model.score_examples(&p.test.examples, eval_batch)?;
@@ -949,6 +990,7 @@ fn release(
         steps: p.metrics.len() as u64,
         planned_steps: p.steps,
         linear_probe_steps: p.probe_steps.min(p.metrics.len() as u64),
+        ema_decay: plan.ema_decay.filter(|_| averaged),
         clip_norm: p.mech.clip,
         seeded: p.seeded,
         // N as sampled: an audited run's inserted canaries are records of its training set.
@@ -960,6 +1002,7 @@ fn release(
         target_modules: p.target_modules.clone(),
         adapted_modules: report::adapted_modules(p.model.as_ref()),
         test_metric,
+        last_iterate_test_metric,
         base_test_metric: p.base_test_metric,
         test_groups,
         reference: p.reference.clone(),
