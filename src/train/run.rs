@@ -414,13 +414,15 @@ fn prepare(plan: &Plan, opts: &RunOptions) -> Result<Prepared, RunError> {
             match (&mut ema, average) {
                 (Some(e), a) if a.is_some() == (c.state.step > probe_steps) => e.restore(a, model.device())?,
                 (None, None) => {}
-                (e, a) => return Err(bad(format!(
+                (e, a) => {
+                    return Err(bad(format!(
                     "the checkpoint {} a parameter average at step {} (probe steps {probe_steps}); the config {} one",
                     if a.is_some() { "holds" } else { "lacks" },
                     c.state.step,
                     if e.is_some() { "asks for" } else { "does not ask for" }
                 ))
-                .into()),
+                    .into())
+                }
             }
             (
                 PoissonSampler::new(q, rng),
