@@ -931,7 +931,14 @@ fn release(
             p.params = avg;
             true
         }
-        None => false,
+        None => {
+            if plan.ema_decay.is_some() {
+                eprintln!(
+                    "note: training.ema-decay is set but no LoRA step was taken: the adapter holds the parameters after the last step (the report says so)"
+                );
+            }
+            false
+        }
     };
     let eval_batch = p.micro.examples.max(1);
     let eval_started = Instant::now();
